@@ -1,0 +1,59 @@
+"""`frontierlm`: one entry point, one subcommand per stage, `run` for the whole pipeline.
+
+frontierlm run RECIPE [--section.key=value ...] [--force]
+frontierlm STAGE RECIPE [--section.key=value ...] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from frontierlm.config import ConfigError, load_config
+from frontierlm.console import console
+from frontierlm.stages import STAGES, run_pipeline, run_stage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frontierlm",
+        description="Raw text to an aligned chat model. Overrides: --section.key=value "
+        "(e.g. --model.n_layers=4 --pretrain.steps=100).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {"run": "run every stage in order, skipping those already done"}
+    commands |= {name: stage.summary for name, stage in STAGES.items()}
+    for name, help_text in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="TOML recipe, e.g. recipes/quickstart.toml")
+        p.add_argument("--force", action="store_true", help="rerun even if the output is current")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --model.n_layers=4")
+    try:
+        cfg = load_config(args.recipe, rest)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    try:
+        if args.command == "run":
+            run_pipeline(cfg, force=args.force)
+        else:
+            run_stage(cfg, args.command, force=args.force)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; run the same command again to resume")
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error in {args.command}:[/] {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""One typed, validated config tree for every stage, loaded from a TOML recipe.
+
+A recipe is a TOML file whose tables mirror `RecipeConfig` below. Dotted CLI overrides
+(`--model.n_layers=4`) are applied to the parsed TOML before validation, so an override is
+checked exactly like the file it overrides. Any unknown key, wrong type or impossible value
+raises `ConfigError` naming the key and what is allowed, before any stage starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and what is allowed."""
+
+
+class Strict(BaseModel):
+    """Base of every config table: unknown keys are errors; assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class RunConfig(Strict):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="run directory name")
+    out_dir: str = Field("runs", description="parent of the run directory")
+    seed: int = Field(1337, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataSource(Strict):
+    """One raw input: a WARC of HTML pages, a text file, or a JSONL file (optionally .gz)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="file path, relative to the current directory")
+    format: Literal["auto", "warc", "txt", "jsonl"] = "auto"
+    text_field: str = Field("text", description="jsonl: the field holding the document text")
+    text_template: str | None = Field(
+        None, description='jsonl: build the text from fields, e.g. "{question}\\n{answer}"'
+    )
+    id_field: str | None = Field(None, description="jsonl: the field holding a document id")
+    split_pattern: str | None = Field(
+        None, description="txt: regex at which the file is cut into pieces (default: one document)"
+    )
+    group_chars: int = Field(
+        0, ge=0, description="txt: merge consecutive pieces until a document has this many chars"
+    )
+    max_docs: int | None = Field(None, ge=1, description="read at most this many documents")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        if self.split_pattern is not None:
+            try:
+                re.compile(self.split_pattern)
+            except re.error as err:
+                raise ValueError(f"split_pattern is not a valid regex: {err}") from err
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        name = self.path.lower().removesuffix(".gz").removesuffix(".zst")
+        if name.endswith((".warc", ".wet")):
+            return "warc"
+        if name.endswith((".jsonl", ".json")):
+            return "jsonl"
+        return "txt"
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(default_factory=list, min_length=1)
+    min_chars: int = Field(200, ge=0, description="drop documents shorter than this (characters)")
+    min_words: int = Field(30, ge=0, description="drop documents with fewer words")
+    min_alpha_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="drop documents whose letters are below this share"
+    )
+    dedup: bool = True
+    shard_docs: int = Field(2000, ge=1, description="documents per output shard")
+    workers: int = Field(2, ge=1, description="processes for HTML extraction")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(4096, ge=512, le=1 << 20)
+    min_frequency: int = Field(2, ge=1)
+    max_train_chars: int = Field(50_000_000, ge=1, description="cap on text fed to the trainer")
+
+
+class TokenizeConfig(Strict):
+    val_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="documents held out for bpb")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ModelConfig(Strict):
+    """A Llama-style dense decoder: RMSNorm, RoPE, GQA attention, SwiGLU MLP."""
+
+    d_model: int = Field(256, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="GQA groups; default = n_heads (MHA)")
+    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU width; default ~8/3 d_model")
+    rope_theta: float = Field(10000.0, gt=0)
+    max_seq_len: int = Field(256, ge=8)
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must divide d_model={self.d_model}; "
+                f"allowed n_heads: {_divisors(self.d_model)}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}; "
+                f"allowed: {_divisors(self.n_heads)}"
+            )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class LoopConfig(Strict):
+    """What every training loop (pretrain, SFT, preference) shares."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays on CPUs with "
+        "AVX512-BF16/AMX (master weights and optimizer state stay fp32 either way)",
+    )
+
+    @model_validator(mode="after")
+    def _warmup(self) -> LoopConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        return self
+
+
+class PretrainConfig(LoopConfig):
+    steps: int = Field(300, ge=1)
+
+
+class ChatSource(Strict):
+    """Conversations for SFT or preference pairs.
+
+    format "qa": one user turn from `prompt_field`, one assistant turn from `response_field`.
+    format "hh": Anthropic HH text with "\\n\\nHuman:" / "\\n\\nAssistant:" turns in `chosen`
+    (and `rejected` for preference pairs).
+    `take` selects a seeded hash range of the file's records, so splits never overlap.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    format: Literal["qa", "hh"]
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    take: tuple[float, float] = (0.0, 1.0)
+    max_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _take(self) -> ChatSource:
+        lo, hi = self.take
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"take={list(self.take)} must satisfy 0 <= lo < hi <= 1")
+        return self
+
+
+class SFTConfig(LoopConfig):
+    steps: int = Field(150, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    sources: list[ChatSource] = Field(default_factory=list, min_length=1)
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+
+class AlignConfig(LoopConfig):
+    steps: int = Field(100, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    method: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    sources: list[ChatSource] = Field(default_factory=list, min_length=1)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> AlignConfig:
+        bad = [s.name for s in self.sources if s.format != "hh"]
+        if bad:
+            raise ValueError(f"preference sources need format 'hh' (chosen/rejected): {bad}")
+        return self
+
+
+class EvalConfig(Strict):
+    bpb_batches: int = Field(32, ge=1, description="batches of validation tokens for bpb")
+    prompts: list[str] = Field(default_factory=lambda: ["The meaning of life is"])
+    chat_prompts: list[str] = Field(default_factory=lambda: ["What is 12 plus 30?"])
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class RecipeConfig(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig
+    align: AlignConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _seq_fits(self) -> RecipeConfig:
+        for stage in ("pretrain", "sft", "align"):
+            seq = getattr(self, stage).seq_len
+            if seq > self.model.max_seq_len:
+                raise ValueError(
+                    f"{stage}.seq_len={seq} exceeds model.max_seq_len={self.model.max_seq_len}"
+                )
+        return self
+
+    def section_json(self, *names: str) -> str:
+        """Canonical JSON of some top-level tables: what a stage's fingerprint hashes."""
+        dump = self.model_dump(mode="json")
+        return json.dumps({n: dump[n] for n in names}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.n_layers=4` -> (["model", "n_layers"], 4). Values are parsed as TOML values,
+    falling back to a bare string, so `--run.name=test` and `--model.rope_theta=5e5` both work."""
+    key, sep, raw = text.removeprefix("--").partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config in {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see frontierlm/config.py for allowed keys)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist (try recipes/quickstart.toml)")
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"recipe {path} is not valid TOML: {err}") from err
+    apply_overrides(tree, overrides or [])
+    try:
+        return RecipeConfig.model_validate(tree)
+    except ValidationError as err:
+        origin = str(path) + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(_format_errors(err, origin)) from None

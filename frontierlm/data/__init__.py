@@ -1,0 +1,176 @@
+"""The `data` stage: raw sources -> filtered, deduplicated document shards + stats.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from frontierlm.config import DataConfig, DataSource
+from frontierlm.console import console, progress_bar
+from frontierlm.data.dedup import ExactDedup
+from frontierlm.data.documents import (
+    MAX_MESSAGES,
+    DataError,
+    Document,
+    SourceStats,
+    check_sources,
+    read_shards,
+    read_source,
+    write_shards,
+)
+from frontierlm.data.filters import AlphaFilter, LengthFilter
+from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
+
+__all__ = [
+    "DataError",
+    "Document",
+    "read_shards",
+    "read_source",
+    "run_data_stage",
+    "write_shards",
+]
+
+
+def build_steps(cfg: DataConfig) -> list[Step]:
+    steps: list[Step] = [
+        LengthFilter(cfg.min_chars, cfg.min_words),
+        AlphaFilter(cfg.min_alpha_fraction),
+    ]
+    if cfg.dedup:
+        steps.append(ExactDedup())
+    return steps
+
+
+def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
+    """Read every source, filter, dedup, write shards and `stats.json` into `out_dir`.
+
+    Returns {"docs_in", "docs_out", "chars_out", "malformed"}. Raises DataError before any
+    work if a source file is missing.
+    """
+    check_sources(cfg.sources)
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    source_stats = {s.name: SourceStats(s.name) for s in cfg.sources}
+    kept: Counter[str] = Counter()
+    kept_chars: Counter[str] = Counter()
+
+    def count_kept(docs: Iterable[Document]) -> Iterator[Document]:
+        for doc in docs:
+            kept[doc.meta["source"]] += 1
+            kept_chars[doc.meta["source"]] += len(doc.text)
+            yield doc
+
+    with progress_bar() as bar:
+        raw = (
+            doc
+            for source in cfg.sources
+            for doc in _tracked(source, source_stats[source.name], cfg.workers, bar)
+        )
+        docs, step_stats = run_steps(raw, build_steps(cfg))
+        shards = write_shards(count_kept(docs), out_dir, cfg.shard_docs)
+    seconds = time.perf_counter() - start
+
+    messages = [m for s in source_stats.values() for m in s.messages][:MAX_MESSAGES]
+    malformed = sum(s.malformed for s in source_stats.values())
+    totals = {
+        "docs_in": sum(s.docs for s in source_stats.values()),
+        "docs_out": sum(kept.values()),
+        "chars_out": sum(kept_chars.values()),
+        "malformed": malformed,
+    }
+    sources = _source_rows(cfg.sources, source_stats, step_stats, kept, kept_chars)
+    report = {
+        "totals": totals,
+        "seconds": round(seconds, 2),
+        "sources": sources,
+        "steps": [s.to_dict() for s in step_stats],
+        "malformed": {"total": malformed, "messages": messages},
+        "shards": [p.name for p in shards],
+    }
+    (out_dir / "stats.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    console.print(_sources_table(sources))
+    console.print(steps_table(step_stats))
+    for message in messages[:5]:
+        console.print(f"[yellow]malformed[/] {escape(message)}", highlight=False)
+    if malformed > 5:
+        console.print(f"[yellow]... {malformed} malformed in all; see {out_dir / 'stats.json'}")
+    console.print(
+        f"data: {totals['docs_out']:,} of {totals['docs_in']:,} documents kept, "
+        f"{totals['chars_out']:,} chars, {len(shards)} shards in {seconds:.1f}s -> {out_dir}"
+    )
+    return totals
+
+
+def _tracked(
+    source: DataSource, stats: SourceStats, workers: int, bar: Progress
+) -> Iterator[Document]:
+    """The source's documents, advancing its progress bar by input bytes (a size known up front
+    for every format, so the ETA is real even when the document count is not)."""
+    docs = read_source(source, stats, workers)
+    task = bar.add_task(source.name, total=stats.bytes_total, info="")
+    for doc in docs:
+        bar.update(task, completed=stats.bytes_read, info=f"{stats.docs:,} docs")
+        yield doc
+    bar.update(task, completed=stats.bytes_total, info=f"{stats.docs:,} docs")
+
+
+def _source_rows(
+    sources: list[DataSource],
+    source_stats: dict[str, SourceStats],
+    step_stats: list[StepStats],
+    kept: Counter[str],
+    kept_chars: Counter[str],
+) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for source in sources:
+        s = source_stats[source.name]
+        dropped = {
+            reason: n
+            for st in step_stats
+            for (name, reason), n in st.dropped_by_source.most_common()
+            if name == source.name
+        }
+        rows[source.name] = {
+            "path": source.path,
+            "format": source.resolved_format,
+            "docs_read": s.docs,
+            "malformed": s.malformed,
+            "skipped_non_html": s.skipped_non_html,
+            "docs_kept": kept[source.name],
+            "chars_kept": kept_chars[source.name],
+            "dropped": dropped,
+        }
+    return rows
+
+
+def _sources_table(rows: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="data sources")
+    table.add_column("source", no_wrap=True)
+    for col in ("read", "malformed", "kept", "chars kept"):
+        table.add_column(col, justify="right")
+    table.add_column("dropped by reason", no_wrap=True)
+    for name, r in rows.items():
+        reasons = "\n".join(f"{k} {n:,}" for k, n in r["dropped"].items()) or "-"
+        table.add_row(
+            name,
+            f"{r['docs_read']:,}",
+            f"{r['malformed']:,}",
+            f"{r['docs_kept']:,}",
+            f"{r['chars_kept']:,}",
+            reasons,
+        )
+    return table
+
+
+def run_data_stage_ctx(ctx: Any) -> dict[str, float]:
+    """Entry point for the pipeline runner (`frontierlm.stages`)."""
+    return run_data_stage(ctx.cfg.data, ctx.work_dir)

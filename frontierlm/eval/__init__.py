@@ -1,0 +1,1 @@
+"""Evaluation: bits-per-byte, preference margins and greedy samples."""

@@ -1,0 +1,69 @@
+"""Bits per byte: the tokenizer-independent measure of how well a model predicts text.
+
+bpb = (sum of per-token cross-entropy in nats) / ln 2 / (UTF-8 bytes of the predicted tokens).
+Special tokens carry no bytes and are not scored, so models with different vocabularies and the
+unigram baseline are compared on exactly the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from frontierlm.train.losses import token_cross_entropy
+
+
+def sequential_windows(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int
+) -> Iterable[dict[str, torch.Tensor]]:
+    """Consecutive non-overlapping windows over a token array: the fixed validation set."""
+    n_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
+    for first in range(0, n_windows, batch_size):
+        rows = range(first, min(first + batch_size, n_windows))
+        chunk = np.stack(
+            [np.asarray(tokens[r * seq_len : r * seq_len + seq_len + 1]) for r in rows]
+        )
+        chunk_t = torch.from_numpy(chunk.astype(np.int64))
+        yield {"input_ids": chunk_t[:, :-1], "targets": chunk_t[:, 1:]}
+
+
+class UnigramLM(nn.Module):
+    """A context-free model: the same next-token distribution everywhere. Scored by the same
+    `bits_per_byte` as the transformers, on the same windows."""
+
+    def __init__(self, log_probs: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("log_probs", torch.as_tensor(log_probs, dtype=torch.float32))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.log_probs.expand(*input_ids.shape, -1)
+
+
+@torch.no_grad()
+def bits_per_byte(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    device: torch.device,
+) -> dict[str, float]:
+    """Score batches of input_ids/targets (and an optional loss_mask) -> bpb and mean loss."""
+    nats = 0.0
+    nbytes = 0.0
+    ntokens = 0
+    byte_lengths = byte_lengths.to(device)
+    for batch in batches:
+        inputs, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+        scored = byte_lengths[targets] > 0
+        if "loss_mask" in batch:
+            scored &= batch["loss_mask"].to(device).bool()
+        losses = token_cross_entropy(model(inputs), targets)
+        nats += losses[scored].sum().item()
+        nbytes += byte_lengths[targets][scored].sum().item()
+        ntokens += int(scored.sum().item())
+    if ntokens == 0:
+        raise ValueError("bits_per_byte: no scored tokens in the evaluation batches")
+    return {"bpb": nats / math.log(2) / nbytes, "loss": nats / ntokens, "tokens": float(ntokens)}

@@ -1,0 +1,86 @@
+"""The eval stage: score every model of the run on the same held-out data, and sample from each.
+
+text bpb    held-out pretraining documents (tokenize stage's val split)
+chat bpb    assistant tokens of held-out SFT chats
+DPO margin  mean implicit reward margin on held-out preference pairs, SFT model as reference
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from frontierlm.console import console
+from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
+from frontierlm.inference.generate import greedy
+from frontierlm.posttrain.batches import fixed_batches, pad_batch
+from frontierlm.posttrain.preference import dpo_eval_fn, split_pairs
+from frontierlm.posttrain.sft import sft_examples
+from frontierlm.stages import StageContext
+from frontierlm.tokenizer.chat import ChatRenderer, Message
+from frontierlm.tokenizer.shards import TokenSplit
+from frontierlm.tokenizer.train import BOS, END, EOS, PAD, load_tokenizer, token_byte_lengths
+from frontierlm.train.checkpoint import load_model_dir
+
+MODEL_STAGES = ("pretrain", "sft", "align")
+
+
+def run_eval_stage(ctx: StageContext) -> dict[str, Any]:
+    cfg, device = ctx.cfg, ctx.device
+    tok = load_tokenizer(ctx.path("tokenizer"))
+    renderer = ChatRenderer(tok)
+    pad_id = tok.token_to_id(PAD)
+    byte_lengths = torch.tensor(token_byte_lengths(tok))
+    val_tokens = TokenSplit.open(ctx.path("tokenize"), "val").tokens
+    seq_len, batch_size = cfg.pretrain.seq_len, cfg.pretrain.batch_size
+    _, val_chats = sft_examples(cfg.sft, renderer)
+    chat_batches = [pad_batch(c, pad_id) for c in fixed_batches(val_chats, cfg.sft.batch_size)]
+    _, val_pairs = split_pairs(cfg.align, renderer)
+    models = {
+        name: load_model_dir(ctx.path(name) / "model", device).eval() for name in MODEL_STAGES
+    }
+    stop = {tok.token_to_id(t) for t in (END, EOS, BOS)}
+
+    with torch.no_grad():
+        unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy")).to(device)
+        windows = sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches)
+        results: dict[str, Any] = {
+            "unigram_text_bpb": bits_per_byte(unigram, windows, byte_lengths, device)["bpb"]
+        }
+    samples: list[str] = ["# Greedy samples\n"]
+    for name, model in models.items():
+        with torch.no_grad():
+            text = bits_per_byte(
+                model,
+                sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches),
+                byte_lengths,
+                device,
+            )
+            chat = bits_per_byte(model, chat_batches, byte_lengths, device)
+        results[f"{name}_text_bpb"] = text["bpb"]
+        results[f"{name}_chat_bpb"] = chat["bpb"]
+        console.print(f"  {name:<9} text bpb {text['bpb']:.4f}   chat bpb {chat['bpb']:.4f}")
+        samples.append(f"\n## {name}\n")
+        for prompt in cfg.eval.prompts:
+            ids = [tok.token_to_id(BOS), *tok.encode(prompt, add_special_tokens=False).ids]
+            out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
+            samples.append(f"- **{prompt}**{out}\n")
+        for prompt in cfg.eval.chat_prompts:
+            ids = renderer.render([Message("user", prompt)], add_generation_prompt=True).ids
+            out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
+            samples.append(f"- user: {prompt}\n  assistant: {out}\n")
+
+    with torch.no_grad():
+        dpo = dpo_eval_fn(cfg.align, models["sft"], val_pairs, pad_id)(models["align"])
+    results["align_val_margin"] = dpo["margin"]
+    results["align_val_accuracy"] = dpo["accuracy"]
+    results["val_pairs"] = len(val_pairs)
+    console.print(
+        f"  align     held-out DPO margin {dpo['margin']:+.4f}, accuracy {dpo['accuracy']:.3f}"
+    )
+    (ctx.work_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (ctx.work_dir / "samples.md").write_text("".join(samples))
+    return results

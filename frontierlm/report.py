@@ -1,0 +1,124 @@
+"""The report stage: `runs/<name>/report.md`, one row per stage, and PNG training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+
+from frontierlm.atomic import write_text
+from frontierlm.stages import STAGES, StageContext, read_record
+from frontierlm.train.metrics import MetricsLog
+
+TRAINING_STAGES = ("pretrain", "sft", "align")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def plot_curves(run_dir: Path, out: Path) -> list[str]:
+    """One panel per training stage: train loss every step, validation loss at each eval."""
+    fig, axes = plt.subplots(1, len(TRAINING_STAGES), figsize=(5 * len(TRAINING_STAGES), 3.6))
+    for ax, stage in zip(axes, TRAINING_STAGES, strict=True):
+        records = MetricsLog(run_dir / stage / "metrics.jsonl").read()
+        ax.plot(
+            [r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss"
+        )
+        evals = [r for r in records if "val_loss" in r]
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for stage in ("pretrain", "sft"):
+        evals = [r for r in MetricsLog(run_dir / stage / "metrics.jsonl").read() if "val_bpb" in r]
+        label = "pretrain: held-out text" if stage == "pretrain" else "sft: held-out chats"
+        ax.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label=label)
+    unigram = read_record(run_dir / "pretrain")["metrics"]["unigram_bpb"]
+    ax.axhline(unigram, color="gray", ls="--", label="unigram baseline (text)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "validation_bpb.png", dpi=110)
+    plt.close(fig)
+    return ["training_curves.png", "validation_bpb.png"]
+
+
+def build_report(run_dir: Path, out: Path) -> str:
+    records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
+    pre, _sft, ev = (
+        records["pretrain"]["metrics"],
+        records["sft"]["metrics"],
+        records["eval"]["metrics"],
+    )
+    lines = [
+        f"# FrontierLM run `{run_dir.name}`",
+        "",
+        "| stage | what it did | wall time (s) | key metric | value |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
+    for name, rec in records.items():
+        key = rec["key_metric"]
+        lines.append(
+            f"| {name} | {STAGES[name].summary} | {rec['wall_s']:.1f} | {key} "
+            f"| {_fmt(rec['metrics'].get(key, ''))} |"
+        )
+    total = sum(rec["wall_s"] for rec in records.values())
+    lines += [
+        f"| **total** | | {total:.1f} | | |",
+        "",
+        "## Headline checks",
+        "",
+        "| check | measured | baseline | result |",
+        "| --- | ---: | ---: | --- |",
+        f"| pretrain val bpb vs unigram model on the same tokens | {pre['val_bpb']:.4f} | "
+        f"{pre['unigram_bpb']:.4f} | {100 * pre['bpb_reduction_vs_unigram']:.1f}% lower |",
+        f"| SFT held-out chat bpb vs pretrained model | {ev['sft_chat_bpb']:.4f} | "
+        f"{ev['pretrain_chat_bpb']:.4f} | "
+        f"{100 * (1 - ev['sft_chat_bpb'] / ev['pretrain_chat_bpb']):.1f}% lower |",
+        f"| DPO mean implicit reward margin, held-out pairs (n={ev['val_pairs']}) | "
+        f"{ev['align_val_margin']:+.4f} | 0 (SFT) | accuracy {ev['align_val_accuracy']:.3f} |",
+        "",
+        "## Bits per byte of every model",
+        "",
+        "| model | held-out text | held-out chats |",
+        "| --- | ---: | ---: |",
+    ]
+    for name in TRAINING_STAGES:
+        lines.append(f"| {name} | {ev[f'{name}_text_bpb']:.4f} | {ev[f'{name}_chat_bpb']:.4f} |")
+    lines += [
+        "",
+        f"Model: {_fmt(pre['params'])} parameters, {_fmt(pre['tokens_seen'])} pretraining tokens.",
+        "",
+    ]
+    for png in plot_curves(run_dir, out):
+        lines.append(f"![{png}](report/{png})")
+    lines += [
+        "",
+        "Samples: `eval/samples.md`. Config: `config.json`. Per-stage records: `*/stage.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_report_stage(ctx: StageContext) -> dict[str, Any]:
+    text = build_report(ctx.run_dir, ctx.work_dir)
+    (ctx.work_dir / "report.md").write_text(text)
+    write_text(ctx.run_dir / "report.md", text)
+    return {"report": str(ctx.run_dir / "report.md")}

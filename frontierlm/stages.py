@@ -1,0 +1,236 @@
+"""The pipeline of stages, and the runner that skips what is already done.
+
+Each stage writes into `runs/<name>/<stage>.partial/` and, when it finishes, records
+`stage.json` (its fingerprint, metrics and wall time) and renames the directory to
+`runs/<name>/<stage>/`. The fingerprint hashes the config tables the stage reads, the content of
+the files it reads from outside the run, and the fingerprints of the stages it depends on, so:
+  - an unchanged stage is skipped on the next `run`;
+  - changing one stage's config reruns that stage and every stage after it;
+  - a killed stage leaves only its `.partial` directory, which the next run resumes (training
+    stages continue from their latest checkpoint) when the fingerprint still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frontierlm.atomic import commit_dir
+from frontierlm.config import RecipeConfig
+from frontierlm.console import console
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str  # "module:function" taking a StageContext, returning metrics
+    sections: tuple[str, ...]  # config tables the stage reads
+    deps: tuple[str, ...]  # stages whose outputs it reads
+    summary: str  # which metric the report shows, and what the stage does
+    key_metric: str = ""
+
+    def function(self) -> Callable[[StageContext], dict[str, Any]]:
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "data",
+            "frontierlm.data:run_data_stage_ctx",
+            ("data",),
+            (),
+            "read, filter and dedup raw documents",
+            "docs_out",
+        ),
+        Stage(
+            "tokenizer",
+            "frontierlm.tokenizer.stage:run_tokenizer_stage",
+            ("tokenizer",),
+            ("data",),
+            "train byte-level BPE",
+            "bytes_per_token",
+        ),
+        Stage(
+            "tokenize",
+            "frontierlm.tokenizer.stage:run_tokenize_stage",
+            ("tokenize",),
+            ("data", "tokenizer"),
+            "encode documents into token shards",
+            "train_tokens",
+        ),
+        Stage(
+            "pretrain",
+            "frontierlm.train.pretrain:run_pretrain_stage",
+            ("run", "model", "pretrain"),
+            ("tokenizer", "tokenize"),
+            "pretrain a dense decoder",
+            "val_bpb",
+        ),
+        Stage(
+            "sft",
+            "frontierlm.posttrain.sft:run_sft_stage",
+            ("run", "sft"),
+            ("tokenizer", "pretrain"),
+            "supervised fine-tuning on chats",
+            "val_bpb",
+        ),
+        Stage(
+            "align",
+            "frontierlm.posttrain.preference:run_align_stage",
+            ("run", "align"),
+            ("tokenizer", "sft"),
+            "DPO against the frozen SFT model",
+            "val_margin",
+        ),
+        Stage(
+            "eval",
+            "frontierlm.eval.stage:run_eval_stage",
+            ("run", "eval", "sft", "align"),
+            ("tokenizer", "tokenize", "pretrain", "sft", "align"),
+            "bpb of every model, preference margin, greedy samples",
+            "align_chat_bpb",
+        ),
+        Stage(
+            "report",
+            "frontierlm.report:run_report_stage",
+            (),
+            ("data", "tokenizer", "tokenize", "pretrain", "sft", "align", "eval"),
+            "report.md and plots",
+            "",
+        ),
+    ]
+}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
+    """Files outside the run directory that a stage reads: their content is fingerprinted."""
+    if stage == "data":
+        return [s.path for s in cfg.data.sources]
+    if stage in ("sft", "align"):
+        return [s.path for s in getattr(cfg, stage).sources]
+    return []
+
+
+@dataclass
+class StageContext:
+    cfg: RecipeConfig
+    stage: Stage
+    work_dir: Path
+    _device: torch.device | None = field(default=None, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run.run_dir
+
+    def path(self, stage: str) -> Path:
+        """The finished output directory of an upstream stage."""
+        return self.run_dir / stage
+
+    def metrics(self, stage: str) -> dict[str, Any]:
+        return read_record(self.run_dir / stage)["metrics"]
+
+    @cached_property
+    def device(self) -> torch.device:
+        from frontierlm.train.parallel import select_device
+
+        return select_device(self.cfg.run)
+
+
+def read_record(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / "stage.json").read_text())
+
+
+def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
+    h = hashlib.sha256()
+    h.update(stage.name.encode())
+    h.update(cfg.section_json(*stage.sections).encode())
+    for path in external_files(cfg, stage.name):
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{stage.name}: input file {path} does not exist (relative paths are resolved from "
+                f"the current directory {Path.cwd()}); fix the path in the recipe"
+            )
+        h.update(f"{path}:{file_digest(p)}".encode())
+    for dep in stage.deps:
+        out = cfg.run.run_dir / dep
+        if not (out / "stage.json").is_file():
+            raise RuntimeError(
+                f"stage {stage.name!r} needs the output of {dep!r}, which is missing in {out}: "
+                f"run `frontierlm {dep} RECIPE` (or `frontierlm run RECIPE`) first"
+            )
+        h.update(f"{dep}:{read_record(out)['fingerprint']}".encode())
+    return h.hexdigest()[:16]
+
+
+def is_current(cfg: RecipeConfig, name: str) -> bool:
+    out = cfg.run.run_dir / name
+    if not (out / "stage.json").is_file():
+        return False
+    try:
+        return read_record(out)["fingerprint"] == fingerprint(cfg, STAGES[name])
+    except RuntimeError:
+        return False
+
+
+def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, Any]:
+    """Run one stage unless its output is current; return its stage record."""
+    stage = STAGES[name]
+    run_dir = cfg.run.run_dir
+    out = run_dir / name
+    fp = fingerprint(cfg, stage)
+    if not force and (out / "stage.json").is_file() and read_record(out)["fingerprint"] == fp:
+        console.print(f"[green]✓ {name}[/] up to date, skipped")
+        return read_record(out)
+    work = run_dir / f"{name}.partial"
+    marker = work / "fingerprint"
+    if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    console.rule(f"[bold]{name}[/]: {stage.summary}")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    metrics = stage.function()(StageContext(cfg=cfg, stage=stage, work_dir=work))
+    record = {
+        "stage": name,
+        "fingerprint": fp,
+        "started": started,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "key_metric": stage.key_metric,
+        "metrics": metrics,
+    }
+    (work / "stage.json").write_text(json.dumps(record, indent=2))
+    marker.unlink()
+    commit_dir(work, out)
+    shown = f"{stage.key_metric}={metrics.get(stage.key_metric)}" if stage.key_metric else ""
+    console.print(f"[green]✓ {name}[/] done in {record['wall_s']:.1f}s {shown}")
+    return record
+
+
+def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
+    for name in STAGES:
+        run_stage(cfg, name, force=force)

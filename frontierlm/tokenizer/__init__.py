@@ -1,0 +1,1 @@
+"""Tokenizer: BPE training, chat rendering and token shards."""

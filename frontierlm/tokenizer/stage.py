@@ -1,0 +1,75 @@
+"""The tokenizer stages: train byte-level BPE on the curated text, encode it into token shards."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from frontierlm.console import console, track
+from frontierlm.data.documents import read_shards
+from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
+from frontierlm.stages import StageContext
+from frontierlm.tokenizer.shards import TokenSplit, fit_unigram, write_token_shards
+from frontierlm.tokenizer.train import (
+    capped,
+    load_tokenizer,
+    save_tokenizer,
+    token_byte_lengths,
+    train_tokenizer,
+)
+
+
+def run_tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg.tokenizer
+    docs = list(read_shards(ctx.path("data")))
+    t0 = time.perf_counter()
+    texts = capped((d.text for d in docs), cfg.max_train_chars)
+    tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+    train_s = time.perf_counter() - t0
+    save_tokenizer(tok, ctx.work_dir)
+
+    # Compression report: UTF-8 bytes per token on each source's curated text.
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
+    for doc, enc in zip(docs, encodings, strict=True):
+        counts = per_source[doc.meta.get("source", "?")]
+        counts[0] += len(doc.text.encode("utf-8"))
+        counts[1] += len(enc.ids)
+    report = {
+        src: {"bytes": b, "tokens": t, "bytes_per_token": b / max(t, 1)}
+        for src, (b, t) in sorted(per_source.items())
+    }
+    total_bytes = sum(v["bytes"] for v in report.values())
+    total_tokens = sum(v["tokens"] for v in report.values())
+    (ctx.work_dir / "compression.json").write_text(json.dumps(report, indent=2))
+    for src, row in report.items():
+        console.print(f"  {src:<16} {row['bytes_per_token']:.2f} bytes/token")
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "train_s": round(train_s, 2),
+        "bytes_per_token": total_bytes / max(total_tokens, 1),
+        "compression": {src: round(v["bytes_per_token"], 3) for src, v in report.items()},
+    }
+
+
+def run_tokenize_stage(ctx: StageContext) -> dict[str, Any]:
+    tok = load_tokenizer(ctx.path("tokenizer"))
+    docs = ((d.id, d.text) for d in track(read_shards(ctx.path("data")), "tokenize"))
+    counts = write_token_shards(docs, tok, ctx.work_dir, ctx.cfg.tokenize.val_fraction)
+    train = TokenSplit.open(ctx.work_dir, "train").tokens
+    val = TokenSplit.open(ctx.work_dir, "val").tokens
+    log_probs = fit_unigram(train, tok.get_vocab_size())
+    np.save(ctx.work_dir / "unigram.npy", log_probs)
+    lengths = torch.tensor(token_byte_lengths(tok))
+    whole_val = sequential_windows(val, 1024, 16, max_batches=len(val) // (1024 * 16) + 1)
+    unigram = bits_per_byte(UnigramLM(log_probs), whole_val, lengths, torch.device("cpu"))["bpb"]
+    console.print(
+        f"  train {counts['train_tokens']:,} tokens / {counts['train_docs']:,} docs, "
+        f"val {counts['val_tokens']:,} tokens; unigram val bpb {unigram:.4f}"
+    )
+    return {**counts, "unigram_val_bpb": unigram}

@@ -1,0 +1,32 @@
+"""Token-level losses, always reduced in float32."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in nats, shape of `targets`."""
+    flat = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    return flat.view(targets.shape)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum of log p(target) over masked positions, one value per sequence."""
+    return -(token_cross_entropy(logits, targets) * mask.to(torch.float32)).sum(dim=-1)
+
+
+def bits_per_byte(nats: float, num_bytes: float) -> float:
+    return nats / math.log(2) / max(num_bytes, 1.0)

@@ -1,0 +1,78 @@
+"""The pretrain stage: a dense decoder trained on packed token windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from frontierlm.config import LoopConfig
+from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
+from frontierlm.model import Transformer
+from frontierlm.stages import StageContext
+from frontierlm.tokenizer.shards import TokenSplit
+from frontierlm.tokenizer.train import load_tokenizer, token_byte_lengths
+from frontierlm.train.loop import Batch, TrainTask, train
+from frontierlm.train.losses import token_cross_entropy
+from frontierlm.train.sampler import EpochSampler
+
+
+class ShuffledWindows:
+    """Batches of (seq_len + 1)-token windows cut at fixed strides, in a seeded epoch order:
+    every token is seen once per epoch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        n_windows = (len(tokens) - 1) // seq_len
+        if n_windows < batch_size:
+            raise ValueError(
+                f"only {n_windows} windows of {seq_len} tokens in the training split, fewer than "
+                f"batch_size={batch_size}: lower seq_len/batch_size or add data"
+            )
+        self.sampler = EpochSampler(n_windows, batch_size, seed)
+
+    def __call__(self, index: int) -> Batch:
+        starts = [w * self.seq_len for w in self.sampler(index)]
+        rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
+        chunk = torch.from_numpy(np.stack(rows))
+        return {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    return token_cross_entropy(model(batch["input_ids"]), batch["targets"]).mean(), {}
+
+
+def val_bpb_fn(ctx: StageContext, loop: LoopConfig, batches: int, device: torch.device):
+    """Validation bpb on the held-out documents of the tokenize stage (the same windows at
+    every evaluation, so the curve compares like with like)."""
+    val = TokenSplit.open(ctx.path("tokenize"), "val").tokens
+    byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(ctx.path("tokenizer"))))
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        windows = sequential_windows(val, loop.seq_len, loop.batch_size, batches)
+        return bits_per_byte(model, windows, byte_lengths, device)
+
+    return evaluate
+
+
+def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
+    cfg, device = ctx.cfg, ctx.device
+    torch.manual_seed(cfg.run.seed)
+    vocab = load_tokenizer(ctx.path("tokenizer")).get_vocab_size()
+    model = Transformer(cfg.model, vocab)
+    train_tokens = TokenSplit.open(ctx.path("tokenize"), "train").tokens
+    loop = cfg.pretrain
+    task = TrainTask(
+        name="pretrain",
+        batch=ShuffledWindows(train_tokens, loop.seq_len, loop.batch_size, cfg.run.seed),
+        loss=lm_loss,
+        evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device),
+    )
+    metrics = train(model, loop, task, ctx.work_dir, device)
+    # The baseline, scored on exactly the windows the model was scored on.
+    unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy"))
+    metrics["unigram_bpb"] = task.evaluate(unigram.to(device))["bpb"]
+    metrics["bpb_reduction_vs_unigram"] = 1.0 - metrics["val_bpb"] / metrics["unigram_bpb"]
+    metrics["params"] = float(model.num_params())
+    metrics["tokens_seen"] = float(loop.steps * loop.grad_accum * loop.batch_size * loop.seq_len)
+    return metrics

@@ -1,0 +1,35 @@
+"""Shared fixtures: small slices of the real data the project ships under data/."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """~300 KB of real prose, math and wiki text in ~2 KB documents."""
+    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text()[:120_000]
+    wiki = (DATA / "wikitext-2" / "valid.txt").read_text()[:120_000]
+    with gzip.open(DATA / "gsm8k" / "train.jsonl.gz", "rt") as f:
+        gsm = [json.loads(next(f)) for _ in range(200)]
+    texts = [shakespeare[i : i + 2000] for i in range(0, len(shakespeare), 2000)]
+    texts += [wiki[i : i + 2000] for i in range(0, len(wiki), 2000)]
+    texts += [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in gsm]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(sample_texts, tmp_path_factory):
+    from frontierlm.tokenizer.train import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(sample_texts, vocab_size=1024)
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(tok, out)
+    return tok, out

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from frontierlm.config import ConfigError, load_config, parse_override
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+
+
+def test_quickstart_loads_with_typed_values():
+    cfg = load_config(QUICKSTART)
+    assert cfg.run.name == "quickstart"
+    assert cfg.model.kv_heads == 3 and cfg.model.head_dim == 64
+    assert [s.resolved_format for s in cfg.data.sources][:4] == ["warc", "warc", "warc", "jsonl"]
+    assert cfg.sft.sources[1].take == (0.0, 0.4)
+
+
+def test_dotted_overrides_are_parsed_as_toml_values():
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "--model.n_layers=2",
+            "--run.name=abc",
+            "--pretrain.lr=5e-4",
+            "--model.tie_embeddings=false",
+        ],
+    )
+    assert cfg.model.n_layers == 2 and cfg.run.name == "abc"
+    assert cfg.pretrain.lr == 5e-4 and cfg.model.tie_embeddings is False
+    assert parse_override("--eval.prompts=['a', 'b']") == (["eval", "prompts"], ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("--model.n_layer=4", "model.n_layer: unknown key"),
+        ("--model.n_layers=four", "model.n_layers: Input should be a valid integer"),
+        ("--model.n_heads=5", "n_heads=5 must divide d_model=192"),
+        ("--model.n_kv_heads=2", "n_kv_heads=2 must divide n_heads=3"),
+        ("--pretrain.seq_len=512", "pretrain.seq_len=512 exceeds model.max_seq_len=256"),
+        ("--pretrain.warmup_steps=1000", "warmup_steps=1000 must be below steps"),
+        ("--sft.sources=[]", "sft.sources: List should have at least 1 item"),
+        ("--bogus.key=1", "bogus: unknown key"),
+        ("--run.name=a/b", "run.name: String should match pattern"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [override])
+    assert expected in str(info.value)
+    assert str(QUICKSTART) in str(info.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\nd_model = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"must look like --section\.key=value"):
+        load_config(QUICKSTART, ["--model.n_layers"])

@@ -1,0 +1,118 @@
+"""The whole pipeline on the micro recipe: every stage real, then skipped, then partly rerun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from frontierlm.cli import main
+from frontierlm.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "recipes" / "micro.toml")
+
+
+def stage_record(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "stage.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # recipe paths are relative to the repository root
+    try:
+        assert main(["run", MICRO, f"--run.out_dir={out}"]) == 0
+    finally:
+        os.chdir(cwd)
+    return out / "micro"
+
+
+def test_every_stage_finishes_with_real_outputs(micro_run):
+    for stage in STAGES:
+        assert (micro_run / stage / "stage.json").is_file(), stage
+    assert not list(micro_run.glob("*.partial"))
+    stats = json.loads((micro_run / "data" / "stats.json").read_text())
+    assert stats["totals"]["docs_out"] > 400
+    assert (micro_run / "tokenizer" / "tokenizer.json").is_file()
+    assert (micro_run / "tokenize" / "train.bin").stat().st_size > 0
+    for stage in ("pretrain", "sft", "align"):
+        assert (micro_run / stage / "model" / "model.safetensors").is_file()
+        records = [
+            json.loads(x) for x in (micro_run / stage / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert "val_loss" in records[-1] and records[-1]["step"] == len(records)
+    pre = stage_record(micro_run, "pretrain")["metrics"]
+    # Even 40 steps of a micro model beat a unigram model on held-out text.
+    assert pre["val_bpb"] < pre["unigram_bpb"]
+    results = json.loads((micro_run / "eval" / "results.json").read_text())
+    assert set(results) >= {"pretrain_text_bpb", "sft_chat_bpb", "align_val_margin"}
+    assert results["sft_chat_bpb"] < results["pretrain_chat_bpb"]
+    report = (micro_run / "report.md").read_text()
+    assert "| pretrain |" in report and "unigram" in report
+    for png in ("training_curves.png", "validation_bpb.png"):
+        assert (micro_run / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_run_skips_everything_and_changed_config_reruns_downstream(micro_run):
+    out = str(micro_run.parent)
+    before = {
+        s: stage_record(micro_run, s)["started"] + stage_record(micro_run, s)["fingerprint"]
+        for s in STAGES
+    }
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        t0 = time.perf_counter()
+        assert main(["run", MICRO, f"--run.out_dir={out}"]) == 0
+        assert time.perf_counter() - t0 < 10
+        after = {
+            s: stage_record(micro_run, s)["started"] + stage_record(micro_run, s)["fingerprint"]
+            for s in STAGES
+        }
+        assert after == before
+        # Change only SFT's learning rate: SFT and everything after it rerun, nothing before.
+        assert main(["run", MICRO, f"--run.out_dir={out}", "--sft.lr=1e-3"]) == 0
+        changed = {
+            s for s in STAGES if stage_record(micro_run, s)["fingerprint"] != before[s][-16:]
+        }
+        assert changed == {"sft", "align", "eval", "report"}
+    finally:
+        os.chdir(cwd)
+
+
+def test_bad_override_fails_before_any_work(tmp_path, capsys):
+    assert main(["run", MICRO, f"--run.out_dir={tmp_path}", "--model.n_heads=3"]) == 2
+    assert "n_heads=3 must divide d_model=32" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_sigkill_during_pretrain_then_resume_matches_uninterrupted(micro_run, tmp_path):
+    """Kill -9 `frontierlm pretrain` mid-run; the rerun resumes from the last checkpoint and ends
+    at the same loss as the uninterrupted run of the fixture (fp32 on CPU: to 1e-5)."""
+    killed = tmp_path / "micro"
+    killed.mkdir()
+    for stage in ("data", "tokenizer", "tokenize"):
+        shutil.copytree(micro_run / stage, killed / stage)
+    cmd = [sys.executable, "-m", "frontierlm.cli", "pretrain", MICRO, f"--run.out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "pretrain.partial" / "checkpoints" / "step_0000010"
+    deadline = time.time() + 120
+    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_dir() and not (killed / "pretrain").exists(), "killed before the stage finished"
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    ours = stage_record(killed, "pretrain")["metrics"]
+    reference = stage_record(micro_run, "pretrain")["metrics"]
+    assert ours["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-5)
+    assert ours["val_bpb"] == pytest.approx(reference["val_bpb"], abs=1e-5)

@@ -1,0 +1,100 @@
+"""The training loop: schedule, checkpoints, and exact resume after a crash."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from frontierlm.config import ModelConfig, PretrainConfig
+from frontierlm.model import Transformer
+from frontierlm.train.checkpoint import list_checkpoints, load_model_dir
+from frontierlm.train.loop import TrainTask, train
+from frontierlm.train.pretrain import ShuffledWindows, lm_loss
+from frontierlm.train.schedule import lr_at
+
+LOOP = PretrainConfig(
+    steps=12,
+    batch_size=4,
+    seq_len=16,
+    lr=1e-2,
+    warmup_steps=2,
+    eval_every=4,
+    checkpoint_every=4,
+    keep_checkpoints=2,
+)
+
+
+class Crash(Exception):
+    pass
+
+
+def make_task(tokens, crash_at=None):
+    windows = ShuffledWindows(tokens, LOOP.seq_len, LOOP.batch_size, seed=3)
+    val = {
+        "input_ids": torch.from_numpy(tokens[:64].astype("int64")).view(4, 16),
+        "targets": torch.from_numpy(tokens[1:65].astype("int64")).view(4, 16),
+    }
+
+    def batch(i):
+        if crash_at is not None and i == crash_at:
+            raise Crash
+        return windows(i)
+
+    def evaluate(model):
+        return {"loss": lm_loss(model, val)[0].item()}
+
+    return TrainTask("test", batch, lm_loss, evaluate)
+
+
+def new_model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=16), 97)
+
+
+@pytest.fixture
+def tokens():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # A learnable stream: mostly a repeating pattern, some noise.
+    base = np.tile(np.arange(97, dtype=np.uint16), 60)
+    noise = rng.integers(0, 97, size=base.shape, dtype=np.uint16)
+    return np.where(rng.random(base.shape) < 0.2, noise, base)
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    lrs = [lr_at(s, LOOP) for s in range(LOOP.steps)]
+    assert lrs[0] == pytest.approx(LOOP.lr / 2) and lrs[1] == pytest.approx(LOOP.lr)
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(lrs[1:]))
+    assert lrs[-1] == pytest.approx(LOOP.lr * LOOP.min_lr_ratio)
+
+
+def test_training_lowers_loss_and_writes_artifacts(tokens, tmp_path):
+    metrics = train(new_model(), LOOP, make_task(tokens), tmp_path, torch.device("cpu"))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    assert metrics["val_loss"] == records[-1]["val_loss"]
+    # keep_checkpoints=2: only the last two survive; the final model loads back identically.
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step_0000008",
+        "step_0000012",
+    ]
+    reloaded = load_model_dir(tmp_path / "model")
+    assert reloaded.cfg.d_model == 32 and reloaded.vocab_size == 97
+
+
+def test_crash_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tokens, tmp_path):
+    straight = train(new_model(), LOOP, make_task(tokens), tmp_path / "a", torch.device("cpu"))
+    with pytest.raises(Crash):
+        train(new_model(), LOOP, make_task(tokens, crash_at=9), tmp_path / "b", torch.device("cpu"))
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "step_0000008"
+    # A fresh model object: everything must come from the checkpoint.
+    resumed = train(new_model(), LOOP, make_task(tokens), tmp_path / "b", torch.device("cpu"))
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-5)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 13)), "metrics of the lost steps are rewritten, not duplicated"
