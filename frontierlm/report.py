@@ -45,9 +45,12 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for stage in ("pretrain", "sft"):
-        evals = [r for r in MetricsLog(run_dir / stage / "metrics.jsonl").read() if "val_bpb" in r]
+        records = MetricsLog(run_dir / stage / "metrics.jsonl").read()
+        points = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+        if stage == "sft":  # where SFT starts from: the pretrained model on the same chats
+            points.insert(0, (0, read_record(run_dir / "sft")["metrics"]["pretrained_val_bpb"]))
         label = "pretrain: held-out text" if stage == "pretrain" else "sft: held-out chats"
-        ax.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", label=label)
+        ax.plot(*zip(*points, strict=True), "o-", label=label)
     unigram = read_record(run_dir / "pretrain")["metrics"]["unigram_bpb"]
     ax.axhline(unigram, color="gray", ls="--", label="unigram baseline (text)")
     ax.set_xlabel("step")

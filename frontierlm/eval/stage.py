@@ -24,11 +24,18 @@ from frontierlm.tokenizer.chat import ChatRenderer, Message
 from frontierlm.tokenizer.shards import TokenSplit
 from frontierlm.tokenizer.train import BOS, END, EOS, PAD, load_tokenizer, token_byte_lengths
 from frontierlm.train.checkpoint import load_model_dir
+from frontierlm.train.parallel import autocast
 
 MODEL_STAGES = ("pretrain", "sft", "align")
 
 
 def run_eval_stage(ctx: StageContext) -> dict[str, Any]:
+    # Scored in the precision the models were trained in (bf16 autocast where that was asked).
+    with torch.no_grad(), autocast(ctx.device, ctx.cfg.pretrain.precision):
+        return evaluate_models(ctx)
+
+
+def evaluate_models(ctx: StageContext) -> dict[str, Any]:
     cfg, device = ctx.cfg, ctx.device
     tok = load_tokenizer(ctx.path("tokenizer"))
     renderer = ChatRenderer(tok)
@@ -44,22 +51,17 @@ def run_eval_stage(ctx: StageContext) -> dict[str, Any]:
     }
     stop = {tok.token_to_id(t) for t in (END, EOS, BOS)}
 
-    with torch.no_grad():
-        unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy")).to(device)
-        windows = sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches)
-        results: dict[str, Any] = {
-            "unigram_text_bpb": bits_per_byte(unigram, windows, byte_lengths, device)["bpb"]
-        }
+    def text_windows():  # the same held-out windows for every model
+        return sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches)
+
+    unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy")).to(device)
+    results: dict[str, Any] = {
+        "unigram_text_bpb": bits_per_byte(unigram, text_windows(), byte_lengths, device)["bpb"]
+    }
     samples: list[str] = ["# Greedy samples\n"]
     for name, model in models.items():
-        with torch.no_grad():
-            text = bits_per_byte(
-                model,
-                sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches),
-                byte_lengths,
-                device,
-            )
-            chat = bits_per_byte(model, chat_batches, byte_lengths, device)
+        text = bits_per_byte(model, text_windows(), byte_lengths, device)
+        chat = bits_per_byte(model, chat_batches, byte_lengths, device)
         results[f"{name}_text_bpb"] = text["bpb"]
         results[f"{name}_chat_bpb"] = chat["bpb"]
         console.print(f"  {name:<9} text bpb {text['bpb']:.4f}   chat bpb {chat['bpb']:.4f}")
@@ -73,8 +75,7 @@ def run_eval_stage(ctx: StageContext) -> dict[str, Any]:
             out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
             samples.append(f"- user: {prompt}\n  assistant: {out}\n")
 
-    with torch.no_grad():
-        dpo = dpo_eval_fn(cfg.align, models["sft"], val_pairs, pad_id)(models["align"])
+    dpo = dpo_eval_fn(cfg.align, models["sft"], val_pairs, pad_id)(models["align"])
     results["align_val_margin"] = dpo["margin"]
     results["align_val_accuracy"] = dpo["accuracy"]
     results["val_pairs"] = len(val_pairs)
