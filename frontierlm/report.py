@@ -25,6 +25,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _style(ax: plt.Axes) -> None:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(run_dir: Path, out: Path) -> list[str]:
     """One panel per training stage: train loss every step, validation loss at each eval."""
     fig, axes = plt.subplots(1, len(TRAINING_STAGES), figsize=(5 * len(TRAINING_STAGES), 3.6))
@@ -36,12 +48,8 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
         evals = [r for r in records if "val_loss" in r]
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
         ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
-    plt.close(fig)
+        _style(ax)
+    _save(fig, out / "training_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for stage in ("pretrain", "sft"):
@@ -53,23 +61,15 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
         ax.plot(*zip(*points, strict=True), "o-", label=label)
     unigram = read_record(run_dir / "pretrain")["metrics"]["unigram_bpb"]
     ax.axhline(unigram, color="gray", ls="--", label="unigram baseline (text)")
-    ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "validation_bpb.png", dpi=110)
-    plt.close(fig)
+    _style(ax)
+    _save(fig, out / "validation_bpb.png")
     return ["training_curves.png", "validation_bpb.png"]
 
 
 def build_report(run_dir: Path, out: Path) -> str:
     records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
-    pre, _sft, ev = (
-        records["pretrain"]["metrics"],
-        records["sft"]["metrics"],
-        records["eval"]["metrics"],
-    )
+    pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
     lines = [
         f"# FrontierLM run `{run_dir.name}`",
         "",

@@ -185,16 +185,6 @@ def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
     return h.hexdigest()[:16]
 
 
-def is_current(cfg: RecipeConfig, name: str) -> bool:
-    out = cfg.run.run_dir / name
-    if not (out / "stage.json").is_file():
-        return False
-    try:
-        return read_record(out)["fingerprint"] == fingerprint(cfg, STAGES[name])
-    except RuntimeError:
-        return False
-
-
 def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, Any]:
     """Run one stage unless its output is current; return its stage record."""
     stage = STAGES[name]

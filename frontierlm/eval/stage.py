@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from frontierlm.console import console
+from frontierlm.console import console, track
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.inference.generate import greedy
 from frontierlm.posttrain.batches import fixed_batches, pad_batch
@@ -59,7 +59,7 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
         "unigram_text_bpb": bits_per_byte(unigram, text_windows(), byte_lengths, device)["bpb"]
     }
     samples: list[str] = ["# Greedy samples\n"]
-    for name, model in models.items():
+    for name, model in track(models.items(), "eval models", total=len(models)):
         text = bits_per_byte(model, text_windows(), byte_lengths, device)
         chat = bits_per_byte(model, chat_batches, byte_lengths, device)
         results[f"{name}_text_bpb"] = text["bpb"]

@@ -108,10 +108,9 @@ def token_byte_lengths(tok: Tokenizer) -> list[int]:
     """UTF-8 byte length of each token id; 0 for special tokens (they carry no text).
 
     bits-per-byte divides by these, so special tokens never count as predicted text."""
-    decoder = pre_tokenizers.ByteLevel.alphabet()
-    byte_of = {ch: 1 for ch in decoder}  # every ByteLevel symbol stands for exactly one byte
     specials = set(SPECIAL_TOKENS)
     lengths = [0] * tok.get_vocab_size()
     for token, idx in tok.get_vocab().items():
-        lengths[idx] = 0 if token in specials else sum(byte_of.get(ch, 0) for ch in token)
+        # Byte-level BPE spells every byte as exactly one printable symbol.
+        lengths[idx] = 0 if token in specials else len(token)
     return lengths
