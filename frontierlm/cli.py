@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from frontierlm.config import ConfigError, load_config
 from frontierlm.console import console
@@ -27,12 +28,50 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("recipe", help="TOML recipe, e.g. recipes/quickstart.toml")
         p.add_argument("--force", action="store_true", help="rerun even if the output is current")
+    export = sub.add_parser(
+        "export",
+        help="write a model in Hugging Face format (loads with transformers)",
+        description="frontierlm export runs/quickstart/align OUT --to hf",
+    )
+    export.add_argument("ckpt", help="a model directory, or a stage directory holding model/")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--to", choices=["hf"], default="hf")
+    export.add_argument(
+        "--tokenizer", help="tokenizer directory to include (default: the run's tokenizer/)"
+    )
     return parser
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from frontierlm.model import load
+    from frontierlm.model.hf import export_hf
+
+    ckpt = Path(args.ckpt)
+    model = load(ckpt)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    if tokenizer is None:  # runs/<name>/<stage>[/model] -> runs/<name>/tokenizer
+        for parent in (ckpt.parent, ckpt.parent.parent):
+            if (parent / "tokenizer" / "tokenizer.json").is_file():
+                tokenizer = parent / "tokenizer"
+                break
+    export_hf(model, Path(args.out), tokenizer)
+    console.print(
+        f"[green]✓ exported[/] {ckpt} -> {args.out} (Llama format, tokenizer: {tokenizer})"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "export":
+        if rest:
+            parser.error(f"unrecognised arguments {rest}")
+        try:
+            return export_command(args)
+        except (FileNotFoundError, ValueError, NotImplementedError) as err:
+            console.print(f"[red]error in export:[/] {err}")
+            return 1
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --model.n_layers=4")

@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -138,7 +138,6 @@ class StageContext:
     cfg: RecipeConfig
     stage: Stage
     work_dir: Path
-    _device: torch.device | None = field(default=None, repr=False)
 
     @property
     def run_dir(self) -> Path:
@@ -147,9 +146,6 @@ class StageContext:
     def path(self, stage: str) -> Path:
         """The finished output directory of an upstream stage."""
         return self.run_dir / stage
-
-    def metrics(self, stage: str) -> dict[str, Any]:
-        return read_record(self.run_dir / stage)["metrics"]
 
     @cached_property
     def device(self) -> torch.device:

@@ -1,0 +1,132 @@
+"""Hugging Face format in and out: safetensors + config.json (+ tokenizer files).
+
+Our parameter names are transformers' Llama names without the `model.` prefix, so export and
+import are renames plus a config translation. Only the Llama family is expressed so far; the
+other families of issue 3 (Qwen3, Gemma 2, DeepSeek-V3, Qwen3-MoE) raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from frontierlm.atomic import atomic_dir, commit_dir
+from frontierlm.config import ModelConfig
+from frontierlm.model.transformer import Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def llama_config(model: Transformer) -> dict[str, Any]:
+    cfg = model.cfg
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": model.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) -> None:
+    """Write `model` as a transformers Llama checkpoint (atomically: temp dir, then rename)."""
+    tmp = atomic_dir(out)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue  # tied: transformers rebuilds it from the embedding
+        state[_hf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(llama_config(model), indent=2))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+    commit_dir(tmp, out)
+
+
+def _require(config: dict[str, Any], key: str, allowed: Any, path: Path) -> None:
+    value = config.get(key, allowed)
+    if value != allowed:
+        raise NotImplementedError(
+            f"{path}/config.json: {key}={value!r} is not supported yet (only {allowed!r}); "
+            "more of the Llama family's switches arrive with issue 3"
+        )
+
+
+def load_hf(path: str | Path) -> Transformer:
+    """A transformers Llama checkpoint (config.json + model.safetensors) as our Transformer."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "llama":
+        raise NotImplementedError(
+            f"{config_file}: model_type={config.get('model_type')!r}; only 'llama' imports so far "
+            "(Qwen3, Gemma 2, DeepSeek-V3 and Qwen3-MoE arrive with issue 3)"
+        )
+    for key, allowed in [
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("rope_scaling", None),
+    ]:
+        _require(config, key, allowed, path)
+    n_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    if head_dim * n_heads != config["hidden_size"]:
+        raise NotImplementedError(f"{config_file}: head_dim * num_attention_heads != hidden_size")
+    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
+        "rope_theta", 10000.0
+    )
+    cfg = ModelConfig(
+        d_model=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads", n_heads),
+        ffn_hidden=config["intermediate_size"],
+        rope_theta=rope_theta,
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+    )
+    model = Transformer(cfg, config["vocab_size"])
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model*.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    ours = {}
+    for name in model.state_dict():
+        key = _hf_name(name)
+        if key not in state:
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            raise ValueError(f"{path}: weight {key} is missing from the safetensors files")
+        ours[name] = state[key].to(torch.float32)
+    model.load_state_dict(ours, strict=not cfg.tie_embeddings)
+    return model.eval()

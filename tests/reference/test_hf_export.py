@@ -1,0 +1,87 @@
+"""Export to and import from Hugging Face format, checked with transformers itself."""
+
+import json
+
+import pytest
+import torch
+
+from frontierlm.cli import main
+from frontierlm.config import ModelConfig
+from frontierlm.model import Transformer, load
+from frontierlm.model.hf import export_hf, load_hf
+from frontierlm.train.checkpoint import save_model_dir
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_model(tie: bool, kv: int) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=kv, tie_embeddings=tie,
+                      max_seq_len=64, rope_theta=50000.0)
+    model = Transformer(cfg, vocab_size=300).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def max_rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+@pytest.mark.parametrize("tie,kv", [(True, 4), (False, 2), (False, 1)])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, tie, kv):
+    model = random_model(tie, kv)
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        assert max_rel_error(model(ids), hf(input_ids=ids).logits) < 1e-4
+    # And back: our loader reads the exported directory to the same logits.
+    with torch.no_grad():
+        assert max_rel_error(load(tmp_path / "hf")(ids), model(ids)) < 1e-6
+
+
+def test_import_of_a_transformers_made_llama(tmp_path):
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "made")
+    ours = load_hf(tmp_path / "made")
+    assert ours.cfg.kv_heads == 2 and not ours.training
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
+
+
+def test_unsupported_family_and_switch_fail_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(NotImplementedError, match="issue 3"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mlp_bias": True}))
+    with pytest.raises(NotImplementedError, match="mlp_bias=True"):
+        load_hf(tmp_path)
+
+
+def test_export_command_includes_the_tokenizer(tmp_path, small_tokenizer):
+    _, tok_dir = small_tokenizer
+    run = tmp_path / "run"
+    model = random_model(True, 2)
+    model = Transformer(model.cfg, vocab_size=1024).eval()
+    save_model_dir(run / "sft" / "model", model)
+    (run / "tokenizer").mkdir()
+    for f in tok_dir.iterdir():
+        (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    assert main(["export", str(run / "sft"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = tokenizer("ROMEO: hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert max_rel_error(model(ids), hf(input_ids=ids).logits) < 1e-4
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
