@@ -16,8 +16,15 @@ transformers = pytest.importorskip("transformers")
 
 def random_model(tie: bool, kv: int) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=kv, tie_embeddings=tie,
-                      max_seq_len=64, rope_theta=50000.0)
+    cfg = ModelConfig(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=kv,
+        tie_embeddings=tie,
+        max_seq_len=64,
+        rope_theta=50000.0,
+    )
     model = Transformer(cfg, vocab_size=300).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -47,9 +54,15 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tie, kv):
 def test_import_of_a_transformers_made_llama(tmp_path):
     torch.manual_seed(1)
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
     )
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path / "made")
