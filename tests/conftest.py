@@ -33,3 +33,24 @@ def small_tokenizer(sample_texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer(tok, out)
     return tok, out
+
+
+@pytest.fixture
+def make_random_model():
+    """Build a small Transformer in eval mode with random weights and non-trivial norm gains, so
+    that a misplaced norm weight shows in logit comparisons."""
+    import torch
+
+    from frontierlm.config import ModelConfig
+    from frontierlm.model import Transformer
+
+    def make(vocab_size: int = 300, seed: int = 0, **model_fields) -> Transformer:
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig(**model_fields), vocab_size).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.uniform_(0.5, 1.5)
+        return model
+
+    return make

@@ -6,31 +6,14 @@ import pytest
 import torch
 
 from frontierlm.cli import main
-from frontierlm.config import ModelConfig
-from frontierlm.model import Transformer, load
+from frontierlm.model import load
 from frontierlm.model.hf import export_hf, load_hf
 from frontierlm.train.checkpoint import save_model_dir
 
 transformers = pytest.importorskip("transformers")
 
 
-def random_model(tie: bool, kv: int) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=kv,
-        tie_embeddings=tie,
-        max_seq_len=64,
-        rope_theta=50000.0,
-    )
-    model = Transformer(cfg, vocab_size=300).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    return model
+SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64, "rope_theta": 50000.0}
 
 
 def max_rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -38,8 +21,8 @@ def max_rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("tie,kv", [(True, 4), (False, 2), (False, 1)])
-def test_export_loads_in_transformers_with_same_logits(tmp_path, tie, kv):
-    model = random_model(tie, kv)
+def test_export_loads_in_transformers_with_same_logits(tmp_path, make_random_model, tie, kv):
+    model = make_random_model(**SMALL, n_kv_heads=kv, tie_embeddings=tie)
     export_hf(model, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
@@ -82,11 +65,10 @@ def test_unsupported_family_and_switch_fail_clearly(tmp_path):
         load_hf(tmp_path)
 
 
-def test_export_command_includes_the_tokenizer(tmp_path, small_tokenizer):
+def test_export_command_includes_the_tokenizer(tmp_path, small_tokenizer, make_random_model):
     _, tok_dir = small_tokenizer
     run = tmp_path / "run"
-    model = random_model(True, 2)
-    model = Transformer(model.cfg, vocab_size=1024).eval()
+    model = make_random_model(vocab_size=1024, **SMALL, n_kv_heads=2)
     save_model_dir(run / "sft" / "model", model)
     (run / "tokenizer").mkdir()
     for f in tok_dir.iterdir():

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from frontierlm.config import ModelConfig
 from frontierlm.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -39,9 +38,8 @@ def to_llama(model: Transformer) -> "transformers.LlamaForCausalLM":
     "n_heads,n_kv_heads,tie,theta",
     [(4, 4, True, 10000.0), (4, 2, False, 500000.0), (8, 1, True, 10000.0)],
 )
-def test_logits_match_transformers_llama(n_heads, n_kv_heads, tie, theta):
-    torch.manual_seed(0)
-    cfg = ModelConfig(
+def test_logits_match_transformers_llama(make_random_model, n_heads, n_kv_heads, tie, theta):
+    model = make_random_model(
         d_model=64,
         n_layers=2,
         n_heads=n_heads,
@@ -50,12 +48,6 @@ def test_logits_match_transformers_llama(n_heads, n_kv_heads, tie, theta):
         rope_theta=theta,
         max_seq_len=64,
     )
-    model = Transformer(cfg, vocab_size=300).eval()
-    # Non-trivial norm gains, so a misplaced norm weight would show.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
     hf = to_llama(model)
     ids = torch.randint(0, 300, (3, 40))
     with torch.no_grad():
