@@ -7,6 +7,7 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,9 +56,8 @@ def export_command(args: argparse.Namespace) -> int:
                 tokenizer = parent / "tokenizer"
                 break
     export_hf(model, Path(args.out), tokenizer)
-    console.print(
-        f"[green]✓ exported[/] {ckpt} -> {args.out} (Llama format, tokenizer: {tokenizer})"
-    )
+    family = json.loads((Path(args.out) / "config.json").read_text())["model_type"]
+    console.print(f"[green]✓ exported[/] {ckpt} -> {args.out} ({family}, tokenizer: {tokenizer})")
     return 0
 
 

@@ -132,6 +132,7 @@ class ModelConfig(Strict):
     rope_theta: float = Field(10000.0, gt=0)
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
+    qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
 

@@ -1,8 +1,9 @@
 """Hugging Face format in and out: safetensors + config.json (+ tokenizer files).
 
-Our parameter names are transformers' Llama names without the `model.` prefix, so export and
-import are renames plus a config translation. Only the Llama family is expressed so far; the
-other families of issue 3 (Qwen3, Gemma 2, DeepSeek-V3, Qwen3-MoE) raise NotImplementedError.
+Our parameter names are transformers' Llama/Qwen3 names without the `model.` prefix, so export
+and import are renames plus a config translation. The family follows from the config: QK-norm
+makes a Qwen3, otherwise a Llama. Gemma 2, DeepSeek-V3 and Qwen3-MoE (issue 3) raise
+NotImplementedError.
 """
 
 from __future__ import annotations
@@ -26,11 +27,20 @@ def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def llama_config(model: Transformer) -> dict[str, Any]:
+FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_config(model: Transformer) -> dict[str, Any]:
+    """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
+    family = "qwen3" if cfg.qk_norm else "llama"
+    extra: dict[str, Any] = {}
+    if family == "qwen3":
+        extra = {"use_sliding_window": False, "layer_types": ["full_attention"] * cfg.n_layers}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [FAMILIES[family]],
+        "model_type": family,
+        **extra,
         "vocab_size": model.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.hidden,
@@ -51,7 +61,7 @@ def llama_config(model: Transformer) -> dict[str, Any]:
 
 
 def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) -> None:
-    """Write `model` as a transformers Llama checkpoint (atomically: temp dir, then rename)."""
+    """Write `model` as a transformers checkpoint (atomically: temp dir, then rename)."""
     tmp = atomic_dir(out)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -59,7 +69,7 @@ def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) 
             continue  # tied: transformers rebuilds it from the embedding
         state[_hf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(llama_config(model), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(model), indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
@@ -72,22 +82,25 @@ def _require(config: dict[str, Any], key: str, allowed: Any, path: Path) -> None
     if value != allowed:
         raise NotImplementedError(
             f"{path}/config.json: {key}={value!r} is not supported yet (only {allowed!r}); "
-            "more of the Llama family's switches arrive with issue 3"
+            "more switches arrive with issue 3"
         )
 
 
 def load_hf(path: str | Path) -> Transformer:
-    """A transformers Llama checkpoint (config.json + model.safetensors) as our Transformer."""
+    """A transformers Llama or Qwen3 checkpoint (config.json + safetensors) as our Transformer."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") != "llama":
+    family = config.get("model_type")
+    if family not in FAMILIES:
         raise NotImplementedError(
-            f"{config_file}: model_type={config.get('model_type')!r}; only 'llama' imports so far "
-            "(Qwen3, Gemma 2, DeepSeek-V3 and Qwen3-MoE arrive with issue 3)"
+            f"{config_file}: model_type={family!r}; {sorted(FAMILIES)} import so far "
+            "(Gemma 2, DeepSeek-V3 and Qwen3-MoE arrive with issue 3)"
         )
+    if family == "qwen3":
+        _require(config, "use_sliding_window", False, path)
     for key, allowed in [
         ("hidden_act", "silu"),
         ("attention_bias", False),
@@ -111,6 +124,7 @@ def load_hf(path: str | Path) -> Transformer:
         rope_theta=rope_theta,
         max_seq_len=config.get("max_position_embeddings", 2048),
         tie_embeddings=config.get("tie_word_embeddings", False),
+        qk_norm=family == "qwen3",
         norm_eps=config.get("rms_norm_eps", 1e-6),
     )
     model = Transformer(cfg, config["vocab_size"])

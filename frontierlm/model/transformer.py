@@ -14,20 +14,8 @@ from torch import nn
 from frontierlm.config import ModelConfig
 from frontierlm.model.attention import Attention
 from frontierlm.model.mlp import SwiGLU
+from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import rope_tables
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like transformers does, so bf16 runs match the reference.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class Block(nn.Module):

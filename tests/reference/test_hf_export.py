@@ -20,12 +20,23 @@ def max_rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
-@pytest.mark.parametrize("tie,kv", [(True, 4), (False, 2), (False, 1)])
-def test_export_loads_in_transformers_with_same_logits(tmp_path, make_random_model, tie, kv):
-    model = make_random_model(**SMALL, n_kv_heads=kv, tie_embeddings=tie)
+@pytest.mark.parametrize(
+    "tie,kv,qk_norm,family",
+    [
+        (True, 4, False, "LlamaForCausalLM"),
+        (False, 2, False, "LlamaForCausalLM"),
+        (False, 1, False, "LlamaForCausalLM"),
+        (True, 2, True, "Qwen3ForCausalLM"),
+        (False, 4, True, "Qwen3ForCausalLM"),
+    ],
+)
+def test_export_loads_in_transformers_with_same_logits(
+    tmp_path, make_random_model, tie, kv, qk_norm, family
+):
+    model = make_random_model(**SMALL, n_kv_heads=kv, tie_embeddings=tie, qk_norm=qk_norm)
     export_hf(model, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == family
     ids = torch.randint(0, 300, (2, 48))
     with torch.no_grad():
         assert max_rel_error(model(ids), hf(input_ids=ids).logits) < 1e-4
@@ -34,23 +45,31 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, make_random_mod
         assert max_rel_error(load(tmp_path / "hf")(ids), model(ids)) < 1e-6
 
 
-def test_import_of_a_transformers_made_llama(tmp_path):
+@pytest.mark.parametrize("family", ["Llama", "Qwen3"])
+def test_import_of_a_transformers_made_model(tmp_path, family):
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=256,
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=64,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
-    hf = transformers.LlamaForCausalLM(config).eval()
+    hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    if family == "Qwen3":  # fresh norms are all ones: perturb them so a misplaced one shows
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path / "made")
     ours = load_hf(tmp_path / "made")
-    assert ours.cfg.kv_heads == 2 and not ours.training
+    assert ours.cfg.kv_heads == 2 and ours.cfg.qk_norm == (family == "Qwen3")
+    assert not ours.training
     ids = torch.randint(0, 256, (3, 40))
     with torch.no_grad():
         assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
