@@ -209,6 +209,9 @@ class LoopConfig(Strict):
 
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
+    document_mask: bool = Field(
+        False, description="attend only within each document of a packed window (BOS-delimited)"
+    )
 
 
 class ChatSource(Strict):

@@ -18,9 +18,10 @@ from frontierlm.train.losses import token_cross_entropy
 
 
 def sequential_windows(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, bos_id: int | None = None
 ) -> Iterable[dict[str, torch.Tensor]]:
-    """Consecutive non-overlapping windows over a token array: the fixed validation set."""
+    """Consecutive non-overlapping windows over a token array: the fixed validation set. With
+    `bos_id`, each window carries document ids for document-masked attention."""
     n_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     for first in range(0, n_windows, batch_size):
         rows = range(first, min(first + batch_size, n_windows))
@@ -28,7 +29,10 @@ def sequential_windows(
             [np.asarray(tokens[r * seq_len : r * seq_len + seq_len + 1]) for r in rows]
         )
         chunk_t = torch.from_numpy(chunk.astype(np.int64))
-        yield {"input_ids": chunk_t[:, :-1], "targets": chunk_t[:, 1:]}
+        batch = {"input_ids": chunk_t[:, :-1], "targets": chunk_t[:, 1:]}
+        if bos_id is not None:
+            batch["doc_ids"] = (batch["input_ids"] == bos_id).cumsum(dim=1)
+        yield batch
 
 
 class UnigramLM(nn.Module):
@@ -39,7 +43,7 @@ class UnigramLM(nn.Module):
         super().__init__()
         self.register_buffer("log_probs", torch.as_tensor(log_probs, dtype=torch.float32))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_probs.expand(*input_ids.shape, -1)
 
 
@@ -60,7 +64,8 @@ def bits_per_byte(
         scored = byte_lengths[targets] > 0
         if "loss_mask" in batch:
             scored &= batch["loss_mask"].to(device).bool()
-        losses = token_cross_entropy(model(inputs), targets)
+        doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
+        losses = token_cross_entropy(model(inputs, doc_ids=doc_ids), targets)
         nats += losses[scored].sum().item()
         nbytes += byte_lengths[targets][scored].sum().item()
         ntokens += int(scored.sum().item())

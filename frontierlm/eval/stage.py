@@ -51,8 +51,10 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
     }
     stop = {tok.token_to_id(t) for t in (END, EOS, BOS)}
 
+    bos_id = tok.token_to_id(BOS) if cfg.pretrain.document_mask else None
+
     def text_windows():  # the same held-out windows for every model
-        return sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches)
+        return sequential_windows(val_tokens, seq_len, batch_size, cfg.eval.bpb_batches, bos_id)
 
     unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy")).to(device)
     results: dict[str, Any] = {

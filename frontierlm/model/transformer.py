@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.model.attention import Attention
+from frontierlm.model.attention import Attention, AttentionMask, document_mask
 from frontierlm.model.mlp import SwiGLU
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import rope_tables
@@ -26,8 +26,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -59,17 +61,19 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(param)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (batch, seq) -> logits (batch, seq, vocab)."""
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (batch, seq) -> logits (batch, seq, vocab). With `doc_ids` (batch, seq),
+        tokens attend only within their document (FlexAttention on GPU, masked SDPA on CPU)."""
         seq = input_ids.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        mask = None if doc_ids is None else document_mask(doc_ids, flex=doc_ids.is_cuda)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.lm_head(self.norm(x))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -11,7 +11,7 @@ from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.model import Transformer
 from frontierlm.stages import StageContext
 from frontierlm.tokenizer.shards import TokenSplit
-from frontierlm.tokenizer.train import load_tokenizer, token_byte_lengths
+from frontierlm.tokenizer.train import BOS, load_tokenizer, token_byte_lengths
 from frontierlm.train.loop import Batch, TrainTask, train
 from frontierlm.train.losses import token_cross_entropy
 from frontierlm.train.sampler import EpochSampler
@@ -21,8 +21,15 @@ class ShuffledWindows:
     """Batches of (seq_len + 1)-token windows cut at fixed strides, in a seeded epoch order:
     every token is seen once per epoch."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        bos_id: int | None = None,
+    ) -> None:
+        self.tokens, self.seq_len, self.bos_id = tokens, seq_len, bos_id
         n_windows = (len(tokens) - 1) // seq_len
         if n_windows < batch_size:
             raise ValueError(
@@ -35,21 +42,31 @@ class ShuffledWindows:
         starts = [w * self.seq_len for w in self.sampler(index)]
         rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
         chunk = torch.from_numpy(np.stack(rows))
-        return {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
+        batch = {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
+        if self.bos_id is not None:  # every BOS opens a document; a window may start mid-document
+            batch["doc_ids"] = (batch["input_ids"] == self.bos_id).cumsum(dim=1)
+        return batch
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    return token_cross_entropy(model(batch["input_ids"]), batch["targets"]).mean(), {}
+    logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+    return token_cross_entropy(logits, batch["targets"]).mean(), {}
 
 
-def val_bpb_fn(ctx: StageContext, loop: LoopConfig, batches: int, device: torch.device):
+def val_bpb_fn(
+    ctx: StageContext,
+    loop: LoopConfig,
+    batches: int,
+    device: torch.device,
+    bos_id: int | None = None,
+):
     """Validation bpb on the held-out documents of the tokenize stage (the same windows at
     every evaluation, so the curve compares like with like)."""
     val = TokenSplit.open(ctx.path("tokenize"), "val").tokens
     byte_lengths = torch.tensor(token_byte_lengths(load_tokenizer(ctx.path("tokenizer"))))
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        windows = sequential_windows(val, loop.seq_len, loop.batch_size, batches)
+        windows = sequential_windows(val, loop.seq_len, loop.batch_size, batches, bos_id)
         return bits_per_byte(model, windows, byte_lengths, device)
 
     return evaluate
@@ -58,15 +75,16 @@ def val_bpb_fn(ctx: StageContext, loop: LoopConfig, batches: int, device: torch.
 def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     cfg, device = ctx.cfg, ctx.device
     torch.manual_seed(cfg.run.seed)
-    vocab = load_tokenizer(ctx.path("tokenizer")).get_vocab_size()
-    model = Transformer(cfg.model, vocab)
+    tok = load_tokenizer(ctx.path("tokenizer"))
+    model = Transformer(cfg.model, tok.get_vocab_size())
     train_tokens = TokenSplit.open(ctx.path("tokenize"), "train").tokens
     loop = cfg.pretrain
+    bos_id = tok.token_to_id(BOS) if loop.document_mask else None
     task = TrainTask(
         name="pretrain",
-        batch=ShuffledWindows(train_tokens, loop.seq_len, loop.batch_size, cfg.run.seed),
+        batch=ShuffledWindows(train_tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id),
         loss=lm_loss,
-        evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device),
+        evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id),
     )
     metrics = train(model, loop, task, ctx.work_dir, device)
     # The baseline, scored on exactly the windows the model was scored on.
