@@ -209,6 +209,9 @@ class LoopConfig(Strict):
 
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
+    z_loss: float = Field(
+        0.0, ge=0, description="weight of mean(logsumexp(logits)^2), PaLM uses 1e-4; 0 = off"
+    )
     document_mask: bool = Field(
         False, description="attend only within each document of a packed window (BOS-delimited)"
     )

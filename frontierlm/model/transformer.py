@@ -76,6 +76,19 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask)
         return self.lm_head(self.norm(x))
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6 per weight of every matmul, the
+        output head included and the embedding lookup not, plus causal attention's score and
+        value products, 6 * n_layers * seq_len * n_heads * head_dim (PaLM's 12*L*T*H*D
+        halved for the causal mask)."""
+        matmul_params = sum(
+            p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "embed" not in name
+        )
+        if self.cfg.tie_embeddings:  # the head shares the embedding's weight but is a matmul
+            matmul_params += self.lm_head.weight.numel()
+        attention = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * self.cfg.head_dim
+        return 6.0 * matmul_params + attention
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:

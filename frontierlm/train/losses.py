@@ -16,6 +16,12 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return flat.view(targets.shape)
 
 
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared log-partition (PaLM): keeps the softmax normaliser near 1, so output logits
+    do not drift to large magnitudes."""
+    return logits.float().logsumexp(dim=-1).pow(2).mean()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)

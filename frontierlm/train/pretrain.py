@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from frontierlm.stages import StageContext
 from frontierlm.tokenizer.shards import TokenSplit
 from frontierlm.tokenizer.train import BOS, load_tokenizer, token_byte_lengths
 from frontierlm.train.loop import Batch, TrainTask, train
-from frontierlm.train.losses import token_cross_entropy
+from frontierlm.train.losses import token_cross_entropy, z_loss
 from frontierlm.train.sampler import EpochSampler
 
 
@@ -48,9 +50,16 @@ class ShuffledWindows:
         return batch
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(
+    model: nn.Module, batch: Batch, z_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy, plus `z_weight` times the z-loss when asked."""
     logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-    return token_cross_entropy(logits, batch["targets"]).mean(), {}
+    loss = token_cross_entropy(logits, batch["targets"]).mean()
+    if not z_weight:
+        return loss, {}
+    z = z_loss(logits)
+    return loss + z_weight * z, {"ce": loss.item(), "z_loss": z.item()}
 
 
 def val_bpb_fn(
@@ -83,7 +92,7 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     task = TrainTask(
         name="pretrain",
         batch=ShuffledWindows(train_tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id),
-        loss=lm_loss,
+        loss=functools.partial(lm_loss, z_weight=loop.z_loss),
         evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id),
     )
     metrics = train(model, loop, task, ctx.work_dir, device)
@@ -93,4 +102,6 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     metrics["bpb_reduction_vs_unigram"] = 1.0 - metrics["val_bpb"] / metrics["unigram_bpb"]
     metrics["params"] = float(model.num_params())
     metrics["tokens_seen"] = float(loop.steps * loop.grad_accum * loop.batch_size * loop.seq_len)
+    metrics["flops_per_token"] = model.flops_per_token(loop.seq_len)
+    metrics["train_flops"] = metrics["flops_per_token"] * metrics["tokens_seen"]
     return metrics
