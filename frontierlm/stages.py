@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from frontierlm.atomic import commit_dir
+from frontierlm.atomic import commit_dir, write_text
 from frontierlm.config import RecipeConfig
 from frontierlm.console import console
 
@@ -196,7 +196,7 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(fp)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
     console.rule(f"[bold]{name}[/]: {stage.summary}")
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()

@@ -98,3 +98,19 @@ def test_crash_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tokens, 
         json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 13)), "metrics of the lost steps are rewritten, not duplicated"
+
+
+def test_metrics_log_survives_a_torn_last_line(tmp_path):
+    from frontierlm.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    with log.path.open("a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+    log.truncate_after(2)
+    assert [r["step"] for r in log.read()] == [1, 2]
+    log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        log.read()
