@@ -133,6 +133,21 @@ class ModelConfig(Strict):
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
+    attn_softcap: float | None = Field(
+        None, gt=0, description="cap * tanh(score / cap) on attention logits (Gemma 2: 50.0)"
+    )
+    final_softcap: float | None = Field(
+        None, gt=0, description="cap * tanh(logit / cap) on output logits (Gemma 2: 30.0)"
+    )
+    sliding_window: int | None = Field(
+        None, ge=1, description="attention span of the layers `layer_pattern` marks L (local)"
+    )
+    layer_pattern: str = Field(
+        "G",
+        pattern=r"^[GL]+$",
+        description="per-layer attention, repeated over the layers: G global, L local "
+        '(sliding window); Gemma 2 is "LG"',
+    )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
 
@@ -147,6 +162,10 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
             )
+        if "L" in self.layer_pattern and self.sliding_window is None:
+            raise ValueError(
+                f"layer_pattern={self.layer_pattern!r} has local (L) layers: set sliding_window"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}; "
@@ -157,6 +176,11 @@ class ModelConfig(Strict):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of a layer, None for a global one."""
+        local = self.layer_pattern[layer % len(self.layer_pattern)] == "L"
+        return self.sliding_window if local else None
 
     @property
     def head_dim(self) -> int:

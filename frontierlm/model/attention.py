@@ -1,6 +1,14 @@
-"""Causal self-attention with grouped-query heads (MHA when n_kv_heads == n_heads, MQA at 1),
-optionally masked to documents: in a packed sequence a token attends only to earlier tokens of
-its own document, so packing changes no token's prediction."""
+"""Causal self-attention with grouped-query heads (MHA when n_kv_heads == n_heads, MQA at 1).
+
+Optional, each by config: document masking (in a packed sequence a token attends only to earlier
+tokens of its own document, so packing changes no prediction), a sliding window on the layers a
+pattern marks local, and tanh softcapping of the attention logits (Gemma 2).
+
+Kernels: plain causal attention goes to SDPA's fused kernels. Masked attention is FlexAttention
+with a BlockMask on GPU and SDPA with a dense boolean mask on CPU (FlexAttention has no CPU
+backward); softcapped attention is FlexAttention's score_mod on GPU and an explicit softmax on
+CPU, since SDPA cannot cap scores.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from frontierlm.config import ModelConfig
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import apply_rope
 
-# None: plain causal. A BlockMask: FlexAttention. A bool tensor (batch, 1, seq, seq): SDPA.
+# None: plain causal. A BlockMask: FlexAttention. A bool tensor (batch or 1, 1, seq, seq): SDPA.
 AttentionMask = BlockMask | torch.Tensor | None
 
 
@@ -26,21 +34,56 @@ def _flex_attention(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
-def document_mask(doc_ids: torch.Tensor, flex: bool) -> AttentionMask:
-    """Causal attention within documents, from per-token document ids (batch, seq).
+def attention_mask(
+    seq: int,
+    doc_ids: torch.Tensor | None,
+    window: int | None,
+    flex: bool,
+    device: torch.device,
+) -> AttentionMask:
+    """Causal attention, restricted to each token's document (`doc_ids`, (batch, seq)) and to
+    the last `window` positions, when given. None when neither applies and `flex` is off.
 
-    `flex` builds a BlockMask for FlexAttention, which skips whole blocks across documents (the
-    GPU path); otherwise a dense boolean mask for SDPA (FlexAttention has no CPU backward)."""
-    batch, seq = doc_ids.shape
+    `flex` builds a BlockMask, which lets FlexAttention skip whole blocks (the GPU path);
+    otherwise a dense boolean mask for SDPA."""
+    if doc_ids is None and window is None and not flex:
+        return None
     if flex:
 
-        def same_doc_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        def allowed(b, h, q_idx, kv_idx):
+            keep = q_idx >= kv_idx
+            if doc_ids is not None:
+                keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            if window is not None:
+                keep = keep & (q_idx - kv_idx < window)
+            return keep
 
-        return create_block_mask(same_doc_causal, batch, None, seq, seq, device=doc_ids.device)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (causal & same_doc)[:, None]
+        batch = None if doc_ids is None else doc_ids.shape[0]
+        return create_block_mask(allowed, batch, None, seq, seq, device=device)
+    pos = torch.arange(seq, device=device)
+    keep = pos[:, None] >= pos[None, :]
+    if window is not None:
+        keep = keep & (pos[:, None] - pos[None, :] < window)
+    keep = keep[None]
+    if doc_ids is not None:
+        keep = keep & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return keep[:, None]
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T / sqrt(d) / cap)) v, the causal mask (or `mask`) applied."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = cap * torch.tanh(scores / cap)
+    if mask is None:
+        seq = q.shape[-2]
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -55,6 +98,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.softcap = cfg.attn_softcap
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask = None
@@ -68,10 +112,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
+        if isinstance(mask, BlockMask):
+            cap = self.softcap
+            score_mod = None if cap is None else (lambda s, b, h, qi, ki: cap * torch.tanh(s / cap))
+            out = _flex_attention(q.is_cuda)(
+                q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=gqa
+            )
+        elif self.softcap is not None:
+            out = softcapped_attention(q, k, v, self.softcap, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(mask, BlockMask):
-            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

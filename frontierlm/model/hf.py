@@ -33,6 +33,13 @@ FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 def hf_config(model: Transformer) -> dict[str, Any]:
     """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
+    # Gemma 2 expresses these, with switches of its own still missing here (issue 3).
+    for switch in ("attn_softcap", "final_softcap", "sliding_window"):
+        if getattr(cfg, switch) is not None:
+            raise NotImplementedError(
+                f"model.{switch}={getattr(cfg, switch)} has no Llama or Qwen3 equivalent; "
+                "its family (Gemma 2) exports once issue 3 adds it"
+            )
     family = "qwen3" if cfg.qk_norm else "llama"
     extra: dict[str, Any] = {}
     if family == "qwen3":
@@ -62,6 +69,7 @@ def hf_config(model: Transformer) -> dict[str, Any]:
 
 def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) -> None:
     """Write `model` as a transformers checkpoint (atomically: temp dir, then rename)."""
+    config = hf_config(model)  # first: a config no family expresses fails before any write
     tmp = atomic_dir(out)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -69,7 +77,7 @@ def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) 
             continue  # tied: transformers rebuilds it from the embedding
         state[_hf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.model.attention import Attention, AttentionMask, document_mask
+from frontierlm.model.attention import Attention, AttentionMask, attention_mask
 from frontierlm.model.mlp import SwiGLU
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import rope_tables
@@ -63,18 +63,25 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab). With `doc_ids` (batch, seq),
-        tokens attend only within their document (FlexAttention on GPU, masked SDPA on CPU)."""
+        tokens attend only within their document."""
         seq = input_ids.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        mask = None if doc_ids is None else document_mask(doc_ids, flex=doc_ids.is_cuda)
+        cfg = self.cfg
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        special = doc_ids is not None or any(windows) or cfg.attn_softcap is not None
+        flex = input_ids.is_cuda and special
+        masks = {w: attention_mask(seq, doc_ids, w, flex, input_ids.device) for w in set(windows)}
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.lm_head(self.norm(x))
+        for layer, window in zip(self.layers, windows, strict=True):
+            x = layer(x, cos, sin, masks[window])
+        logits = self.lm_head(self.norm(x))
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per weight of every matmul, the

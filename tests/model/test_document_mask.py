@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from frontierlm.model.attention import document_mask
+from frontierlm.model.attention import attention_mask
 from frontierlm.train.losses import token_cross_entropy
 from frontierlm.train.pretrain import ShuffledWindows
 
@@ -54,7 +54,7 @@ def test_flex_block_mask_matches_dense_mask(make_random_model):
 
     with torch.no_grad():
         dense = model(packed, doc_ids)
-        mask = document_mask(doc_ids, flex=True)
+        mask = attention_mask(packed.shape[1], doc_ids, None, flex=True, device=packed.device)
         assert isinstance(mask, attention.BlockMask)
         cos, sin = model.rope_cos[: packed.shape[1]], model.rope_sin[: packed.shape[1]]
         x = model.embed_tokens(packed)

@@ -75,6 +75,15 @@ def test_import_of_a_transformers_made_model(tmp_path, family):
         assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
 
 
+def test_export_names_the_switch_no_family_expresses(tmp_path, make_random_model):
+    model = make_random_model(**SMALL, attn_softcap=50.0)
+    with pytest.raises(
+        NotImplementedError, match=r"model\.attn_softcap=50\.0 has no Llama or Qwen3"
+    ):
+        export_hf(model, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
 def test_unsupported_family_and_switch_fail_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
     with pytest.raises(NotImplementedError, match="issue 3"):
