@@ -142,6 +142,15 @@ class ModelConfig(Strict):
     sliding_window: int | None = Field(
         None, ge=1, description="attention span of the layers `layer_pattern` marks L (local)"
     )
+    norm: Literal["pre", "sandwich"] = Field(
+        "pre", description="sandwich: also normalise each branch's output (Gemma 2/3)"
+    )
+    rope_pattern: str = Field(
+        "R",
+        pattern=r"^[RN]+$",
+        description='per-layer positions, repeated over the layers: R RoPE, N NoPE; "N" is '
+        'NoPE everywhere, "RRRN" is RNoPE (one NoPE layer in four)',
+    )
     layer_pattern: str = Field(
         "G",
         pattern=r"^[GL]+$",
@@ -176,6 +185,9 @@ class ModelConfig(Strict):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return self.rope_pattern[layer % len(self.rope_pattern)] == "R"
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of a layer, None for a global one."""

@@ -101,16 +101,22 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: AttentionMask = None,
     ) -> torch.Tensor:
+        """cos/sin None: a NoPE layer (no rotary positions)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, BlockMask):
             cap = self.softcap

@@ -34,11 +34,13 @@ def hf_config(model: Transformer) -> dict[str, Any]:
     """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
     # Gemma 2 expresses these, with switches of its own still missing here (issue 3).
-    for switch in ("attn_softcap", "final_softcap", "sliding_window"):
-        if getattr(cfg, switch) is not None:
+    defaults = ModelConfig()
+    for switch in ("attn_softcap", "final_softcap", "sliding_window", "norm", "rope_pattern"):
+        value = getattr(cfg, switch)
+        if value != getattr(defaults, switch):
             raise NotImplementedError(
-                f"model.{switch}={getattr(cfg, switch)} has no Llama or Qwen3 equivalent; "
-                "its family (Gemma 2) exports once issue 3 adds it"
+                f"model.{switch}={value!r} has no Llama or Qwen3 equivalent; the families that "
+                "express it (Gemma 2, SmolLM3, Llama 4) export once issue 3 adds them"
             )
     family = "qwen3" if cfg.qk_norm else "llama"
     extra: dict[str, Any] = {}

@@ -19,18 +19,32 @@ from frontierlm.model.rope import rope_tables
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; with `norm = "sandwich"` each branch's output is normalised too
+    before it joins the residual stream (Gemma 2/3, Arcee Trinity)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        # Llama's names: `post_attention_layernorm` is the norm in front of the MLP.
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+        self.sandwich = cfg.norm == "sandwich"
+        if self.sandwich:
+            self.attn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: AttentionMask,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + (self.attn_out_norm(attn) if self.sandwich else attn)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.mlp_out_norm(mlp) if self.sandwich else mlp)
 
 
 class Transformer(nn.Module):
@@ -76,8 +90,11 @@ class Transformer(nn.Module):
         flex = input_ids.is_cuda and special
         masks = {w: attention_mask(seq, doc_ids, w, flex, input_ids.device) for w in set(windows)}
         x = self.embed_tokens(input_ids)
-        for layer, window in zip(self.layers, windows, strict=True):
-            x = layer(x, cos, sin, masks[window])
+        for i, (layer, window) in enumerate(zip(self.layers, windows, strict=True)):
+            if cfg.layer_uses_rope(i):
+                x = layer(x, cos, sin, masks[window])
+            else:  # NoPE layer: attention sees content only, no positions
+                x = layer(x, None, None, masks[window])
         logits = self.lm_head(self.norm(x))
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
