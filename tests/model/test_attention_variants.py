@@ -7,6 +7,7 @@ import torch
 from frontierlm.model.attention import attention_mask
 
 B, T = 2, 40
+TINY = {"vocab_size": 200, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64}
 
 
 def rope(t, cos, sin):
@@ -64,9 +65,7 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
     ],
 )
 def test_variant_matches_float64_formula(make_random_model, fields):
-    model = make_random_model(
-        vocab_size=200, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, **fields
-    )
+    model = make_random_model(**TINY, **fields)
     # Larger weights, so the caps and windows bite.
     with torch.no_grad():
         for p in model.parameters():
@@ -83,14 +82,7 @@ def test_variant_matches_float64_formula(make_random_model, fields):
     if "final_softcap" in fields:
         assert ours.abs().max() < fields["final_softcap"]
     # The switch matters: the plain model differs (with the same weights where they exist).
-    plain = make_random_model(
-        vocab_size=200,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        max_seq_len=64,
-        n_kv_heads=fields.get("n_kv_heads"),
-    )
+    plain = make_random_model(**TINY, n_kv_heads=fields.get("n_kv_heads"))
     with torch.no_grad():
         plain.load_state_dict(model.state_dict(), strict=False)
         assert (plain(ids) - ours).abs().max() > 1e-3
@@ -99,16 +91,7 @@ def test_variant_matches_float64_formula(make_random_model, fields):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_path_with_window_and_softcap_matches_cpu_path(make_random_model):
     """The GPU path's BlockMask + score_mod, run forward-only on the CPU."""
-    model = make_random_model(
-        vocab_size=200,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        max_seq_len=64,
-        sliding_window=5,
-        layer_pattern="LG",
-        attn_softcap=4.0,
-    )
+    model = make_random_model(**TINY, sliding_window=5, layer_pattern="LG", attn_softcap=4.0)
     ids = torch.randint(0, 200, (B, T))
     doc_ids = (torch.rand(B, T) < 0.1).cumsum(1)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
