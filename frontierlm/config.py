@@ -130,6 +130,14 @@ class ModelConfig(Strict):
     n_kv_heads: int | None = Field(None, ge=1, description="GQA groups; default = n_heads (MHA)")
     ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU width; default ~8/3 d_model")
     rope_theta: float = Field(10000.0, gt=0)
+    yarn_factor: float | None = Field(
+        None, gt=1, description="YaRN context extension: max_seq_len / yarn_original_max_len"
+    )
+    yarn_original_max_len: int | None = Field(
+        None, ge=1, description="the context the model was pretrained with (YaRN)"
+    )
+    yarn_beta_fast: float = Field(32.0, gt=0)
+    yarn_beta_slow: float = Field(1.0, gt=0)
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
@@ -171,6 +179,8 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
             )
+        if (self.yarn_factor is None) != (self.yarn_original_max_len is None):
+            raise ValueError("YaRN needs both yarn_factor and yarn_original_max_len (or neither)")
         if "L" in self.layer_pattern and self.sliding_window is None:
             raise ValueError(
                 f"layer_pattern={self.layer_pattern!r} has local (L) layers: set sliding_window"

@@ -60,6 +60,7 @@ def hf_config(model: Transformer) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -67,6 +68,19 @@ def hf_config(model: Transformer) -> dict[str, Any]:
         "initializer_range": cfg.init_std,
         "torch_dtype": "float32",
     }
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.yarn_factor is not None:
+        params |= {
+            "rope_type": "yarn",
+            "factor": cfg.yarn_factor,
+            "original_max_position_embeddings": cfg.yarn_original_max_len,
+            "beta_fast": cfg.yarn_beta_fast,
+            "beta_slow": cfg.yarn_beta_slow,
+        }
+    return params
 
 
 def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) -> None:
@@ -111,20 +125,22 @@ def load_hf(path: str | Path) -> Transformer:
         )
     if family == "qwen3":
         _require(config, "use_sliding_window", False, path)
-    for key, allowed in [
-        ("hidden_act", "silu"),
-        ("attention_bias", False),
-        ("mlp_bias", False),
-        ("rope_scaling", None),
-    ]:
+    for key, allowed in [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]:
         _require(config, key, allowed, path)
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
     if head_dim * n_heads != config["hidden_size"]:
         raise NotImplementedError(f"{config_file}: head_dim * num_attention_heads != hidden_size")
-    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
-        "rope_theta", 10000.0
-    )
+    # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta`/`rope_scaling`.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise NotImplementedError(f"{config_file}: rope_type={rope_type!r}; default and yarn only")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        _require(rope, key, None, path)
+    _require(rope, "truncate", True, path)
+    rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    yarn = rope_type == "yarn"
     cfg = ModelConfig(
         d_model=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -132,6 +148,10 @@ def load_hf(path: str | Path) -> Transformer:
         n_kv_heads=config.get("num_key_value_heads", n_heads),
         ffn_hidden=config["intermediate_size"],
         rope_theta=rope_theta,
+        yarn_factor=rope["factor"] if yarn else None,
+        yarn_original_max_len=rope["original_max_position_embeddings"] if yarn else None,
+        yarn_beta_fast=rope.get("beta_fast") or 32.0 if yarn else 32.0,
+        yarn_beta_slow=rope.get("beta_slow") or 1.0 if yarn else 1.0,
         max_seq_len=config.get("max_position_embeddings", 2048),
         tie_embeddings=config.get("tie_word_embeddings", False),
         qk_norm=family == "qwen3",

@@ -1,6 +1,7 @@
 """Export to and import from Hugging Face format, checked with transformers itself."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,3 +109,48 @@ def test_export_command_includes_the_tokenizer(tmp_path, small_tokenizer, make_r
     with torch.no_grad():
         assert max_rel_error(model(ids), hf(input_ids=ids).logits) < 1e-4
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
+
+
+@pytest.mark.parametrize(
+    "head_dim,theta,factor,orig", [(16, 10000.0, 4.0, 32), (64, 500000.0, 8.0, 4096)]
+)
+def test_yarn_frequencies_match_transformers(head_dim, theta, factor, orig):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from frontierlm.model.rope import yarn_frequencies
+
+    config = transformers.LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=int(orig * factor),
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": theta,
+            "factor": factor,
+            "original_max_position_embeddings": orig,
+        },
+    )
+    theirs, their_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    ours, our_factor = yarn_frequencies(head_dim, theta, factor, orig)
+    assert torch.allclose(ours, theirs, rtol=1e-6)
+    assert our_factor == pytest.approx(their_factor)
+    assert our_factor == pytest.approx(0.1 * math.log(factor) + 1)
+
+
+def test_yarn_model_exports_and_imports_with_same_logits(tmp_path, make_random_model):
+    model = make_random_model(
+        vocab_size=300,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=128,
+        yarn_factor=4.0,
+        yarn_original_max_len=32,
+    )
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 300, (2, 120))  # far past the original 32-token context
+    with torch.no_grad():
+        assert max_rel_error(model(ids), hf(input_ids=ids).logits) < 1e-4
+        assert max_rel_error(load_hf(tmp_path / "hf")(ids), model(ids)) < 1e-6
