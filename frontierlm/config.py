@@ -141,6 +141,9 @@ class ModelConfig(Strict):
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
+    attn_gate: bool = Field(
+        False, description="sigmoid gate on the attention output, per head and dim (Qwen3-Next)"
+    )
     attn_softcap: float | None = Field(
         None, gt=0, description="cap * tanh(score / cap) on attention logits (Gemma 2: 50.0)"
     )

@@ -2,7 +2,8 @@
 
 Optional, each by config: document masking (in a packed sequence a token attends only to earlier
 tokens of its own document, so packing changes no prediction), a sliding window on the layers a
-pattern marks local, and tanh softcapping of the attention logits (Gemma 2).
+pattern marks local, tanh softcapping of the attention logits (Gemma 2), and an elementwise
+sigmoid gate on the attention output (Qwen3-Next).
 
 Kernels: plain causal attention goes to SDPA's fused kernels. Masked attention is FlexAttention
 with a BlockMask on GPU and SDPA with a dense boolean mask on CPU (FlexAttention has no CPU
@@ -99,6 +100,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.softcap = cfg.attn_softcap
+        if cfg.attn_gate:
+            self.g_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.gated = cfg.attn_gate
 
     def forward(
         self,
@@ -130,4 +134,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        if self.gated:  # lets a head output nothing, which curbs attention sinks
+            out = out * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(out)

@@ -35,12 +35,20 @@ def hf_config(model: Transformer) -> dict[str, Any]:
     cfg = model.cfg
     # Gemma 2 expresses these, with switches of its own still missing here (issue 3).
     defaults = ModelConfig()
-    for switch in ("attn_softcap", "final_softcap", "sliding_window", "norm", "rope_pattern"):
+    switches = (
+        "attn_gate",
+        "attn_softcap",
+        "final_softcap",
+        "sliding_window",
+        "norm",
+        "rope_pattern",
+    )
+    for switch in switches:
         value = getattr(cfg, switch)
         if value != getattr(defaults, switch):
             raise NotImplementedError(
                 f"model.{switch}={value!r} has no Llama or Qwen3 equivalent; the families that "
-                "express it (Gemma 2, SmolLM3, Llama 4) export once issue 3 adds them"
+                "express it (Gemma 2, SmolLM3, Llama 4, Qwen3-Next) export once issue 3 adds them"
             )
     family = "qwen3" if cfg.qk_norm else "llama"
     extra: dict[str, Any] = {}

@@ -1,5 +1,5 @@
-"""Softcapping, sliding windows, NoPE layers and sandwich norm against a direct float64
-implementation of the formulas."""
+"""Softcapping, sliding windows, NoPE layers, sandwich norm and gated attention against a
+direct float64 implementation of the formulas."""
 
 import pytest
 import torch
@@ -40,6 +40,8 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
             keep &= pos[:, None] - pos[None, :] < windows[i]
         s = s.masked_fill(~keep, float("-inf"))
         o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, -1)
+        if cfg.attn_gate:
+            o = o * torch.sigmoid(att.g_proj(h))
         sandwich = cfg.norm == "sandwich"
         a = att.o_proj(o)
         x = x + (layer.attn_out_norm(a) if sandwich else a)
@@ -62,6 +64,7 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
         {"rope_pattern": "N"},
         {"rope_pattern": "RN"},
         {"norm": "sandwich"},
+        {"attn_gate": True, "n_kv_heads": 1},
     ],
 )
 def test_variant_matches_float64_formula(make_random_model, fields):
