@@ -170,6 +170,19 @@ class ModelConfig(Strict):
     )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    moe_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense model")
+    moe_top_k: int = Field(2, ge=1, description="routed experts per token")
+    moe_shared_experts: int = Field(0, ge=0, description="experts every token passes through")
+    moe_expert_hidden: int | None = Field(
+        None, ge=1, description="SwiGLU width of one expert; default the dense width / top_k"
+    )
+    moe_first_dense: int = Field(
+        0, ge=0, description="the first layers stay dense (DeepSeek-V3: 3)"
+    )
+    moe_score: Literal["softmax", "sigmoid"] = "softmax"
+    moe_balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
+    moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
+    moe_bias_rate: float = Field(1e-3, ge=0, description="selection-bias step (bias balancing)")
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
@@ -182,6 +195,8 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
             )
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
         if (self.yarn_factor is None) != (self.yarn_original_max_len is None):
             raise ValueError("YaRN needs both yarn_factor and yarn_original_max_len (or neither)")
         if "L" in self.layer_pattern and self.sliding_window is None:
@@ -198,6 +213,13 @@ class ModelConfig(Strict):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_expert_hidden or max(1, self.hidden // self.moe_top_k)
+
+    def layer_is_moe(self, layer: int) -> bool:
+        return self.moe_experts > 0 and layer >= self.moe_first_dense
 
     def layer_uses_rope(self, layer: int) -> bool:
         return self.rope_pattern[layer % len(self.rope_pattern)] == "R"

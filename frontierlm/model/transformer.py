@@ -14,6 +14,7 @@ from torch import nn
 from frontierlm.config import ModelConfig
 from frontierlm.model.attention import Attention, AttentionMask, attention_mask
 from frontierlm.model.mlp import SwiGLU
+from frontierlm.model.moe import MoE
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import rope_tables
 
@@ -22,13 +23,13 @@ class Block(nn.Module):
     """Pre-norm residual block; with `norm = "sandwich"` each branch's output is normalised too
     before it joins the residual stream (Gemma 2/3, Arcee Trinity)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         # Llama's names: `post_attention_layernorm` is the norm in front of the MLP.
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer) else SwiGLU(cfg.d_model, cfg.hidden)
         self.sandwich = cfg.norm == "sandwich"
         if self.sandwich:
             self.attn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -52,7 +53,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -68,9 +69,9 @@ class Transformer(nn.Module):
         # stays flat at initialisation.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(param, 0.0, out_std)
-            elif param.dim() == 2:
+            elif param.dim() >= 2:
                 nn.init.normal_(param, 0.0, std)
             else:
                 nn.init.ones_(param)
@@ -100,18 +101,48 @@ class Transformer(nn.Module):
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         return logits
 
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' balance losses from the last training forward, if any."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Expert-load metrics per MoE layer; moves the selection biases when balancing by bias."""
+        stats = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                for key, value in layer.mlp.balance_step(self.cfg.moe_bias_rate).items():
+                    stats[f"moe{i}_{key}"] = value
+        return stats
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per weight of every matmul, the
         output head included and the embedding lookup not, plus causal attention's score and
         value products, 6 * n_layers * seq_len * n_heads * head_dim (PaLM's 12*L*T*H*D
-        halved for the causal mask)."""
+        halved for the causal mask). For MoE layers only the top-k routed experts count."""
         matmul_params = sum(
             p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "embed" not in name
         )
+        matmul_params += sum(self._active_expert_params(m) for m in self.moe_layers())
         if self.cfg.tie_embeddings:  # the head shares the embedding's weight but is a matmul
             matmul_params += self.lm_head.weight.numel()
         attention = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * self.cfg.head_dim
         return 6.0 * matmul_params + attention
+
+    def _active_expert_params(self, moe: MoE) -> int:
+        per_expert = (moe.w_gate.numel() + moe.w_up.numel() + moe.w_down.numel()) // moe.n_experts
+        return moe.top_k * per_expert
+
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the routed experts it was not sent to."""
+        inactive = sum(
+            m.w_gate.numel() + m.w_up.numel() + m.w_down.numel() - self._active_expert_params(m)
+            for m in self.moe_layers()
+        )
+        return self.num_params() - inactive
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -77,6 +77,9 @@ def train(
                 tokens += batch[task.tokens_key].numel()
                 with autocast(device, cfg.precision):
                     loss, parts = task.loss(model, batch)
+                    if (aux := model.aux_loss()) is not None:  # MoE balance, when asked
+                        loss = loss + model.cfg.moe_aux_weight * aux
+                        parts = {**parts, "moe_aux_loss": aux.item()}
                 (loss / cfg.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
@@ -87,6 +90,7 @@ def train(
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            expert_stats = model.after_optimizer_step()
             elapsed = time.perf_counter() - t0
             done = step + 1
             record = {
@@ -95,6 +99,7 @@ def train(
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed,
                 **totals,
+                **expert_stats,
             }
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 model.eval()

@@ -101,6 +101,7 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     metrics["unigram_bpb"] = task.evaluate(unigram.to(device))["bpb"]
     metrics["bpb_reduction_vs_unigram"] = 1.0 - metrics["val_bpb"] / metrics["unigram_bpb"]
     metrics["params"] = float(model.num_params())
+    metrics["active_params"] = float(model.active_params())
     metrics["tokens_seen"] = float(loop.steps * loop.grad_accum * loop.batch_size * loop.seq_len)
     metrics["flops_per_token"] = model.flops_per_token(loop.seq_len)
     metrics["train_flops"] = metrics["flops_per_token"] * metrics["tokens_seen"]

@@ -1,0 +1,111 @@
+"""Mixture of experts: routing, mixing, balance losses and bias balancing, against direct loops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frontierlm.config import ModelConfig
+from frontierlm.model import Transformer
+from frontierlm.model.moe import MoE
+
+
+def make_moe(**fields) -> MoE:
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=2, moe_experts=6, moe_top_k=2, **fields)
+    moe = MoE(cfg)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, 0.0, 0.2)
+    return moe
+
+
+def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: the chosen experts' outputs, weighted by their renormalised scores."""
+    out = torch.zeros_like(x)
+    for t, token in enumerate(x):
+        logits = moe.router(token)
+        scores = logits.softmax(-1) if moe.score == "softmax" else logits.sigmoid()
+        pick = (scores + (moe.selection_bias if moe.balance == "bias" else 0)).topk(moe.top_k)
+        chosen = pick.indices
+        weights = scores[chosen] / scores[chosen].sum()
+        for w, e in zip(weights, chosen.tolist(), strict=True):
+            h = F.silu(token @ moe.w_gate[e]) * (token @ moe.w_up[e])
+            out[t] += w * (h @ moe.w_down[e])
+        if moe.shared is not None:
+            out[t] += moe.shared(token)
+    return out
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"moe_score": "sigmoid", "moe_shared_experts": 1}, {"moe_balance": "bias"}],
+)
+def test_moe_equals_token_by_token_loop(fields):
+    moe = make_moe(**fields)
+    if moe.balance == "bias":  # a bias that changes choices, not weights
+        moe.selection_bias.copy_(torch.linspace(-0.3, 0.3, 6))
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        ours = moe(x)
+        ref = naive(moe, x.view(-1, 32)).view(2, 9, 32)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_aux_loss_is_switch_formula_and_one_when_uniform():
+    moe = make_moe()
+    x = torch.randn(64, 32)
+    moe(x)
+    scores = moe.router(x).softmax(-1)
+    chosen = scores.topk(2).indices
+    share = torch.bincount(chosen.flatten(), minlength=6).float() / chosen.numel()
+    expected = 6 * (share * scores.mean(0)).sum()
+    assert moe.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: the loss is exactly 1
+    moe(x)
+    assert moe.aux_loss.item() == pytest.approx(1.0, rel=1e-5)
+    moe.eval()
+    moe(x)
+    assert moe.aux_loss is None  # only training forwards carry it
+
+
+def test_bias_balancing_evens_out_a_skewed_router():
+    # Sigmoid scores with the bias, as DeepSeek-V3 (with peaked softmax scores and tokens this
+    # alike, one bias step moves every token at once and the load oscillates instead).
+    moe = make_moe(moe_balance="bias", moe_score="sigmoid")
+    with torch.no_grad():
+        moe.router.weight[0] += 0.5  # expert 0 is everyone's favourite
+    x = torch.randn(256, 32) + 1.0
+    history = []
+    with torch.no_grad():
+        for _ in range(300):
+            moe(x)
+            history.append(moe.balance_step(rate=0.003)["max_over_mean_load"])
+    settled = sum(history[-50:]) / 50
+    assert history[0] == 3.0 and settled < 1.1, (history[0], settled)
+    # The biases steered the choice; the router weights themselves did not move.
+    assert moe.selection_bias[0] < 0
+
+
+def test_transformer_counts_active_parameters_and_flops():
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=3,
+        n_heads=2,
+        moe_experts=8,
+        moe_top_k=2,
+        moe_shared_experts=1,
+        moe_first_dense=1,
+        moe_expert_hidden=16,
+    )
+    model = Transformer(cfg, vocab_size=50)
+    assert [type(layer.mlp).__name__ for layer in model.layers] == ["SwiGLU", "MoE", "MoE"]
+    per_expert = 3 * 32 * 16
+    assert model.num_params() - model.active_params() == 2 * (8 - 2) * per_expert
+    dense = Transformer(ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab_size=50)
+    # Each MoE layer swaps a dense MLP for router + shared + top-k experts in the FLOP count.
+    mlp = 3 * 32 * cfg.hidden
+    moe_active = 32 * 8 + per_expert * (1 + 2)
+    expected = dense.flops_per_token(16) + 6 * 2 * (moe_active - mlp)
+    assert model.flops_per_token(16) == expected
+    with pytest.raises(ValueError, match="moe_top_k=9 exceeds moe_experts=8"):
+        ModelConfig(moe_experts=8, moe_top_k=9)
