@@ -180,9 +180,10 @@ class ModelConfig(Strict):
         0, ge=0, description="the first layers stay dense (DeepSeek-V3: 3)"
     )
     moe_score: Literal["softmax", "sigmoid"] = "softmax"
-    moe_balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
+    moe_balance: Literal["aux_loss", "bias", "smebu", "none"] = "aux_loss"
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
     moe_bias_rate: float = Field(1e-3, ge=0, description="selection-bias step (bias balancing)")
+    moe_bias_momentum: float = Field(0.9, ge=0, lt=1, description="smoothing of the smebu step")
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

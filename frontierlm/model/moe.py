@@ -7,6 +7,9 @@ Balancing, chosen by `ModelConfig.moe_balance`:
   "bias"      auxiliary-loss-free (DeepSeek-V3): a per-expert bias added to the scores for the
               choice only (never to the mixing weights), moved after every optimizer step by
               `rate * sign(mean load - load_i)`; no gradient flows through it.
+  "smebu"     the bias step soft-clipped and smoothed: velocity = m * velocity + (1 - m) *
+              rate * tanh(relative load error), bias += velocity (the SMEBU idea: no sign flip-flop
+              around balance, no jump from one outlier step).
   "none"      nothing (experts may collapse: useful as the control of an ablation).
 """
 
@@ -35,6 +38,8 @@ class MoE(nn.Module):
         # Buffers, not parameters: the optimizer never touches them.
         self.register_buffer("selection_bias", torch.zeros(n))
         self.register_buffer("load", torch.zeros(n))  # routed slots per expert since last step
+        self.register_buffer("bias_velocity", torch.zeros(n))
+        self.momentum = cfg.moe_bias_momentum
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,8 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens).float()
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
-        choice_scores = scores + self.selection_bias if self.balance == "bias" else scores
+        biased = self.balance in ("bias", "smebu")
+        choice_scores = scores + self.selection_bias if biased else scores
         chosen = choice_scores.topk(self.top_k, dim=-1).indices  # (tokens, k)
         weights = scores.gather(-1, chosen)
         weights = weights / weights.sum(-1, keepdim=True)  # mix only the chosen experts
@@ -83,5 +89,9 @@ class MoE(nn.Module):
         mean = load.mean().clamp_min(1e-9)
         if self.balance == "bias" and load.sum() > 0:
             self.selection_bias += rate * torch.sign(mean - load)
+        elif self.balance == "smebu" and load.sum() > 0:
+            step = rate * torch.tanh((mean - load) / mean)
+            self.bias_velocity.mul_(self.momentum).add_((1 - self.momentum) * step)
+            self.selection_bias += self.bias_velocity
         self.load.zero_()
         return {"max_over_mean_load": (load.max() / mean).item()}

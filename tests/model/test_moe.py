@@ -24,7 +24,8 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     for t, token in enumerate(x):
         logits = moe.router(token)
         scores = logits.softmax(-1) if moe.score == "softmax" else logits.sigmoid()
-        pick = (scores + (moe.selection_bias if moe.balance == "bias" else 0)).topk(moe.top_k)
+        biased = moe.balance in ("bias", "smebu")
+        pick = (scores + (moe.selection_bias if biased else 0)).topk(moe.top_k)
         chosen = pick.indices
         weights = scores[chosen] / scores[chosen].sum()
         for w, e in zip(weights, chosen.tolist(), strict=True):
@@ -68,10 +69,11 @@ def test_aux_loss_is_switch_formula_and_one_when_uniform():
     assert moe.aux_loss is None  # only training forwards carry it
 
 
-def test_bias_balancing_evens_out_a_skewed_router():
+@pytest.mark.parametrize("balance,rate", [("bias", 0.003), ("smebu", 0.01)])
+def test_bias_balancing_evens_out_a_skewed_router(balance, rate):
     # Sigmoid scores with the bias, as DeepSeek-V3 (with peaked softmax scores and tokens this
     # alike, one bias step moves every token at once and the load oscillates instead).
-    moe = make_moe(moe_balance="bias", moe_score="sigmoid")
+    moe = make_moe(moe_balance=balance, moe_score="sigmoid")
     with torch.no_grad():
         moe.router.weight[0] += 0.5  # expert 0 is everyone's favourite
     x = torch.randn(256, 32) + 1.0
@@ -79,7 +81,7 @@ def test_bias_balancing_evens_out_a_skewed_router():
     with torch.no_grad():
         for _ in range(300):
             moe(x)
-            history.append(moe.balance_step(rate=0.003)["max_over_mean_load"])
+            history.append(moe.balance_step(rate=rate)["max_over_mean_load"])
     settled = sum(history[-50:]) / 50
     assert history[0] == 3.0 and settled < 1.1, (history[0], settled)
     # The biases steered the choice; the router weights themselves did not move.
