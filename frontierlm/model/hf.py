@@ -33,12 +33,12 @@ FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 def hf_config(model: Transformer) -> dict[str, Any]:
     """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
-    # Gemma 2 expresses these, with switches of its own still missing here (issue 3).
     if cfg.moe_experts:
         raise NotImplementedError(
             f"model.moe_experts={cfg.moe_experts}: MoE exports (Qwen3-MoE, DeepSeek-V3) arrive "
             "with issue 3"
         )
+    # Switches only other families express; each is named in the error.
     defaults = ModelConfig()
     switches = (
         "attn_gate",
