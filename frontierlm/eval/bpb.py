@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from frontierlm.tokenizer.shards import window_batch
 from frontierlm.train.losses import token_cross_entropy
 
 
@@ -28,11 +29,7 @@ def sequential_windows(
         chunk = np.stack(
             [np.asarray(tokens[r * seq_len : r * seq_len + seq_len + 1]) for r in rows]
         )
-        chunk_t = torch.from_numpy(chunk.astype(np.int64))
-        batch = {"input_ids": chunk_t[:, :-1], "targets": chunk_t[:, 1:]}
-        if bos_id is not None:
-            batch["doc_ids"] = (batch["input_ids"] == bos_id).cumsum(dim=1)
-        yield batch
+        yield window_batch(torch.from_numpy(chunk.astype(np.int64)), bos_id)
 
 
 class UnigramLM(nn.Module):

@@ -58,6 +58,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Per-layer attention settings, fixed by the config.
+        self.layer_windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        self.layer_rope = [cfg.layer_uses_rope(i) for i in range(cfg.n_layers)]
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -86,16 +89,18 @@ class Transformer(nn.Module):
             )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         cfg = self.cfg
-        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
-        special = doc_ids is not None or any(windows) or cfg.attn_softcap is not None
+        special = doc_ids is not None or any(self.layer_windows) or cfg.attn_softcap is not None
         flex = input_ids.is_cuda and special
-        masks = {w: attention_mask(seq, doc_ids, w, flex, input_ids.device) for w in set(windows)}
+        masks = {
+            w: attention_mask(seq, doc_ids, w, flex, input_ids.device)
+            for w in set(self.layer_windows)
+        }
         x = self.embed_tokens(input_ids)
-        for i, (layer, window) in enumerate(zip(self.layers, windows, strict=True)):
-            if cfg.layer_uses_rope(i):
-                x = layer(x, cos, sin, masks[window])
-            else:  # NoPE layer: attention sees content only, no positions
-                x = layer(x, None, None, masks[window])
+        for layer, window, rope in zip(
+            self.layers, self.layer_windows, self.layer_rope, strict=True
+        ):
+            # A NoPE layer gets no rotary tables: its attention sees content only.
+            x = layer(x, cos if rope else None, sin if rope else None, masks[window])
         logits = self.lm_head(self.norm(x))
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from frontierlm.tokenizer.train import BOS
@@ -114,6 +115,15 @@ def write_token_shards(
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return counts
+
+
+def window_batch(chunk: torch.Tensor, bos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """(rows, seq_len + 1) token windows -> inputs and next-token targets; with `bos_id`, also
+    per-token document ids (each BOS opens a document; a window may start mid-document)."""
+    batch = {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
+    if bos_id is not None:
+        batch["doc_ids"] = (batch["input_ids"] == bos_id).cumsum(dim=1)
+    return batch
 
 
 def fit_unigram(train: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from frontierlm.config import LoopConfig
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.model import Transformer
 from frontierlm.stages import StageContext
-from frontierlm.tokenizer.shards import TokenSplit
+from frontierlm.tokenizer.shards import TokenSplit, window_batch
 from frontierlm.tokenizer.train import BOS, load_tokenizer, token_byte_lengths
 from frontierlm.train.loop import Batch, TrainTask, train
 from frontierlm.train.losses import token_cross_entropy, z_loss
@@ -43,11 +43,7 @@ class ShuffledWindows:
     def __call__(self, index: int) -> Batch:
         starts = [w * self.seq_len for w in self.sampler(index)]
         rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
-        chunk = torch.from_numpy(np.stack(rows))
-        batch = {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
-        if self.bos_id is not None:  # every BOS opens a document; a window may start mid-document
-            batch["doc_ids"] = (batch["input_ids"] == self.bos_id).cumsum(dim=1)
-        return batch
+        return window_batch(torch.from_numpy(np.stack(rows)), self.bos_id)
 
 
 def lm_loss(
