@@ -182,6 +182,12 @@ class ModelConfig(Strict):
     moe_score: Literal["softmax", "sigmoid"] = "softmax"
     moe_balance: Literal["aux_loss", "bias", "smebu", "none"] = "aux_loss"
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
+    moe_seq_aux_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of DeepSeek-V3's sequence-wise balance loss (any moe_balance; "
+        "DeepSeek-V3: 1e-4 with bias balancing); 0 = off",
+    )
     moe_bias_rate: float = Field(1e-3, ge=0, description="selection-bias step (bias balancing)")
     moe_bias_momentum: float = Field(0.9, ge=0, lt=1, description="smoothing of the smebu step")
 

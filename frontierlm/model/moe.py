@@ -11,6 +11,14 @@ Balancing, chosen by `ModelConfig.moe_balance`:
               rate * tanh(relative load error), bias += velocity (the SMEBU idea: no sign flip-flop
               around balance, no jump from one outlier step).
   "none"      nothing (experts may collapse: useful as the control of an ablation).
+
+Independently of these, `moe_seq_aux_weight` adds DeepSeek-V3's sequence-wise balance loss (the
+same product of selection share and mean probability, computed per sequence and averaged), a
+small guard against one sequence flooding an expert even while the batch as a whole is balanced.
+
+The experts run as two grouped matmuls over the (token, slot) pairs sorted by expert
+(`torch.nn.functional.grouped_mm`, one kernel for all experts on GPU), with no host sync: the
+group offsets stay on the device.
 """
 
 from __future__ import annotations
@@ -22,6 +30,28 @@ from torch import nn
 from frontierlm.config import ModelConfig
 from frontierlm.model.mlp import SwiGLU
 
+# Public in torch 2.13; torch 2.11 has the same operator under its private name.
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on `x` in (grouped_mm is not on autocast's lists)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def grouped_swiglu(
+    rows: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts over `rows` sorted by expert; expert e owns rows offsets[e-1]:offsets[e].
+    gate_up: (experts, 2 * hidden, d), down: (experts, d, hidden), as nn.Linear stores them."""
+    dtype = _compute_dtype(rows)
+    rows = rows.to(dtype)
+    gate, up = _grouped_mm(rows, gate_up.to(dtype).transpose(-2, -1), offs=offsets).chunk(2, -1)
+    return _grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(-2, -1), offs=offsets)
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -30,16 +60,18 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = n, cfg.moe_top_k
         self.score, self.balance = cfg.moe_score, cfg.moe_balance
         self.router = nn.Linear(d, n, bias=False)
-        # Experts as stacked weights, so dispatch is a batched matmul per expert group.
-        self.w_gate = nn.Parameter(torch.empty(n, d, hidden))
-        self.w_up = nn.Parameter(torch.empty(n, d, hidden))
-        self.w_down = nn.Parameter(torch.empty(n, hidden, d))
+        # Experts as stacked (out, in) weights, gate and up fused: one grouped matmul each way.
+        # The layout is transformers 5's (Qwen3-MoE, DeepSeek-V3), so export is a rename.
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, d))
+        self.down_proj = nn.Parameter(torch.empty(n, d, hidden))
         self.shared = SwiGLU(d, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
         # Buffers, not parameters: the optimizer never touches them.
         self.register_buffer("selection_bias", torch.zeros(n))
         self.register_buffer("load", torch.zeros(n))  # routed slots per expert since last step
         self.register_buffer("bias_velocity", torch.zeros(n))
         self.momentum = cfg.moe_bias_momentum
+        self.aux_weight = cfg.moe_aux_weight
+        self.seq_aux_weight = cfg.moe_seq_aux_weight
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,30 +88,45 @@ class MoE(nn.Module):
         counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
         if self.training:
             self.load += counts.to(self.load.dtype)
-        if self.balance == "aux_loss" and self.training:
-            probs = scores / scores.sum(-1, keepdim=True)
-            share = counts.float() / chosen.numel()
-            self.aux_loss = self.n_experts * (share * probs.mean(0)).sum()
-        else:
-            self.aux_loss = None
+        self.aux_loss = self._balance_loss(scores, chosen, counts, shape) if self.training else None
 
-        # Group the (token, slot) pairs by expert, run each group, scatter back weighted.
-        slot_expert = chosen.flatten()
-        order = slot_expert.argsort(stable=True)
+        # Sort the (token, slot) pairs by expert, run every expert in one grouped matmul, and
+        # scatter the outputs back to their tokens, weighted.
+        order = chosen.flatten().argsort(stable=True)
         slot_token = order // self.top_k
-        grouped = tokens[slot_token]
-        outputs = torch.empty_like(grouped)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                rows = grouped[start : start + count]
-                h = F.silu(rows @ self.w_gate[expert]) * (rows @ self.w_up[expert])
-                outputs[start : start + count] = h @ self.w_down[expert]
-                start += count
+        offsets = counts.cumsum(0).to(torch.int32)
+        outputs = grouped_swiglu(tokens[slot_token], offsets, self.gate_up_proj, self.down_proj)
         slot_weight = weights.flatten()[order].to(outputs.dtype)
-        mixed = torch.zeros_like(tokens).index_add_(0, slot_token, outputs * slot_weight[:, None])
+        mixed = torch.zeros_like(outputs[: tokens.shape[0]])
+        mixed = mixed.index_add_(0, slot_token, outputs * slot_weight[:, None])
         out = mixed.view(shape)
         return out + self.shared(x) if self.shared is not None else out
+
+    def _balance_loss(
+        self,
+        scores: torch.Tensor,
+        chosen: torch.Tensor,
+        counts: torch.Tensor,
+        shape: torch.Size,
+    ) -> torch.Tensor | None:
+        """The weighted sum of the balance losses this layer was asked for, or None.
+
+        Both are n_experts * sum_i f_i * P_i (f_i: share of the routed slots that chose i, P_i:
+        mean normalised score of i), 1 when balanced and n_experts / top_k at full collapse;
+        the batch-wise one over all tokens, the sequence-wise one per sequence, then averaged."""
+        probs = scores / scores.sum(-1, keepdim=True)
+        loss = None
+        if self.balance == "aux_loss" and self.aux_weight > 0:
+            share = counts.float() / chosen.numel()
+            loss = self.aux_weight * self.n_experts * (share * probs.mean(0)).sum()
+        if self.seq_aux_weight > 0 and len(shape) == 3:
+            batch, seq = shape[0], shape[1]
+            picked = F.one_hot(chosen, self.n_experts).sum(1).view(batch, seq, -1).float()
+            share = picked.mean(1) / self.top_k  # (batch, experts)
+            seq_loss = self.n_experts * (share * probs.view(batch, seq, -1).mean(1)).sum(-1)
+            seq_loss = self.seq_aux_weight * seq_loss.mean()
+            loss = seq_loss if loss is None else loss + seq_loss
+        return loss
 
     @torch.no_grad()
     def balance_step(self, rate: float) -> dict[str, float]:

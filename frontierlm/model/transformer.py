@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         # stays flat at initialisation.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(param, 0.0, out_std)
             elif param.dim() >= 2:
                 nn.init.normal_(param, 0.0, std)
@@ -110,7 +110,8 @@ class Transformer(nn.Module):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE layers' balance losses from the last training forward, if any."""
+        """Sum of the MoE layers' weighted balance losses from the last training forward, if
+        any (the weights, `moe_aux_weight` and `moe_seq_aux_weight`, are applied already)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
@@ -138,13 +139,13 @@ class Transformer(nn.Module):
         return 6.0 * matmul_params + attention
 
     def _active_expert_params(self, moe: MoE) -> int:
-        per_expert = (moe.w_gate.numel() + moe.w_up.numel() + moe.w_down.numel()) // moe.n_experts
+        per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.n_experts
         return moe.top_k * per_expert
 
     def active_params(self) -> int:
         """Parameters one token uses: all but the routed experts it was not sent to."""
         inactive = sum(
-            m.w_gate.numel() + m.w_up.numel() + m.w_down.numel() - self._active_expert_params(m)
+            m.gate_up_proj.numel() + m.down_proj.numel() - self._active_expert_params(m)
             for m in self.moe_layers()
         )
         return self.num_params() - inactive

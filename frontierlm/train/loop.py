@@ -78,7 +78,7 @@ def train(
                 with autocast(device, cfg.precision):
                     loss, parts = task.loss(model, batch)
                     if (aux := model.aux_loss()) is not None:  # MoE balance, when asked
-                        loss = loss + model.cfg.moe_aux_weight * aux
+                        loss = loss + aux
                         parts = {**parts, "moe_aux_loss": aux.item()}
                 (loss / cfg.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():

@@ -13,7 +13,7 @@ def make_moe(**fields) -> MoE:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_heads=2, moe_experts=6, moe_top_k=2, **fields)
     moe = MoE(cfg)
-    for w in (moe.w_gate, moe.w_up, moe.w_down):
+    for w in (moe.gate_up_proj, moe.down_proj):
         torch.nn.init.normal_(w, 0.0, 0.2)
     return moe
 
@@ -29,8 +29,8 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         chosen = pick.indices
         weights = scores[chosen] / scores[chosen].sum()
         for w, e in zip(weights, chosen.tolist(), strict=True):
-            h = F.silu(token @ moe.w_gate[e]) * (token @ moe.w_up[e])
-            out[t] += w * (h @ moe.w_down[e])
+            gate, up = (moe.gate_up_proj[e] @ token).chunk(2)
+            out[t] += w * (moe.down_proj[e] @ (F.silu(gate) * up))
         if moe.shared is not None:
             out[t] += moe.shared(token)
     return out
@@ -58,15 +58,52 @@ def test_aux_loss_is_switch_formula_and_one_when_uniform():
     scores = moe.router(x).softmax(-1)
     chosen = scores.topk(2).indices
     share = torch.bincount(chosen.flatten(), minlength=6).float() / chosen.numel()
-    expected = 6 * (share * scores.mean(0)).sum()
+    expected = 0.01 * 6 * (share * scores.mean(0)).sum()  # moe_aux_weight 0.01 applied
     assert moe.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with torch.no_grad():
-        moe.router.weight.zero_()  # uniform probabilities: the loss is exactly 1
+        moe.router.weight.zero_()  # uniform probabilities: the loss is exactly 1 (x weight)
     moe(x)
-    assert moe.aux_loss.item() == pytest.approx(1.0, rel=1e-5)
+    assert moe.aux_loss.item() == pytest.approx(0.01, rel=1e-5)
     moe.eval()
     moe(x)
     assert moe.aux_loss is None  # only training forwards carry it
+
+
+def test_sequence_wise_aux_loss_is_deepseek_v3_formula():
+    # DeepSeek-V3 eq. 17-20: per sequence, f_i = N / (K T) * #tokens choosing i, P_i = mean of
+    # the normalised scores s_i / sum_j s_j; loss = alpha * sum_i f_i P_i, averaged over sequences.
+    moe = make_moe(moe_balance="bias", moe_score="sigmoid", moe_seq_aux_weight=0.5)
+    x = torch.randn(3, 10, 32)
+    moe(x)
+    expected = []
+    for seq in x:
+        scores = moe.router(seq).sigmoid()
+        chosen = scores.topk(2).indices
+        f = 6 / (2 * 10) * torch.bincount(chosen.flatten(), minlength=6).float()
+        p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        expected.append(0.5 * (f * p).sum())
+    assert moe.aux_loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # A sequence sent entirely to two experts scores N / K, however balanced the batch.
+    with torch.no_grad():
+        moe.router.weight[:2] = 5.0
+        moe.router.weight[2:] = -5.0
+    moe(torch.rand(2, 10, 32) + 1)
+    assert moe.aux_loss.item() == pytest.approx(0.5 * 6 / 2, rel=1e-2)
+
+
+def test_gradients_equal_the_token_by_token_loop():
+    moe = make_moe(moe_shared_experts=1)
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    upstream = torch.randn(4, 8, 32)
+    (moe(x) * upstream).sum().backward()
+    ours = [moe.gate_up_proj.grad, moe.down_proj.grad, moe.router.weight.grad, x.grad]
+    ref_moe = make_moe(moe_shared_experts=1)  # same seed: same weights
+    x_ref = x.detach().clone().requires_grad_()
+    (naive(ref_moe, x_ref.view(-1, 32)).view(4, 8, 32) * upstream).sum().backward()
+    refs = [ref_moe.gate_up_proj.grad, ref_moe.down_proj.grad, ref_moe.router.weight.grad]
+    for got, want in zip(ours, [*refs, x_ref.grad], strict=True):
+        assert want.abs().sum() > 0
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("balance,rate", [("bias", 0.003), ("smebu", 0.01)])
@@ -101,7 +138,7 @@ def test_transformer_counts_active_parameters_and_flops():
     )
     model = Transformer(cfg, vocab_size=50)
     assert [type(layer.mlp).__name__ for layer in model.layers] == ["SwiGLU", "MoE", "MoE"]
-    per_expert = 3 * 32 * 16
+    per_expert = 3 * 32 * 16  # gate, up and down
     assert model.num_params() - model.active_params() == 2 * (8 - 2) * per_expert
     dense = Transformer(ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab_size=50)
     # Each MoE layer swaps a dense MLP for router + shared + top-k experts in the FLOP count.
