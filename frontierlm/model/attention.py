@@ -60,7 +60,10 @@ def attention_mask(
             return keep
 
         batch = None if doc_ids is None else doc_ids.shape[0]
-        return create_block_mask(allowed, batch, None, seq, seq, device=device)
+        # Compiled, building the mask takes a fraction of a millisecond instead of several
+        # (measured on an H100, benchmarks/RESULTS.md); CPU has no compiled path for it.
+        compiled = torch.device(device).type == "cuda"
+        return create_block_mask(allowed, batch, None, seq, seq, device=device, _compile=compiled)
     pos = torch.arange(seq, device=device)
     keep = pos[:, None] >= pos[None, :]
     if window is not None:

@@ -43,14 +43,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def grouped_swiglu(
-    rows: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    row_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
 ) -> torch.Tensor:
-    """SwiGLU experts over `rows` sorted by expert; expert e owns rows offsets[e-1]:offsets[e].
-    gate_up: (experts, 2 * hidden, d), down: (experts, d, hidden), as nn.Linear stores them."""
-    dtype = _compute_dtype(rows)
-    rows = rows.to(dtype)
+    """SwiGLU experts over `rows` sorted by expert (expert e owns rows offsets[e-1]:offsets[e]),
+    each output row scaled by its weight. gate_up: (experts, 2 * hidden, d), down: (experts, d,
+    hidden), as nn.Linear stores them."""
+    dtype = rows.dtype
     gate, up = _grouped_mm(rows, gate_up.to(dtype).transpose(-2, -1), offs=offsets).chunk(2, -1)
-    return _grouped_mm(F.silu(gate) * up, down.to(dtype).transpose(-2, -1), offs=offsets)
+    # The weight scales the hidden rows rather than the outputs: the same by linearity of the
+    # down projection, on a narrower tensor.
+    hidden = F.silu(gate) * up * row_weights[:, None].to(dtype)
+    return _grouped_mm(hidden, down.to(dtype).transpose(-2, -1), offs=offsets)
 
 
 class MoE(nn.Module):
@@ -85,20 +92,26 @@ class MoE(nn.Module):
         weights = scores.gather(-1, chosen)
         weights = weights / weights.sum(-1, keepdim=True)  # mix only the chosen experts
 
-        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
+        # Static shapes throughout (no bincount, no one_hot): compiles without graph breaks.
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        counts.index_add_(0, chosen.flatten(), torch.ones_like(chosen.flatten()))
         if self.training:
             self.load += counts.to(self.load.dtype)
         self.aux_loss = self._balance_loss(scores, chosen, counts, shape) if self.training else None
 
-        # Sort the (token, slot) pairs by expert, run every expert in one grouped matmul, and
-        # scatter the outputs back to their tokens, weighted.
+        # Sort the (token, slot) pairs by expert, run every expert in one grouped matmul, put
+        # the outputs back in (token, slot) order and sum each token's slots: a gather and a
+        # reduction, no atomics, and the sum accumulates in float32 even on bf16 outputs.
         order = chosen.flatten().argsort(stable=True)
-        slot_token = order // self.top_k
+        rows = tokens.to(_compute_dtype(tokens))[order // self.top_k]
         offsets = counts.cumsum(0).to(torch.int32)
-        outputs = grouped_swiglu(tokens[slot_token], offsets, self.gate_up_proj, self.down_proj)
-        slot_weight = weights.flatten()[order].to(outputs.dtype)
-        mixed = torch.zeros_like(outputs[: tokens.shape[0]])
-        mixed = mixed.index_add_(0, slot_token, outputs * slot_weight[:, None])
+        outputs = grouped_swiglu(
+            rows, offsets, weights.flatten()[order], self.gate_up_proj, self.down_proj
+        )
+        unsort = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device)
+        )
+        mixed = outputs[unsort].view(-1, self.top_k, shape[-1]).sum(1)
         out = mixed.view(shape)
         return out + self.shared(x) if self.shared is not None else out
 
@@ -121,7 +134,7 @@ class MoE(nn.Module):
             loss = self.aux_weight * self.n_experts * (share * probs.mean(0)).sum()
         if self.seq_aux_weight > 0 and len(shape) == 3:
             batch, seq = shape[0], shape[1]
-            picked = F.one_hot(chosen, self.n_experts).sum(1).view(batch, seq, -1).float()
+            picked = torch.zeros_like(scores).scatter_(1, chosen, 1.0).view(batch, seq, -1)
             share = picked.mean(1) / self.top_k  # (batch, experts)
             seq_loss = self.n_experts * (share * probs.view(batch, seq, -1).mean(1)).sum(-1)
             seq_loss = self.seq_aux_weight * seq_loss.mean()
