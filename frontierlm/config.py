@@ -189,6 +189,11 @@ class ModelConfig(Strict):
         "DeepSeek-V3: 1e-4 with bias balancing); 0 = off",
     )
     moe_bias_rate: float = Field(1e-3, ge=0, description="selection-bias step (bias balancing)")
+    moe_bias_schedule: Literal["constant", "lr"] = Field(
+        "constant",
+        description='"lr": the bias step follows the learning-rate schedule (warmup, decay), so '
+        "it shrinks as the router settles; constant: DeepSeek-V3's fixed step",
+    )
     moe_bias_momentum: float = Field(0.9, ge=0, lt=1, description="smoothing of the smebu step")
 
     @model_validator(mode="after")
@@ -421,14 +426,46 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    path = Path(path)
+def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`: tables merge key by key, anything else (values, arrays,
+    arrays of tables such as data.sources) is replaced whole."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_tables(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's TOML tree, with its `base = "other.toml"` (a path relative to the recipe)
+    read first and overridden by the recipe's own keys, so a variant states only what differs."""
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist (try recipes/quickstart.toml)")
     try:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"recipe {path} is not valid TOML: {err}") from err
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(
+            f'recipe {path}: base must be a path string, e.g. base = "quickstart.toml"'
+        )
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
+        raise ConfigError(f"recipe {path}: base recipes form a cycle: {cycle}")
+    if not base_path.is_file():
+        raise ConfigError(f"recipe {path}: base = {base!r} names no file ({base_path})")
+    return merge_tables(read_recipe(base_path, (*chain, path.resolve())), tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    path = Path(path)
+    tree = read_recipe(path)
     apply_overrides(tree, overrides or [])
     try:
         return RecipeConfig.model_validate(tree)

@@ -60,3 +60,23 @@ def test_bad_recipe_files(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match=r"must look like --section\.key=value"):
         load_config(QUICKSTART, ["--model.n_layers"])
+
+
+def test_recipe_inherits_from_its_base_and_overrides_tables_key_by_key(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        f'base = "{QUICKSTART}"\n[model]\nd_model = 96\nn_heads = 3\nn_layers = 3\n'
+    )
+    (tmp_path / "variant.toml").write_text(
+        'base = "base.toml"\n[run]\nname = "variant"\n[model]\nn_layers = 5\n'
+    )
+    cfg = load_config(tmp_path / "variant.toml", ["--model.qk_norm=true"])
+    assert cfg.run.name == "variant"
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (96, 3, 5)
+    assert cfg.model.qk_norm and cfg.model.n_kv_heads == 3  # from the quickstart, two levels up
+    assert len(cfg.data.sources) == len(load_config(QUICKSTART).data.sources)
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text('base = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="names no file"):
+        load_config(tmp_path / "orphan.toml")

@@ -115,12 +115,17 @@ class Transformer(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
-    def after_optimizer_step(self) -> dict[str, float]:
-        """Expert-load metrics per MoE layer; moves the selection biases when balancing by bias."""
+    def after_optimizer_step(self, lr_scale: float = 1.0) -> dict[str, float]:
+        """Expert-load metrics per MoE layer; moves the selection biases when balancing by bias.
+        `lr_scale`: the learning rate over its peak, which scales the bias step when
+        `moe_bias_schedule = "lr"`."""
+        rate = self.cfg.moe_bias_rate
+        if self.cfg.moe_bias_schedule == "lr":
+            rate *= lr_scale
         stats = {}
         for i, layer in enumerate(self.layers):
             if isinstance(layer.mlp, MoE):
-                for key, value in layer.mlp.balance_step(self.cfg.moe_bias_rate).items():
+                for key, value in layer.mlp.balance_step(rate).items():
                     stats[f"moe{i}_{key}"] = value
         return stats
 

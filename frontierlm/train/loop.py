@@ -90,7 +90,7 @@ def train(
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            expert_stats = model.after_optimizer_step()
+            expert_stats = model.after_optimizer_step(lr_scale=lr / cfg.lr)
             elapsed = time.perf_counter() - t0
             done = step + 1
             record = {

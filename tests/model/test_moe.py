@@ -148,3 +148,23 @@ def test_transformer_counts_active_parameters_and_flops():
     assert model.flops_per_token(16) == expected
     with pytest.raises(ValueError, match="moe_top_k=9 exceeds moe_experts=8"):
         ModelConfig(moe_experts=8, moe_top_k=9)
+
+
+def test_bias_step_follows_the_learning_rate_when_asked():
+    moves = {}
+    for schedule in ("constant", "lr"):
+        cfg = ModelConfig(
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            moe_experts=4,
+            moe_top_k=1,
+            moe_balance="bias",
+            moe_bias_rate=0.1,
+            moe_bias_schedule=schedule,
+        )
+        model = Transformer(cfg, vocab_size=20).train()
+        model(torch.randint(0, 20, (2, 16)))
+        model.after_optimizer_step(lr_scale=0.25)
+        moves[schedule] = model.moe_layers()[0].selection_bias.abs().max().item()
+    assert moves["constant"] == pytest.approx(0.1) and moves["lr"] == pytest.approx(0.025)
