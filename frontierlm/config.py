@@ -168,6 +168,20 @@ class ModelConfig(Strict):
         description="per-layer attention, repeated over the layers: G global, L local "
         '(sliding window); Gemma 2 is "LG"',
     )
+    mlp_activation: Literal["silu", "gelu_tanh"] = Field(
+        "silu",
+        description="gate activation of the gated MLP: silu (SwiGLU, Llama/Qwen3) or the tanh "
+        "approximation of GELU (GeGLU, Gemma)",
+    )
+    embed_scale: bool = Field(
+        False, description="multiply the embeddings by sqrt(d_model) (Gemma, with tied weights)"
+    )
+    attn_scale: float | None = Field(
+        None,
+        gt=0,
+        description="multiplier of q.k before softcap and softmax; None: head_dim**-0.5 "
+        "(Gemma 2: query_pre_attn_scalar**-0.5)",
+    )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     moe_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense model")
@@ -195,6 +209,12 @@ class ModelConfig(Strict):
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+            )
+        if self.moe_experts and self.mlp_activation != "silu":
+            # The routed experts are SiLU-gated; a GeGLU MoE is no family we export or import.
+            raise ValueError(
+                f"mlp_activation={self.mlp_activation!r} is for dense models; MoE experts "
+                '(moe_experts > 0) use "silu"'
             )
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
