@@ -128,6 +128,12 @@ class ModelConfig(Strict):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA groups; default = n_heads (MHA)")
+    attn_head_dim: int | None = Field(
+        None,
+        ge=2,
+        description="width of one attention head when not d_model / n_heads (Gemma 2 2B: 256 "
+        "with d_model 2304 and 8 heads)",
+    )
     ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU width; default ~8/3 d_model")
     rope_theta: float = Field(10000.0, gt=0)
     yarn_factor: float | None = Field(
@@ -201,15 +207,14 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
-                f"n_heads={self.n_heads} must divide d_model={self.d_model}; "
-                f"allowed n_heads: {_divisors(self.d_model)}"
+                f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set "
+                f"attn_head_dim); allowed n_heads: {_divisors(self.d_model)}"
             )
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
-            )
+        if self.head_dim % 2:
+            source = "attn_head_dim" if self.attn_head_dim else "head_dim = d_model/n_heads"
+            raise ValueError(f"{source} = {self.head_dim} must be even for RoPE")
         if self.moe_experts and self.mlp_activation != "silu":
             # The routed experts are SiLU-gated; a GeGLU MoE is no family we export or import.
             raise ValueError(
@@ -252,7 +257,7 @@ class ModelConfig(Strict):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def hidden(self) -> int:

@@ -308,8 +308,6 @@ def load_hf(path: str | Path) -> Transformer:
             _require(config, key, allowed, path)
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
-    if head_dim * n_heads != config["hidden_size"]:
-        raise NotImplementedError(f"{config_file}: head_dim * num_attention_heads != hidden_size")
     family_fields = _gemma2_fields(config, head_dim, config_file) if family == "gemma2" else {}
     # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta`/`rope_scaling`.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -326,6 +324,8 @@ def load_hf(path: str | Path) -> Transformer:
         n_layers=config["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=config.get("num_key_value_heads", n_heads),
+        # Set only where it differs (every Gemma 2: 8 heads of 256 in a 2304-wide 2B).
+        attn_head_dim=None if head_dim * n_heads == config["hidden_size"] else head_dim,
         ffn_hidden=config["intermediate_size"],
         rope_theta=rope_theta,
         yarn_factor=rope["factor"] if yarn else None,

@@ -57,6 +57,8 @@ def assert_bites(model: Transformer, ids: torch.Tensor, **changes: Any) -> None:
         {"attn_softcap": 5.0, "final_softcap": 3.0, "attn_scale": 24**-0.5},
         # No caps: written as None, not left to Gemma2Config's 50/30 defaults.
         {"tie_embeddings": False, "mlp_activation": "silu"},
+        # Heads wider than d_model / n_heads, as in every released Gemma 2.
+        {"attn_head_dim": 32, "attn_softcap": 5.0, "final_softcap": 3.0},
         {"n_kv_heads": 1, "layer_pattern": "G", "sliding_window": None, "attn_softcap": 5.0},
         {"layer_pattern": "LLG", "n_layers": 3, "yarn_factor": 2.0, "yarn_original_max_len": 32},
     ],
@@ -102,19 +104,25 @@ def test_export_loads_as_gemma2_with_same_logits(tmp_path, make_random_model, fi
 
 
 @pytest.mark.parametrize(
-    "caps,scalar,tie",
-    [((50.0, 30.0), 8, True), ((5.0, 3.0), 12, True), ((None, None), 8, False)],
+    "caps,scalar,tie,heads,head_dim",
+    [
+        ((50.0, 30.0), 8, True, 6, 8),
+        ((5.0, 3.0), 12, True, 6, 8),
+        ((None, None), 8, False, 6, 8),
+        # 4 heads of 16 in a 48-wide model: heads * head_dim != hidden_size, as in Gemma 2 2B.
+        ((5.0, 3.0), 16, True, 4, 16),
+    ],
 )
-def test_import_of_a_transformers_made_gemma2(tmp_path, caps, scalar, tie):
+def test_import_of_a_transformers_made_gemma2(tmp_path, caps, scalar, tie, heads, head_dim):
     torch.manual_seed(1)
     config = transformers.Gemma2Config(
         vocab_size=256,
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=4,
-        num_attention_heads=6,
+        num_attention_heads=heads,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=64,
         rms_norm_eps=1e-6,
         query_pre_attn_scalar=scalar,
@@ -136,15 +144,18 @@ def test_import_of_a_transformers_made_gemma2(tmp_path, caps, scalar, tie):
     assert (cfg.norm, cfg.embed_scale, cfg.mlp_activation) == ("sandwich", True, "gelu_tanh")
     assert (cfg.layer_pattern, cfg.sliding_window, cfg.kv_heads) == ("LG", WINDOW, 2)
     assert (cfg.attn_softcap, cfg.final_softcap, cfg.tie_embeddings) == (*caps, tie)
-    assert cfg.attn_scale == (None if scalar == 8 else scalar**-0.5)
+    assert cfg.head_dim == head_dim
+    assert cfg.attn_scale == (None if scalar == head_dim else scalar**-0.5)
     ids = torch.randint(0, 256, (3, T))
     if caps[0] == 5.0:
         assert_bites(ours, ids, attn_softcap=None)
         assert_bites(ours, ids, final_softcap=None)
+    if cfg.attn_scale is not None:
         assert_bites(ours, ids, attn_scale=None)
     with torch.no_grad():
         error = max_rel_error(ours(ids), hf(input_ids=ids).logits)
-    print(f"gemma2 import caps={caps} scalar={scalar} tie={tie}: max rel logit error {error:.2e}")
+    setting = f"caps={caps} scalar={scalar} tie={tie} heads={heads}x{head_dim}"
+    print(f"gemma2 import {setting}: max rel logit error {error:.2e}")
     assert error < 1e-4
 
 
