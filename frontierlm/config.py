@@ -128,6 +128,12 @@ class ModelConfig(Strict):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="GQA groups; default = n_heads (MHA)")
+    attn_head_dim: int | None = Field(
+        None,
+        ge=2,
+        description="width of one attention head when not d_model / n_heads (Gemma 2 2B: 256 "
+        "with d_model 2304 and 8 heads)",
+    )
     ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU width; default ~8/3 d_model")
     rope_theta: float = Field(10000.0, gt=0)
     yarn_factor: float | None = Field(
@@ -168,6 +174,20 @@ class ModelConfig(Strict):
         description="per-layer attention, repeated over the layers: G global, L local "
         '(sliding window); Gemma 2 is "LG"',
     )
+    mlp_activation: Literal["silu", "gelu_tanh"] = Field(
+        "silu",
+        description="gate activation of the gated MLP: silu (SwiGLU, Llama/Qwen3) or the tanh "
+        "approximation of GELU (GeGLU, Gemma)",
+    )
+    embed_scale: bool = Field(
+        False, description="multiply the embeddings by sqrt(d_model) (Gemma, with tied weights)"
+    )
+    attn_scale: float | None = Field(
+        None,
+        gt=0,
+        description="multiplier of q.k before softcap and softmax; None: head_dim**-0.5 "
+        "(Gemma 2: query_pre_attn_scalar**-0.5)",
+    )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     moe_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense model")
@@ -198,14 +218,19 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
-                f"n_heads={self.n_heads} must divide d_model={self.d_model}; "
-                f"allowed n_heads: {_divisors(self.d_model)}"
+                f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set "
+                f"attn_head_dim); allowed n_heads: {_divisors(self.d_model)}"
             )
-        if (self.d_model // self.n_heads) % 2:
+        if self.head_dim % 2:
+            source = "attn_head_dim" if self.attn_head_dim else "head_dim = d_model/n_heads"
+            raise ValueError(f"{source} = {self.head_dim} must be even for RoPE")
+        if self.moe_experts and self.mlp_activation != "silu":
+            # The routed experts are SiLU-gated; a GeGLU MoE is no family we export or import.
             raise ValueError(
-                f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+                f"mlp_activation={self.mlp_activation!r} is for dense models; MoE experts "
+                '(moe_experts > 0) use "silu"'
             )
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
@@ -243,7 +268,7 @@ class ModelConfig(Strict):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def hidden(self) -> int:

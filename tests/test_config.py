@@ -37,6 +37,8 @@ def test_dotted_overrides_are_parsed_as_toml_values():
         ("--model.n_layers=four", "model.n_layers: Input should be a valid integer"),
         ("--model.n_heads=5", "n_heads=5 must divide d_model=192"),
         ("--model.n_kv_heads=2", "n_kv_heads=2 must divide n_heads=3"),
+        ("--model.attn_head_dim=7", "attn_head_dim = 7 must be even for RoPE"),
+        ("--model.mlp_activation=relu", "model.mlp_activation: Input should be 'silu'"),
         ("--pretrain.seq_len=512", "pretrain.seq_len=512 exceeds model.max_seq_len=256"),
         ("--pretrain.warmup_steps=1000", "warmup_steps=1000 must be below steps"),
         ("--sft.sources=[]", "sft.sources: List should have at least 1 item"),

@@ -2,7 +2,8 @@
 
 Optional, each by config: document masking (in a packed sequence a token attends only to earlier
 tokens of its own document, so packing changes no prediction), a sliding window on the layers a
-pattern marks local, tanh softcapping of the attention logits (Gemma 2), and an elementwise
+pattern marks local, tanh softcapping of the attention logits (Gemma 2), a scale of the
+logits other than 1/sqrt(head_dim) (Gemma 2's query_pre_attn_scalar), and an elementwise
 sigmoid gate on the attention output (Qwen3-Next).
 
 Kernels: plain causal attention goes to SDPA's fused kernels. Masked attention is FlexAttention
@@ -75,13 +76,19 @@ def attention_mask(
 
 
 def softcapped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cap: float,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(cap * tanh(q k^T / sqrt(d) / cap)) v, the causal mask (or `mask`) applied."""
+    """softmax(cap * tanh(scale * q k^T / cap)) v, the causal mask (or `mask`) applied; `scale`
+    None is 1/sqrt(head_dim)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = cap * torch.tanh(scores / cap)
     if mask is None:
         seq = q.shape[-2]
@@ -103,6 +110,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.softcap = cfg.attn_softcap
+        # None leaves each kernel its own 1/sqrt(head_dim), so default models stay bit-identical.
+        self.scale = cfg.attn_scale
         if cfg.attn_gate:
             self.g_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.gated = cfg.attn_gate
@@ -129,14 +138,18 @@ class Attention(nn.Module):
             cap = self.softcap
             score_mod = None if cap is None else (lambda s, b, h, qi, ki: cap * torch.tanh(s / cap))
             out = _flex_attention(q.is_cuda)(
-                q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=gqa
+                q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale, enable_gqa=gqa
             )
         elif self.softcap is not None:
-            out = softcapped_attention(q, k, v, self.softcap, mask)
+            out = softcapped_attention(q, k, v, self.softcap, mask, self.scale)
         elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+            )
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         if self.gated:  # lets a head output nothing, which curbs attention sinks
             out = out * torch.sigmoid(self.g_proj(x))

@@ -1,8 +1,11 @@
-"""Softcapping, sliding windows, NoPE layers, sandwich norm and gated attention against a
-direct float64 implementation of the formulas."""
+"""Softcapping, sliding windows, NoPE layers, sandwich norm, gated attention, the attention
+scale, embedding scale and GeGLU against a direct float64 implementation of the formulas."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from frontierlm.model.attention import attention_mask
 
@@ -20,6 +23,8 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
     cfg = model.cfg
     m = model.double()
     x = m.embed_tokens(ids)
+    if cfg.embed_scale:
+        x = x * math.sqrt(cfg.d_model)
     cos, sin = m.rope_cos[:T].double(), m.rope_sin[:T].double()
     pos = torch.arange(T)
     for i, layer in enumerate(m.layers):
@@ -32,7 +37,7 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
             q, k = rope(q, cos, sin), rope(k, cos, sin)
         g = cfg.n_heads // cfg.kv_heads
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        s = q @ k.transpose(-1, -2) / cfg.head_dim**0.5
+        s = q @ k.transpose(-1, -2) * (cfg.attn_scale or 1 / math.sqrt(cfg.head_dim))
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         keep = pos[:, None] >= pos[None, :]
@@ -45,7 +50,15 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
         sandwich = cfg.norm == "sandwich"
         a = att.o_proj(o)
         x = x + (layer.attn_out_norm(a) if sandwich else a)
-        f = layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        gate = mlp.gate_proj(h)
+        if cfg.mlp_activation == "gelu_tanh":
+            c = math.sqrt(2 / math.pi)
+            gate = 0.5 * gate * (1 + torch.tanh(c * (gate + 0.044715 * gate**3)))
+        else:
+            gate = F.silu(gate)
+        f = mlp.down_proj(gate * mlp.up_proj(h))
         x = x + (layer.mlp_out_norm(f) if sandwich else f)
     logits = m.lm_head(m.norm(x))
     if final_cap:
@@ -65,6 +78,10 @@ def reference(model, ids, softcap=None, windows=None, final_cap=None):
         {"rope_pattern": "RN"},
         {"norm": "sandwich"},
         {"attn_gate": True, "n_kv_heads": 1},
+        {"attn_scale": 0.5, "n_kv_heads": 2},
+        {"attn_scale": 0.05, "attn_softcap": 3.0, "sliding_window": 6, "layer_pattern": "LG"},
+        {"embed_scale": True},
+        {"mlp_activation": "gelu_tanh"},
     ],
 )
 def test_variant_matches_float64_formula(make_random_model, fields):
@@ -94,7 +111,9 @@ def test_variant_matches_float64_formula(make_random_model, fields):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_path_with_window_and_softcap_matches_cpu_path(make_random_model):
     """The GPU path's BlockMask + score_mod, run forward-only on the CPU."""
-    model = make_random_model(**TINY, sliding_window=5, layer_pattern="LG", attn_softcap=4.0)
+    model = make_random_model(
+        **TINY, sliding_window=5, layer_pattern="LG", attn_softcap=4.0, attn_scale=0.3
+    )
     ids = torch.randint(0, 200, (B, T))
     doc_ids = (torch.rand(B, T) < 0.1).cumsum(1)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
@@ -115,3 +134,10 @@ def test_local_layers_need_a_window():
         ModelConfig(layer_pattern="LG")
     with pytest.raises(ValueError, match="String should match pattern"):
         ModelConfig(layer_pattern="LX", sliding_window=4)
+
+
+def test_moe_experts_stay_silu():
+    from frontierlm.config import ModelConfig
+
+    with pytest.raises(ValueError, match="MoE experts"):
+        ModelConfig(moe_experts=4, mlp_activation="gelu_tanh")

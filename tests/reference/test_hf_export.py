@@ -76,21 +76,41 @@ def test_import_of_a_transformers_made_model(tmp_path, family):
         assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
 
 
-def test_export_names_the_switch_no_family_expresses(tmp_path, make_random_model):
-    model = make_random_model(**SMALL, attn_softcap=50.0)
-    with pytest.raises(
-        NotImplementedError, match=r"model\.attn_softcap=50\.0 has no Llama or Qwen3"
-    ):
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        # Pre-norm models are Llama or Qwen3, which have none of Gemma 2's switches.
+        ({"attn_softcap": 50.0}, r"model\.attn_softcap=50\.0 has no Llama or Qwen3"),
+        ({"mlp_activation": "gelu_tanh"}, r"model\.mlp_activation='gelu_tanh' has no Llama"),
+        ({"embed_scale": True}, r"model\.embed_scale=True has no Llama or Qwen3"),
+        ({"attn_scale": 0.25}, r"model\.attn_scale=0\.25 has no Llama or Qwen3"),
+        ({"attn_gate": True}, r"model\.attn_gate=True has no Llama or Qwen3"),
+        # Sandwich norm is Gemma 2, which always scales its embeddings and has no QK-norm.
+        ({"norm": "sandwich"}, r"model\.embed_scale=False has no Gemma 2"),
+        ({"norm": "sandwich", "embed_scale": True, "qk_norm": True}, r"model\.qk_norm=True"),
+        ({"norm": "sandwich", "embed_scale": True, "rope_pattern": "RN"}, r"rope_pattern='RN'"),
+        # Gemma 2 stores the attention scale as query_pre_attn_scalar**-0.5, an integer scalar.
+        ({"norm": "sandwich", "embed_scale": True, "attn_scale": 0.3}, r"model\.attn_scale=0\.3"),
+    ],
+)
+def test_export_names_the_switch_no_family_expresses(tmp_path, make_random_model, fields, message):
+    model = make_random_model(**SMALL, **fields)
+    with pytest.raises(NotImplementedError, match=message):
         export_hf(model, tmp_path / "out")
     assert not list(tmp_path.iterdir())
 
 
 def test_unsupported_family_and_switch_fail_clearly(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     with pytest.raises(NotImplementedError, match="issue 3"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mlp_bias": True}))
     with pytest.raises(NotImplementedError, match="mlp_bias=True"):
+        load_hf(tmp_path)
+    gemma = transformers.Gemma2Config(hidden_size=64, num_attention_heads=4, head_dim=16)
+    gemma = gemma.to_dict() | {"hidden_activation": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(gemma))
+    with pytest.raises(NotImplementedError, match="hidden_activation='gelu'"):
         load_hf(tmp_path)
 
 
