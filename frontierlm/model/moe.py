@@ -75,6 +75,9 @@ class MoE(nn.Module):
         # Buffers, not parameters: the optimizer never touches them.
         self.register_buffer("selection_bias", torch.zeros(n))
         self.register_buffer("load", torch.zeros(n))  # routed slots per expert since last step
+        # The same count for evaluation forwards: balance on held-out data, as DeepSeek-V3
+        # reports it, without the noise of one training batch's mix of domains.
+        self.register_buffer("eval_load", torch.zeros(n), persistent=False)
         self.register_buffer("bias_velocity", torch.zeros(n))
         self.momentum = cfg.moe_bias_momentum
         self.aux_weight = cfg.moe_aux_weight
@@ -97,6 +100,8 @@ class MoE(nn.Module):
         counts.index_add_(0, chosen.flatten(), torch.ones_like(chosen.flatten()))
         if self.training:
             self.load += counts.to(self.load.dtype)
+        else:
+            self.eval_load += counts.to(self.eval_load.dtype)
         self.aux_loss = self._balance_loss(scores, chosen, counts, shape) if self.training else None
 
         # Sort the (token, slot) pairs by expert, run every expert in one grouped matmul, put

@@ -137,6 +137,18 @@ class Transformer(nn.Module):
                     stats[f"moe{i}_{key}"] = value
         return stats
 
+    def eval_expert_load(self) -> dict[str, float]:
+        """Max/mean expert load per MoE layer over the evaluation forwards since the last call
+        (then reset): `moe{i}_max_over_mean_load`."""
+        stats = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                load = layer.mlp.eval_load
+                if load.sum() > 0:
+                    stats[f"moe{i}_max_over_mean_load"] = (load.max() / load.mean()).item()
+                load.zero_()
+        return stats
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per weight of every matmul, the
         output head included and the embedding lookup not, plus causal attention's score and

@@ -72,7 +72,12 @@ def val_bpb_fn(
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         windows = sequential_windows(val, loop.seq_len, loop.batch_size, batches, bos_id)
-        return bits_per_byte(model, windows, byte_lengths, device)
+        if isinstance(model, Transformer):
+            model.eval_expert_load()  # start the count afresh
+        metrics = bits_per_byte(model, windows, byte_lengths, device)
+        if isinstance(model, Transformer):  # MoE: expert balance on the held-out windows
+            metrics |= model.eval_expert_load()
+        return metrics
 
     return evaluate
 

@@ -168,3 +168,15 @@ def test_bias_step_follows_the_learning_rate_when_asked():
         model.after_optimizer_step(lr_scale=0.25)
         moves[schedule] = model.moe_layers()[0].selection_bias.abs().max().item()
     assert moves["constant"] == pytest.approx(0.1) and moves["lr"] == pytest.approx(0.025)
+
+
+def test_evaluation_forwards_count_expert_load_apart_from_training():
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, moe_experts=4, moe_top_k=2)
+    model = Transformer(cfg, vocab_size=20).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 20, (2, 16)))
+    stats = model.eval_expert_load()
+    assert set(stats) == {"moe0_max_over_mean_load", "moe1_max_over_mean_load"}
+    assert all(1.0 <= v <= 2.0 for v in stats.values())  # at most 4 experts / top-2 = 2
+    assert all(m.load.sum() == 0 for m in model.moe_layers())  # training count untouched
+    assert model.eval_expert_load() == {}  # reset by the read
