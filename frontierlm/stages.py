@@ -77,7 +77,7 @@ STAGES: dict[str, Stage] = {
             "frontierlm.train.pretrain:run_pretrain_stage",
             ("run", "model", "pretrain"),
             ("tokenizer", "tokenize"),
-            "pretrain a dense decoder",
+            "pretrain the decoder (dense or MoE)",
             "val_bpb",
         ),
         Stage(
