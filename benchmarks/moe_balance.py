@@ -40,7 +40,8 @@ def frontierlm(*args: str) -> None:
 
 def load_stats(metrics_file: Path, tail: int = 20) -> dict[str, float]:
     """Per MoE layer: max/mean load of the last training step, its mean and max over the last
-    `tail` steps, and over the final evaluation's held-out windows; the final val bpb."""
+    `tail` steps, of the last 20 steps' loads pooled (window), and over the final evaluation's
+    held-out windows; the final val bpb."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     final = records[-1]
     layers = sorted(k.split("_")[0] for k in final if re.fullmatch(r"moe\d+_max_over_mean_load", k))
@@ -51,6 +52,7 @@ def load_stats(metrics_file: Path, tail: int = 20) -> dict[str, float]:
         stats[f"{layer}_final"] = values[-1]
         stats[f"{layer}_mean_last{tail}"] = sum(values) / len(values)
         stats[f"{layer}_max_last{tail}"] = max(values)
+        stats[f"{layer}_window"] = final[f"{key}_20steps"]
         stats[f"{layer}_val"] = final[f"val_{key}"]
     stats["val_bpb"] = final["val_bpb"]
     return stats
@@ -83,14 +85,14 @@ def main() -> None:
     layers = sorted({k.split("_")[0] for r in results.values() for k in r if k.startswith("moe")})
     print(
         f"\n{'variant':<10}"
-        + "".join(f"{layer + ' step/mean20/max20/held-out':>37}" for layer in layers)
+        + "".join(f"{layer + ' step/mean20/max20/window/held-out':>46}" for layer in layers)
         + f"{'val bpb':>9}{'bpb / none':>11}"
     )
     base = results.get("none", {}).get("val_bpb")
     for variant, r in results.items():
         cells = "".join(
             f"{r[f'{layer}_final']:>10.2f}{r[f'{layer}_mean_last20']:>9.2f}"
-            f"{r[f'{layer}_max_last20']:>9.2f}{r[f'{layer}_val']:>9.2f}"
+            f"{r[f'{layer}_max_last20']:>9.2f}{r[f'{layer}_window']:>9.2f}{r[f'{layer}_val']:>9.2f}"
             for layer in layers
         )
         ratio = f"{r['val_bpb'] / base:>11.3f}" if base else ""

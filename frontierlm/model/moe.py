@@ -60,6 +60,9 @@ def grouped_swiglu(
     return _grouped_mm(hidden, down.to(dtype).transpose(-2, -1), offs=offsets)
 
 
+LOAD_WINDOW = 20  # steps over which the windowed expert-load metric is taken
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -78,6 +81,10 @@ class MoE(nn.Module):
         # The same count for evaluation forwards: balance on held-out data, as DeepSeek-V3
         # reports it, without the noise of one training batch's mix of domains.
         self.register_buffer("eval_load", torch.zeros(n), persistent=False)
+        # The loads of the last LOAD_WINDOW steps: balance over a window of batches, which one
+        # small batch (a few documents, often of one domain) says little about.
+        self.register_buffer("recent_load", torch.zeros(LOAD_WINDOW, n), persistent=False)
+        self.steps = 0
         self.register_buffer("bias_velocity", torch.zeros(n))
         self.momentum = cfg.moe_bias_momentum
         self.aux_weight = cfg.moe_aux_weight
@@ -148,9 +155,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def balance_step(self, rate: float) -> dict[str, float]:
-        """After an optimizer step: report the load since the last step, move the selection
-        biases when balancing by bias, and reset the count."""
+        """After an optimizer step: report the max/mean load of the last step and of the last
+        LOAD_WINDOW steps together, move the selection biases when balancing by bias, and reset
+        the count."""
         load = self.load.clone()
+        self.recent_load[self.steps % LOAD_WINDOW] = load
+        self.steps += 1
+        window = self.recent_load.sum(0)
         mean = load.mean().clamp_min(1e-9)
         if self.balance == "bias" and load.sum() > 0:
             self.selection_bias += rate * torch.sign(mean - load)
@@ -159,4 +170,8 @@ class MoE(nn.Module):
             self.bias_velocity.mul_(self.momentum).add_((1 - self.momentum) * step)
             self.selection_bias += self.bias_velocity
         self.load.zero_()
-        return {"max_over_mean_load": (load.max() / mean).item()}
+        window_ratio = window.max() / window.mean().clamp_min(1e-9)
+        return {
+            "max_over_mean_load": (load.max() / mean).item(),
+            f"max_over_mean_load_{LOAD_WINDOW}steps": window_ratio.item(),
+        }

@@ -180,3 +180,15 @@ def test_evaluation_forwards_count_expert_load_apart_from_training():
     assert all(1.0 <= v <= 2.0 for v in stats.values())  # at most 4 experts / top-2 = 2
     assert all(m.load.sum() == 0 for m in model.moe_layers())  # training count untouched
     assert model.eval_expert_load() == {}  # reset by the read
+
+
+def test_windowed_load_pools_the_last_steps():
+    moe = make_moe()
+    # Step 1 all on expert 0, step 2 all on expert 1: each step alone is maximally skewed,
+    # together they are half as skewed.
+    for expert in (0, 1):
+        moe.load.zero_()
+        moe.load[expert] = 10.0
+        stats = moe.balance_step(rate=0.0)
+    assert stats["max_over_mean_load"] == pytest.approx(6.0)
+    assert stats["max_over_mean_load_20steps"] == pytest.approx(3.0)
