@@ -292,6 +292,12 @@ class LoopConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=8)
     lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="muon: Muon on the hidden matrices (update RMS matched to AdamW, so the same "
+        "lr), AdamW on embeddings, head and vectors",
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from frontierlm.atomic import atomic_dir, commit_dir
 from frontierlm.config import ModelConfig
 from frontierlm.model import Transformer
+from frontierlm.train.optim import Optimizers
 
 STEP_PREFIX = "step_"
 
@@ -48,7 +49,7 @@ def save_checkpoint(
     ckpt_root: Path,
     step: int,
     model: Transformer,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Optimizers,
     extra: dict[str, Any],
     keep: int,
 ) -> Path:
@@ -75,7 +76,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: Transformer, optimizer: torch.optim.Optimizer
+    path: Path, model: Transformer, optimizer: torch.optim.Optimizer | Optimizers
 ) -> dict[str, Any]:
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)

@@ -26,7 +26,7 @@ from frontierlm.train.checkpoint import (
     save_model_dir,
 )
 from frontierlm.train.metrics import MetricsLog
-from frontierlm.train.optim import build_adamw
+from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import autocast
 from frontierlm.train.schedule import lr_at
 
@@ -51,7 +51,7 @@ def train(
     ckpt_root = work_dir / "checkpoints"
     log = MetricsLog(work_dir / "metrics.jsonl")
     model.to(device)
-    optimizer = build_adamw(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     start = 0
     if checkpoints := list_checkpoints(ckpt_root):
         state = load_checkpoint(checkpoints[-1], model, optimizer)

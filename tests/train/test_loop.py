@@ -85,13 +85,18 @@ def test_training_lowers_loss_and_writes_artifacts(tokens, tmp_path):
     assert reloaded.cfg.d_model == 32 and reloaded.vocab_size == 97
 
 
-def test_crash_then_resume_ends_exactly_where_an_uninterrupted_run_ends(tokens, tmp_path):
-    straight = train(new_model(), LOOP, make_task(tokens), tmp_path / "a", torch.device("cpu"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_crash_then_resume_ends_exactly_where_an_uninterrupted_run_ends(
+    tokens, tmp_path, optimizer
+):
+    loop = LOOP.model_copy(update={"optimizer": optimizer})
+    cpu = torch.device("cpu")
+    straight = train(new_model(), loop, make_task(tokens), tmp_path / "a", cpu)
     with pytest.raises(Crash):
-        train(new_model(), LOOP, make_task(tokens, crash_at=9), tmp_path / "b", torch.device("cpu"))
+        train(new_model(), loop, make_task(tokens, crash_at=9), tmp_path / "b", cpu)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "step_0000008"
     # A fresh model object: everything must come from the checkpoint.
-    resumed = train(new_model(), LOOP, make_task(tokens), tmp_path / "b", torch.device("cpu"))
+    resumed = train(new_model(), loop, make_task(tokens), tmp_path / "b", cpu)
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-5)
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
     steps = [
