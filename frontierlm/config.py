@@ -304,6 +304,23 @@ class LoopConfig(Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    spike_loss_factor: float = Field(
+        0.0,
+        ge=0,
+        description="skip a step whose loss exceeds this times the rolling median; 0 = off "
+        "(non-finite losses and gradient norms are always skipped)",
+    )
+    spike_grad_factor: float = Field(
+        0.0, ge=0, description="the same for the gradient norm (before clipping); 0 = off"
+    )
+    spike_window: int = Field(50, ge=1, description="accepted steps the rolling median spans")
+    spike_min_history: int = Field(20, ge=1, description="steps before spikes are judged")
+    spike_max_skips: int = Field(
+        3, ge=1, description="skips in a row that roll back to the last checkpoint"
+    )
+    spike_max_rollbacks: int = Field(
+        5, ge=0, description="rollbacks after which the run stops with an error"
+    )
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -323,6 +340,14 @@ class LoopConfig(Strict):
 
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
+    # Pretraining loss is smooth once warm: a step at 1.5x the median is a bad batch or an
+    # instability, not noise. Post-training losses (DPO) swing more; there the guard is off.
+    spike_loss_factor: float = Field(
+        1.5, ge=0, description=LoopConfig.model_fields["spike_loss_factor"].description
+    )
+    spike_grad_factor: float = Field(
+        5.0, ge=0, description=LoopConfig.model_fields["spike_grad_factor"].description
+    )
     z_loss: float = Field(
         0.0, ge=0, description="weight of mean(logsumexp(logits)^2), PaLM uses 1e-4; 0 = off"
     )

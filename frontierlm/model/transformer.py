@@ -137,6 +137,11 @@ class Transformer(nn.Module):
                     stats[f"moe{i}_{key}"] = value
         return stats
 
+    def discard_step_stats(self) -> None:
+        """Forget the expert loads of a step that was skipped (no optimizer step followed)."""
+        for moe in self.moe_layers():
+            moe.load.zero_()
+
     def eval_expert_load(self) -> dict[str, float]:
         """Max/mean expert load per MoE layer over the evaluation forwards since the last call
         (then reset): `moe{i}_max_over_mean_load`."""

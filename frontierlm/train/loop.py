@@ -8,10 +8,13 @@ run ends (same data order, same optimizer state, same schedule).
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,26 +45,67 @@ class TrainTask:
     tokens_key: str = "input_ids"  # tensor whose numel counts as processed tokens
 
 
+class SpikeGuard:
+    """Flags a step whose loss or gradient norm is a spike: non-finite, or above `factor` times
+    the median of the last accepted steps (once enough of them exist)."""
+
+    def __init__(self, cfg: LoopConfig, history: list[dict[str, float]]) -> None:
+        self.cfg = cfg
+        self.losses = [r["loss"] for r in history][-cfg.spike_window :]
+        self.grad_norms = [r["grad_norm"] for r in history][-cfg.spike_window :]
+
+    def reason(self, loss: float, grad_norm: float) -> str | None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
+        if len(self.losses) < self.cfg.spike_min_history:
+            return None
+        checks = [
+            ("loss", loss, self.losses, self.cfg.spike_loss_factor),
+            ("gradient norm", grad_norm, self.grad_norms, self.cfg.spike_grad_factor),
+        ]
+        for name, value, history, factor in checks:
+            median = statistics.median(history)
+            if factor > 0 and value > factor * median:
+                return f"{name} {value:.4g} > {factor} x rolling median {median:.4g}"
+        return None
+
+    def accept(self, loss: float, grad_norm: float) -> None:
+        self.losses = [*self.losses, loss][-self.cfg.spike_window :]
+        self.grad_norms = [*self.grad_norms, grad_norm][-self.cfg.spike_window :]
+
+
+def _accepted(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    return [r for r in records if "loss" in r]
+
+
 def train(
     model: Transformer, cfg: LoopConfig, task: TrainTask, work_dir: Path, device: torch.device
 ) -> dict[str, float]:
     """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and the final
-    model under `work_dir`; return the last train and eval metrics."""
+    model under `work_dir`; return the last train and eval metrics.
+
+    A spike (see SpikeGuard) throws its batch away and runs the step again on the next one;
+    `cfg.spike_max_skips` skips in a row roll the run back to the latest checkpoint and move the
+    data past the window that caused them (the data offset travels in the checkpoints). Every
+    event goes to `events.jsonl`."""
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = work_dir / "checkpoints"
     log = MetricsLog(work_dir / "metrics.jsonl")
+    events = MetricsLog(work_dir / "events.jsonl")
     model.to(device)
     optimizer = build_optimizer(model, cfg)
-    start = 0
+    step, data_offset = 0, 0
     if checkpoints := list_checkpoints(ckpt_root):
         state = load_checkpoint(checkpoints[-1], model, optimizer)
-        start = int(state["step"])
-        console.print(f"[yellow]{task.name}: resuming from {checkpoints[-1]} (step {start})")
-    log.truncate_after(start)
+        step, data_offset = int(state["step"]), int(state["extra"].get("data_offset", 0))
+        console.print(f"[yellow]{task.name}: resuming from {checkpoints[-1]} (step {step})")
+    log.truncate_after(step)
+    guard = SpikeGuard(cfg, _accepted(log.read()))
+    skips_in_a_row = rollbacks = 0
 
     with progress_bar() as bar:
-        job = bar.add_task(task.name, total=cfg.steps, completed=start, info="")
-        for step in range(start, cfg.steps):
+        job = bar.add_task(task.name, total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
             t0 = time.perf_counter()
             model.train()
             lr = lr_at(step, cfg)
@@ -69,10 +113,11 @@ def train(
                 group["lr"] = lr
             totals: dict[str, float] = {}
             tokens = 0
+            data_step = step + data_offset
             for micro in range(cfg.grad_accum):
                 batch = {
                     k: v.to(device, non_blocking=True)
-                    for k, v in task.batch(step * cfg.grad_accum + micro).items()
+                    for k, v in task.batch(data_step * cfg.grad_accum + micro).items()
                 }
                 tokens += batch[task.tokens_key].numel()
                 with autocast(device, cfg.precision):
@@ -83,13 +128,54 @@ def train(
                 (loss / cfg.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                if cfg.grad_clip > 0
-                else 0.0
-            )
+            # The norm before clipping (max_norm=inf only measures): the spike guard needs it.
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            spike = guard.reason(totals["loss"], grad_norm)
+            if spike is not None:
+                # The batch is thrown away, not the update: the same step runs again on the
+                # next batch, so the schedule and the update count stay those of a clean run.
+                optimizer.zero_grad(set_to_none=True)
+                model.discard_step_stats()
+                data_offset += 1
+                skips_in_a_row += 1
+                events.write(
+                    {"step": step + 1, "event": "skipped", "reason": spike, "data_step": data_step}
+                )
+                console.print(f"[yellow]{task.name}: step {step + 1} skipped: {spike}")
+                if skips_in_a_row >= cfg.spike_max_skips and (ckpts := list_checkpoints(ckpt_root)):
+                    rollbacks += 1
+                    if rollbacks > cfg.spike_max_rollbacks:
+                        raise RuntimeError(
+                            f"{task.name}: {rollbacks} rollbacks in this run and the spikes go "
+                            f"on (last: {spike}); the instability is not in the data: lower "
+                            f"the learning rate or raise warmup, see {events.path}"
+                        )
+                    state = load_checkpoint(ckpts[-1], model, optimizer)
+                    back = int(state["step"])
+                    first_bad = back + int(state["extra"].get("data_offset", 0))
+                    data_offset = data_step + 1 - back  # resume past the offending window
+                    events.write(
+                        {
+                            "step": step + 1,
+                            "event": "rollback",
+                            "to_step": back,
+                            "skipped_data_steps": [first_bad, data_step],
+                        }
+                    )
+                    console.print(
+                        f"[red]{task.name}: {skips_in_a_row} spikes in a row: rolled back to step "
+                        f"{back}; data steps {first_bad}-{data_step} are not trained on"
+                    )
+                    step, skips_in_a_row = back, 0
+                    log.truncate_after(step)
+                    guard = SpikeGuard(cfg, _accepted(log.read()))
+                    bar.update(job, completed=step)
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            guard.accept(totals["loss"], grad_norm)
+            skips_in_a_row = 0
             expert_stats = model.after_optimizer_step(lr_scale=lr / cfg.lr)
             elapsed = time.perf_counter() - t0
             done = step + 1
@@ -111,9 +197,9 @@ def train(
                 job, completed=done, info=f"loss {totals['loss']:.4f} {tokens / elapsed:,.0f} tok/s"
             )
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(
-                    ckpt_root, done, model, optimizer, {"task": task.name}, cfg.keep_checkpoints
-                )
+                extra = {"task": task.name, "data_offset": data_offset}
+                save_checkpoint(ckpt_root, done, model, optimizer, extra, cfg.keep_checkpoints)
+            step = done
     save_model_dir(work_dir / "model", model)
     # The last record always holds the final evaluation, also when a resume found the run done.
     final = log.read()[-1]

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -119,3 +120,87 @@ def test_metrics_log_survives_a_torn_last_line(tmp_path):
     log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
         log.read()
+
+
+SPIKY = LOOP.model_copy(
+    update={
+        "steps": 60,
+        "eval_every": 60,
+        "checkpoint_every": 10,
+        "spike_loss_factor": 1.5,
+        "spike_min_history": 10,
+        "spike_max_skips": 3,
+    }
+)
+
+
+def corrupting_task(tokens, bad: set[int]):
+    """The test task, except that the data steps in `bad` get random targets: a corrupted
+    batch, whose loss on a model that has learnt the pattern is far above the median."""
+    task = make_task(tokens)
+    clean = task.batch
+
+    def batch(i):
+        out = clean(i)
+        if i in bad:
+            generator = torch.Generator().manual_seed(i)
+            out = {
+                **out,
+                "targets": torch.randint(0, 97, out["targets"].shape, generator=generator),
+            }
+        return out
+
+    return TrainTask("test", batch, task.loss, task.evaluate)
+
+
+def events(run_dir):
+    path = run_dir / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_corrupted_batch_is_skipped_and_repeated_ones_roll_back(tmp_path):
+    import numpy as np
+
+    # A noise-free stream: the model learns it fast, so a corrupted batch stands out clearly.
+    tokens = np.tile(np.arange(97, dtype=np.uint16), 60)
+    cpu = torch.device("cpu")
+    clean = train(new_model(), SPIKY, make_task(tokens), tmp_path / "clean", cpu)
+    assert events(tmp_path / "clean") == []  # no false alarm on a clean run
+
+    one = train(new_model(), SPIKY, corrupting_task(tokens, {25}), tmp_path / "one", cpu)
+    assert [(e["event"], e["data_step"]) for e in events(tmp_path / "one")] == [("skipped", 25)]
+    assert one["val_loss"] == pytest.approx(clean["val_loss"], rel=0.01)
+
+    burst = train(new_model(), SPIKY, corrupting_task(tokens, {33, 34, 35}), tmp_path / "b", cpu)
+    log = events(tmp_path / "b")
+    assert [e["event"] for e in log] == ["skipped", "skipped", "skipped", "rollback"]
+    rollback = log[-1]
+    # Back to the step-30 checkpoint; data steps 30..35 are never trained on.
+    assert rollback["to_step"] == 30 and rollback["skipped_data_steps"] == [30, 35]
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in records]
+    assert steps == list(range(1, 61))
+    assert burst["val_loss"] == pytest.approx(clean["val_loss"], rel=0.01)
+
+
+def test_non_finite_loss_is_skipped_even_with_the_guard_off(tokens, tmp_path):
+    task = make_task(tokens)
+
+    def batch(i):
+        out = task.batch(i)
+        if i == 5:
+            out = {**out, "input_ids": out["input_ids"].clone()}
+            out["input_ids"][0, 0] = -1  # marks the poisoned batch for `loss`
+        return out
+
+    def safe_loss(model, batch):
+        if batch["input_ids"][0, 0] == -1:
+            batch = {**batch, "input_ids": batch["input_ids"].clamp_min(0)}
+            value, parts = lm_loss(model, batch)
+            return value * float("nan"), parts
+        return lm_loss(model, batch)
+
+    poisoned = TrainTask("test", batch, safe_loss, task.evaluate)
+    metrics = train(new_model(), LOOP, poisoned, tmp_path, torch.device("cpu"))
+    assert [e["data_step"] for e in events(tmp_path)] == [5]
+    assert math.isfinite(metrics["val_loss"])
