@@ -180,6 +180,11 @@ class ModelConfig(Strict):
         0, ge=0, description="the first layers stay dense (DeepSeek-V3: 3)"
     )
     moe_score: Literal["softmax", "sigmoid"] = "softmax"
+    moe_norm_topk: bool = Field(
+        True,
+        description="rescale the chosen experts' scores to sum to 1 before mixing (Qwen3-MoE's "
+        "norm_topk_prob, true in Qwen3-30B-A3B; DeepSeek-V3: true); false mixes the raw scores",
+    )
     moe_balance: Literal["aux_loss", "bias", "smebu", "none"] = "aux_loss"
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
     moe_seq_aux_weight: float = Field(

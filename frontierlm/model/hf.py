@@ -2,13 +2,14 @@
 
 Our parameter names are transformers' Llama/Qwen3 names without the `model.` prefix, so export
 and import are renames plus a config translation. The family follows from the config: QK-norm
-makes a Qwen3, otherwise a Llama. Gemma 2, DeepSeek-V3 and Qwen3-MoE (issue 3) raise
-NotImplementedError.
+makes a Qwen3, otherwise a Llama; routed experts make a Qwen3-MoE (see the MoE families section
+below). Gemma 2 and DeepSeek-V3 (issue 3) raise NotImplementedError.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from frontierlm.atomic import atomic_dir, commit_dir
 from frontierlm.config import ModelConfig
+from frontierlm.model.moe import MoE
 from frontierlm.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -34,10 +36,7 @@ def hf_config(model: Transformer) -> dict[str, Any]:
     """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
     if cfg.moe_experts:
-        raise NotImplementedError(
-            f"model.moe_experts={cfg.moe_experts}: MoE exports (Qwen3-MoE, DeepSeek-V3) arrive "
-            "with issue 3"
-        )
+        return moe_family_config(model)
     # Switches only other families express; each is named in the error.
     defaults = ModelConfig()
     switches = (
@@ -105,6 +104,8 @@ def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) 
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
             continue  # tied: transformers rebuilds it from the embedding
         state[_hf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
+    if config["model_type"] in MOE_FAMILIES:
+        state = _moe_family_state(model, state)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
@@ -124,17 +125,20 @@ def _require(config: dict[str, Any], key: str, allowed: Any, path: Path) -> None
 
 
 def load_hf(path: str | Path) -> Transformer:
-    """A transformers Llama or Qwen3 checkpoint (config.json + safetensors) as our Transformer."""
+    """A transformers Llama, Qwen3 or Qwen3-MoE checkpoint (config.json + safetensors) as our
+    Transformer."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     config = json.loads(config_file.read_text())
     family = config.get("model_type")
+    if family in MOE_FAMILIES:
+        return _load_moe_family(config, path)
     if family not in FAMILIES:
         raise NotImplementedError(
-            f"{config_file}: model_type={family!r}; {sorted(FAMILIES)} import so far "
-            "(Gemma 2, DeepSeek-V3 and Qwen3-MoE arrive with issue 3)"
+            f"{config_file}: model_type={family!r}; {sorted(FAMILIES | MOE_FAMILIES)} import so "
+            "far (Gemma 2 and DeepSeek-V3 arrive with issue 3)"
         )
     if family == "qwen3":
         _require(config, "use_sliding_window", False, path)
@@ -144,39 +148,60 @@ def load_hf(path: str | Path) -> Transformer:
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
     if head_dim * n_heads != config["hidden_size"]:
         raise NotImplementedError(f"{config_file}: head_dim * num_attention_heads != hidden_size")
-    # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta`/`rope_scaling`.
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "yarn"):
-        raise NotImplementedError(f"{config_file}: rope_type={rope_type!r}; default and yarn only")
-    for key in ("attention_factor", "mscale", "mscale_all_dim"):
-        _require(rope, key, None, path)
-    _require(rope, "truncate", True, path)
-    rope_theta = config.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    yarn = rope_type == "yarn"
     cfg = ModelConfig(
         d_model=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=config.get("num_key_value_heads", n_heads),
         ffn_hidden=config["intermediate_size"],
-        rope_theta=rope_theta,
-        yarn_factor=rope["factor"] if yarn else None,
-        yarn_original_max_len=rope["original_max_position_embeddings"] if yarn else None,
-        yarn_beta_fast=rope.get("beta_fast") or 32.0 if yarn else 32.0,
-        yarn_beta_slow=rope.get("beta_slow") or 1.0 if yarn else 1.0,
+        **_rope_fields(config, path),
         max_seq_len=config.get("max_position_embeddings", 2048),
         tie_embeddings=config.get("tie_word_embeddings", False),
         qk_norm=family == "qwen3",
         norm_eps=config.get("rms_norm_eps", 1e-6),
     )
     model = Transformer(cfg, config["vocab_size"])
+    return _load_weights(model, _read_safetensors(path), path)
+
+
+def _rope_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ModelConfig fields of a transformers config's RoPE settings."""
+    # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta`/`rope_scaling`.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise NotImplementedError(
+            f"{path}/config.json: rope_type={rope_type!r}; default and yarn only"
+        )
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        _require(rope, key, None, path)
+    _require(rope, "truncate", True, path)
+    fields: dict[str, Any] = {
+        "rope_theta": config.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    }
+    if rope_type == "yarn":
+        fields |= {
+            "yarn_factor": rope["factor"],
+            "yarn_original_max_len": rope["original_max_position_embeddings"],
+            "yarn_beta_fast": rope.get("beta_fast") or 32.0,
+            "yarn_beta_slow": rope.get("beta_slow") or 1.0,
+        }
+    return fields
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no model*.safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
+    return state
+
+
+def _load_weights(model: Transformer, state: dict[str, torch.Tensor], path: Path) -> Transformer:
+    """`model` in eval mode with the weights of `state` (keyed by transformers' names)."""
+    cfg = model.cfg
     ours = {}
     for name in model.state_dict():
         key = _hf_name(name)
@@ -187,3 +212,262 @@ def load_hf(path: str | Path) -> Transformer:
         ours[name] = state[key].to(torch.float32)
     model.load_state_dict(ours, strict=not cfg.tie_embeddings)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- MoE families
+#
+# Routed experts export as Qwen3-MoE (softmax routing, QK-norm, no shared experts). Our MoE keeps
+# the experts fused as transformers 5 holds them in memory (`gate_up_proj` (experts, 2 * hidden,
+# d), `down_proj` (experts, d, hidden)), but checkpoints on disk, the ones transformers'
+# `save_pretrained` writes and vLLM and older transformers read, hold one gate/up/down matrix per
+# expert (`mlp.experts.{e}.gate_proj.weight`); transformers 5 fuses them while loading
+# (conversion_mapping.py). So export splits and import fuses, and import also takes the fused
+# tensors should a checkpoint hold those.
+
+MOE_FAMILIES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+
+# Switches no MoE family expresses, whatever the attention.
+_MOE_UNEXPRESSED = (
+    "attn_gate",
+    "attn_softcap",
+    "final_softcap",
+    "sliding_window",
+    "norm",
+    "rope_pattern",
+)
+
+
+def moe_family_config(model: Transformer) -> dict[str, Any]:
+    """The transformers config of the MoE family that expresses `model.cfg`; NotImplementedError
+    naming the switch when none does."""
+    cfg = model.cfg
+    defaults = ModelConfig()
+    for switch in _MOE_UNEXPRESSED:
+        value = getattr(cfg, switch)
+        if value != getattr(defaults, switch):
+            raise NotImplementedError(
+                f"model.{switch}={value!r} has no Qwen3-MoE equivalent; no MoE family exports it"
+            )
+    return _qwen3_moe_config(model)
+
+
+def _reject(switch: str, value: Any, family: str, why: str) -> NotImplementedError:
+    return NotImplementedError(f"model.{switch}={value!r} has no {family} equivalent: {why}")
+
+
+def _bias_steers_choice(model: Transformer) -> bool:
+    """Whether some MoE layer's selection bias changes which experts tokens choose."""
+    return model.cfg.moe_balance in ("bias", "smebu") and any(
+        bool(m.selection_bias.any()) for m in model.moe_layers()
+    )
+
+
+def _common_config(model: Transformer) -> dict[str, Any]:
+    """The keys every family's transformers config shares."""
+    cfg = model.cfg
+    return {
+        "vocab_size": model.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope_parameters(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+    }
+
+
+def _qwen3_moe_config(model: Transformer) -> dict[str, Any]:
+    cfg = model.cfg
+    family = "Qwen3-MoE"
+    if not cfg.qk_norm:
+        raise _reject("qk_norm", False, family, "its attention always normalises q and k")
+    if cfg.moe_score != "softmax":
+        raise _reject("moe_score", cfg.moe_score, family, "it routes by softmax")
+    if cfg.moe_shared_experts:
+        raise _reject("moe_shared_experts", cfg.moe_shared_experts, family, "no shared experts")
+    if _bias_steers_choice(model):
+        raise _reject(
+            "moe_balance",
+            cfg.moe_balance,
+            family,
+            "it has no selection bias, and this model's "
+            "non-zero bias changes which experts are chosen",
+        )
+    return {
+        "architectures": [MOE_FAMILIES["qwen3_moe"]],
+        "model_type": "qwen3_moe",
+        **_common_config(model),
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "num_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "moe_intermediate_size": cfg.expert_hidden,
+        "norm_topk_prob": cfg.moe_norm_topk,
+        # The first layers dense, all others MoE; Qwen3-MoE's step rule adds nothing then.
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(min(cfg.moe_first_dense, cfg.n_layers))),
+        "router_aux_loss_coef": cfg.moe_aux_weight,
+        "output_router_logits": False,
+    }
+
+
+_MOE_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)")
+_MOE_BUFFER = re.compile(r"model\.layers\.\d+\.mlp\.(selection_bias|load|bias_velocity)")
+# Our MoE names -> transformers' (after the `model.` prefix).
+_MOE_RENAMES = ((".mlp.router.", ".mlp.gate."), (".mlp.shared.", ".mlp.shared_experts."))
+
+
+def _moe_family_state(
+    model: Transformer, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """transformers' checkpoint tensors of an MoE family from our `model.`-prefixed ones: experts
+    split per expert, MoE modules renamed, training-only buffers dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if _MOE_BUFFER.fullmatch(key):
+            continue  # balancing state: no transformers counterpart
+        if match := _MOE_PARAM.fullmatch(key):
+            prefix = f"model.layers.{match[1]}.mlp.experts"
+            if match[2] == "gate_up_proj":
+                gate, up = tensor.chunk(2, dim=1)
+                for e in range(tensor.shape[0]):
+                    # clone: safetensors refuses tensors that share storage
+                    out[f"{prefix}.{e}.gate_proj.weight"] = gate[e].clone()
+                    out[f"{prefix}.{e}.up_proj.weight"] = up[e].clone()
+            else:
+                for e in range(tensor.shape[0]):
+                    out[f"{prefix}.{e}.down_proj.weight"] = tensor[e].clone()
+            continue
+        for ours, theirs in _MOE_RENAMES:
+            key = key.replace(ours, theirs)
+        out[key] = tensor
+    return out
+
+
+def _config_value(config: dict[str, Any], path: Path, *keys: str) -> Any:
+    """The first of `keys` present in `config` (a setting transformers stores under two names)."""
+    for key in keys:
+        if key in config:
+            return config[key]
+    raise ValueError(f"{path}/config.json: {' or '.join(keys)} is missing")
+
+
+def _moe_layers_of(config: dict[str, Any], n_experts: int, path: Path) -> int:
+    """Qwen3-MoE's dense/MoE layer layout as our `moe_first_dense`; NotImplementedError when the
+    MoE layers are not all the layers from some index on."""
+    n_layers = config["num_hidden_layers"]
+    step = config.get("decoder_sparse_step", 1)
+    dense_only = config.get("mlp_only_layers") or []
+    is_moe = [
+        i not in dense_only and n_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)
+    ]
+    first = is_moe.index(True) if any(is_moe) else n_layers
+    if not all(is_moe[first:]):
+        raise NotImplementedError(
+            f"{path}/config.json: decoder_sparse_step={step}, mlp_only_layers={dense_only} make "
+            f"layers {[i for i, m in enumerate(is_moe) if m]} MoE; FrontierLM expresses only the "
+            "first layers dense and all later ones MoE (model.moe_first_dense)"
+        )
+    return first
+
+
+def _qwen3_moe_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    _require(config, "use_sliding_window", False, path)
+    n_heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    if head_dim * n_heads != config["hidden_size"]:
+        raise NotImplementedError(
+            f"{path}/config.json: head_dim * num_attention_heads != hidden_size"
+        )
+    n_experts = _config_value(config, path, "num_experts", "num_local_experts")
+    first_dense = _moe_layers_of(config, n_experts, path)
+    return {
+        "n_kv_heads": config.get("num_key_value_heads", n_heads),
+        "qk_norm": True,
+        "moe_experts": n_experts if first_dense < config["num_hidden_layers"] else 0,
+        "moe_top_k": config["num_experts_per_tok"],
+        "moe_expert_hidden": config["moe_intermediate_size"],
+        "moe_first_dense": first_dense,
+        "moe_score": "softmax",
+        # transformers' Qwen3MoeConfig default, should a config leave it out
+        "moe_norm_topk": config.get("norm_topk_prob", False),
+        "moe_balance": "aux_loss",
+        "moe_aux_weight": config.get("router_aux_loss_coef", 0.001),
+    }
+
+
+def _load_moe_family(config: dict[str, Any], path: Path) -> Transformer:
+    if "quantization_config" in config:
+        raise NotImplementedError(
+            f"{path}/config.json: quantized weights ({config['quantization_config']}); "
+            "dequantize to a float checkpoint first"
+        )
+    for key, allowed in [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]:
+        _require(config, key, allowed, path)
+    fields = {"qwen3_moe": _qwen3_moe_fields}[config["model_type"]](config, path)
+    cfg = ModelConfig(
+        d_model=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        ffn_hidden=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        **_rope_fields(config, path),
+        **fields,
+    )
+    model = Transformer(cfg, config["vocab_size"])
+    state = _moe_state_from_hf(model, _read_safetensors(path), path)
+    return _load_weights(model, state, path)
+
+
+def _moe_state_from_hf(
+    model: Transformer, hf: dict[str, torch.Tensor], path: Path
+) -> dict[str, torch.Tensor]:
+    """transformers' MoE-family tensors under our `model.`-prefixed names: experts fused (from
+    per-expert or already fused tensors), MoE modules renamed; our balancing buffers keep their
+    fresh values."""
+    state = dict(hf)
+    for ours, theirs in _MOE_RENAMES:
+        for key in [k for k in state if theirs in k]:
+            state[key.replace(theirs, ours)] = state.pop(key)
+    fresh = model.state_dict()
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.mlp, MoE):
+            continue
+        prefix = f"model.layers.{i}.mlp"
+        state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"] = _fused_experts(
+            hf, f"{prefix}.experts", layer.mlp.n_experts, path
+        )
+        for buffer in ("selection_bias", "load", "bias_velocity"):
+            state.setdefault(f"{prefix}.{buffer}", fresh[f"layers.{i}.mlp.{buffer}"])
+    return state
+
+
+def _fused_experts(
+    hf: dict[str, torch.Tensor], prefix: str, n_experts: int, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up (experts, 2 * hidden, d), down (experts, d, hidden)) of one MoE layer."""
+    if f"{prefix}.gate_up_proj" in hf:
+        return hf[f"{prefix}.gate_up_proj"], hf[f"{prefix}.down_proj"]
+
+    def get(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise ValueError(f"{path}: weight {key} is missing from the safetensors files")
+        return hf[key]
+
+    gate_up = [
+        torch.cat([get(f"{prefix}.{e}.gate_proj.weight"), get(f"{prefix}.{e}.up_proj.weight")])
+        for e in range(n_experts)
+    ]
+    down = [get(f"{prefix}.{e}.down_proj.weight") for e in range(n_experts)]
+    return torch.stack(gate_up), torch.stack(down)

@@ -59,9 +59,11 @@ class MoE(nn.Module):
         d, hidden, n = cfg.d_model, cfg.expert_hidden, cfg.moe_experts
         self.n_experts, self.top_k = n, cfg.moe_top_k
         self.score, self.balance = cfg.moe_score, cfg.moe_balance
+        self.norm_topk = cfg.moe_norm_topk
         self.router = nn.Linear(d, n, bias=False)
         # Experts as stacked (out, in) weights, gate and up fused: one grouped matmul each way.
-        # The layout is transformers 5's (Qwen3-MoE, DeepSeek-V3), so export is a rename.
+        # The layout is transformers 5's in memory (Qwen3-MoE, DeepSeek-V3); checkpoints on disk
+        # hold one matrix per expert, which hf.py splits and fuses.
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, d))
         self.down_proj = nn.Parameter(torch.empty(n, d, hidden))
         self.shared = SwiGLU(d, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
@@ -83,7 +85,8 @@ class MoE(nn.Module):
         choice_scores = scores + self.selection_bias if biased else scores
         chosen = choice_scores.topk(self.top_k, dim=-1).indices  # (tokens, k)
         weights = scores.gather(-1, chosen)
-        weights = weights / weights.sum(-1, keepdim=True)  # mix only the chosen experts
+        if self.norm_topk:  # mix only the chosen experts, as if the others did not exist
+            weights = weights / weights.sum(-1, keepdim=True)
 
         counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
         if self.training:

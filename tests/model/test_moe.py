@@ -27,7 +27,7 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         biased = moe.balance in ("bias", "smebu")
         pick = (scores + (moe.selection_bias if biased else 0)).topk(moe.top_k)
         chosen = pick.indices
-        weights = scores[chosen] / scores[chosen].sum()
+        weights = scores[chosen] / scores[chosen].sum() if moe.norm_topk else scores[chosen]
         for w, e in zip(weights, chosen.tolist(), strict=True):
             gate, up = (moe.gate_up_proj[e] @ token).chunk(2)
             out[t] += w * (moe.down_proj[e] @ (F.silu(gate) * up))
@@ -38,7 +38,12 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fields",
-    [{}, {"moe_score": "sigmoid", "moe_shared_experts": 1}, {"moe_balance": "bias"}],
+    [
+        {},
+        {"moe_score": "sigmoid", "moe_shared_experts": 1},
+        {"moe_balance": "bias"},
+        {"moe_norm_topk": False},
+    ],
 )
 def test_moe_equals_token_by_token_loop(fields):
     moe = make_moe(**fields)
