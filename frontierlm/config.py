@@ -170,6 +170,30 @@ class ModelConfig(Strict):
     )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    attention: Literal["gqa", "mla"] = Field(
+        "gqa",
+        description="gqa: grouped-query attention (n_kv_heads; MHA and MQA at the ends); mla: "
+        "DeepSeek-V2/V3 multi-head latent attention (keys and values expanded from one small "
+        "latent per token, which is all a KV cache holds), set by the mla_* fields",
+    )
+    mla_q_lora_rank: int | None = Field(
+        None, ge=1, description="MLA query compression rank (DeepSeek-V3: 1536); None = direct"
+    )
+    mla_kv_lora_rank: int | None = Field(
+        None, ge=1, description="MLA key-value latent width, cached per token (DeepSeek-V3: 512)"
+    )
+    mla_qk_nope_head_dim: int | None = Field(
+        None, ge=1, description="MLA per-head query/key dims without RoPE (DeepSeek-V3: 128)"
+    )
+    mla_qk_rope_head_dim: int | None = Field(
+        None,
+        ge=2,
+        description="MLA per-head query dims with RoPE, and the width of the one rotated key all "
+        "heads share (DeepSeek-V3: 64)",
+    )
+    mla_v_head_dim: int | None = Field(
+        None, ge=1, description="MLA per-head value dims (DeepSeek-V3: 128)"
+    )
     moe_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense model")
     moe_top_k: int = Field(2, ge=1, description="routed experts per token")
     moe_shared_experts: int = Field(0, ge=0, description="experts every token passes through")
@@ -222,6 +246,60 @@ class ModelConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _mla(self) -> ModelConfig:
+        given = [name for name in _MLA_FIELDS if getattr(self, name) is not None]
+        if self.attention != "mla":
+            if given:
+                raise ValueError(f"{', '.join(given)} apply only with attention='mla'")
+            return self
+        missing = [name for name in _MLA_FIELDS[1:] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"attention='mla' needs {', '.join(missing)} (DeepSeek-V3: kv_lora_rank 512, "
+                "qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128)"
+            )
+        if self.mla_qk_rope_head_dim % 2:
+            raise ValueError(
+                f"mla_qk_rope_head_dim={self.mla_qk_rope_head_dim} must be even (RoPE)"
+            )
+        if self.n_kv_heads not in (None, self.n_heads):
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} has no meaning with attention='mla': every head "
+                "expands its keys and values from the one shared latent; leave it unset"
+            )
+        for switch in ("qk_norm", "attn_gate", "attn_softcap"):
+            if getattr(self, switch) not in (False, None):
+                raise ValueError(f"{switch} is not implemented for attention='mla'")
+        return self
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys, over which attention scores are dot products."""
+        if self.attention == "mla":
+            return self.mla_qk_nope_head_dim + self.mla_qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla_v_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Per-head dimensions RoPE rotates: MLA rotates only its rope slice."""
+        return self.mla_qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes an inference KV cache holds per token, over all layers: keys and values of every
+        KV head under GQA; under MLA only the normalised latent and the shared rotated key, from
+        which every head's keys and values are recomputed (or absorbed into the query and output
+        projections). Local layers hold at most `sliding_window` tokens, not counted here."""
+        if self.attention == "mla":
+            per_layer = self.mla_kv_lora_rank + self.mla_qk_rope_head_dim
+        else:
+            per_layer = 2 * self.kv_heads * self.head_dim
+        return self.n_layers * per_layer * dtype_bytes
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -250,6 +328,15 @@ class ModelConfig(Strict):
         if self.ffn_hidden:
             return self.ffn_hidden
         return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+
+_MLA_FIELDS = (
+    "mla_q_lora_rank",
+    "mla_kv_lora_rank",
+    "mla_qk_nope_head_dim",
+    "mla_qk_rope_head_dim",
+    "mla_v_head_dim",
+)
 
 
 def _divisors(n: int) -> list[int]:

@@ -35,7 +35,7 @@ FAMILIES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 def hf_config(model: Transformer) -> dict[str, Any]:
     """The transformers config of the family that expresses `model.cfg`."""
     cfg = model.cfg
-    if cfg.moe_experts:
+    if cfg.moe_experts or cfg.attention != "gqa":
         return moe_family_config(model)
     # Switches only other families express; each is named in the error.
     defaults = ModelConfig()
@@ -248,6 +248,8 @@ def moe_family_config(model: Transformer) -> dict[str, Any]:
             raise NotImplementedError(
                 f"model.{switch}={value!r} has no Qwen3-MoE equivalent; no MoE family exports it"
             )
+    if cfg.attention == "mla":
+        raise NotImplementedError("model.attention='mla' exports as DeepSeek-V3, not yet written")
     return _qwen3_moe_config(model)
 
 

@@ -43,13 +43,13 @@ def yarn_frequencies(
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_seq_len, head_dim), in float32 whatever the model dtype."""
+    """cos and sin of shape (max_seq_len, rope_dim), in float32 whatever the model dtype."""
     if cfg.yarn_factor is None:
-        steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+        steps = torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim
         inv_freq, scale = 1.0 / cfg.rope_theta**steps, 1.0
     else:
         inv_freq, scale = yarn_frequencies(
-            cfg.head_dim,
+            cfg.rope_dim,
             cfg.rope_theta,
             cfg.yarn_factor,
             cfg.yarn_original_max_len,
