@@ -209,6 +209,21 @@ class ModelConfig(Strict):
         description="rescale the chosen experts' scores to sum to 1 before mixing (Qwen3-MoE's "
         "norm_topk_prob, true in Qwen3-30B-A3B; DeepSeek-V3: true); false mixes the raw scores",
     )
+    moe_routed_scale: float = Field(
+        1.0,
+        gt=0,
+        description="factor on the routed experts' mixing weights, after any normalisation "
+        "(DeepSeek-V3's routed_scaling_factor: 2.5); shared experts are not scaled",
+    )
+    moe_groups: int = Field(
+        1,
+        ge=1,
+        description="group-limited routing (DeepSeek-V3's n_group: 8): the experts fall into this "
+        "many equal groups and a token chooses only within its moe_topk_groups best; 1 = off",
+    )
+    moe_topk_groups: int = Field(
+        1, ge=1, description="groups a token may choose experts from (DeepSeek-V3's topk_group: 4)"
+    )
     moe_balance: Literal["aux_loss", "bias", "smebu", "none"] = "aux_loss"
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
     moe_seq_aux_weight: float = Field(
@@ -243,6 +258,32 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}; "
                 f"allowed: {_divisors(self.n_heads)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _moe_groups(self) -> ModelConfig:
+        if self.moe_topk_groups > self.moe_groups:
+            raise ValueError(
+                f"moe_topk_groups={self.moe_topk_groups} exceeds moe_groups={self.moe_groups}"
+            )
+        if not self.moe_experts or self.moe_groups == 1:
+            return self
+        if self.moe_experts % self.moe_groups:
+            raise ValueError(
+                f"moe_groups={self.moe_groups} must divide moe_experts={self.moe_experts}; "
+                f"allowed: {_divisors(self.moe_experts)}"
+            )
+        per_group = self.moe_experts // self.moe_groups
+        if per_group < 2:  # a group scores the sum of its two best experts
+            raise ValueError(
+                f"moe_groups={self.moe_groups} leaves {per_group} expert per group; "
+                "group-limited routing needs at least 2"
+            )
+        if self.moe_top_k > self.moe_topk_groups * per_group:
+            raise ValueError(
+                f"moe_top_k={self.moe_top_k} exceeds the {self.moe_topk_groups * per_group} "
+                f"experts in moe_topk_groups={self.moe_topk_groups} groups of {per_group}"
             )
         return self
 

@@ -2,8 +2,8 @@
 
 Our parameter names are transformers' Llama/Qwen3 names without the `model.` prefix, so export
 and import are renames plus a config translation. The family follows from the config: QK-norm
-makes a Qwen3, otherwise a Llama; routed experts make a Qwen3-MoE (see the MoE families section
-below). Gemma 2 and DeepSeek-V3 (issue 3) raise NotImplementedError.
+makes a Qwen3, otherwise a Llama; routed experts make a Qwen3-MoE and MLA a DeepSeek-V3 (see
+the MoE and MLA families section below). Gemma 2 (issue 3) raises NotImplementedError.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def export_hf(model: Transformer, out: Path, tokenizer_dir: Path | None = None) 
             continue  # tied: transformers rebuilds it from the embedding
         state[_hf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
     if config["model_type"] in MOE_FAMILIES:
-        state = _moe_family_state(model, state)
+        state = _moe_family_state(model, config["model_type"], state)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_dir is not None:
@@ -125,8 +125,8 @@ def _require(config: dict[str, Any], key: str, allowed: Any, path: Path) -> None
 
 
 def load_hf(path: str | Path) -> Transformer:
-    """A transformers Llama, Qwen3 or Qwen3-MoE checkpoint (config.json + safetensors) as our
-    Transformer."""
+    """A transformers Llama, Qwen3, Qwen3-MoE or DeepSeek-V3 checkpoint (config.json +
+    safetensors) as our Transformer."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -138,7 +138,7 @@ def load_hf(path: str | Path) -> Transformer:
     if family not in FAMILIES:
         raise NotImplementedError(
             f"{config_file}: model_type={family!r}; {sorted(FAMILIES | MOE_FAMILIES)} import so "
-            "far (Gemma 2 and DeepSeek-V3 arrive with issue 3)"
+            "far (Gemma 2 arrives with issue 3)"
         )
     if family == "qwen3":
         _require(config, "use_sliding_window", False, path)
@@ -214,19 +214,29 @@ def _load_weights(model: Transformer, state: dict[str, torch.Tensor], path: Path
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- MoE families
+# ----------------------------------------------------------------------------- MoE and MLA families
 #
-# Routed experts export as Qwen3-MoE (softmax routing, QK-norm, no shared experts). Our MoE keeps
-# the experts fused as transformers 5 holds them in memory (`gate_up_proj` (experts, 2 * hidden,
-# d), `down_proj` (experts, d, hidden)), but checkpoints on disk, the ones transformers'
+# Routed experts under grouped-query attention export as Qwen3-MoE (softmax routing, QK-norm, no
+# shared experts); MLA, with or without routed experts, as DeepSeek-V3 (sigmoid routing, our
+# selection bias as its e_score_correction_bias, shared experts, group-limited routing, scaled
+# mixing weights).
+#
+# Experts: our MoE keeps them fused as transformers 5 holds them in memory (`gate_up_proj`
+# (experts, 2 * hidden, d), `down_proj` (experts, d, hidden)), but checkpoints on disk, the ones
 # `save_pretrained` writes and vLLM and older transformers read, hold one gate/up/down matrix per
-# expert (`mlp.experts.{e}.gate_proj.weight`); transformers 5 fuses them while loading
-# (conversion_mapping.py). So export splits and import fuses, and import also takes the fused
-# tensors should a checkpoint hold those.
+# expert (`mlp.experts.{e}.gate_proj.weight`), which transformers 5 fuses while loading
+# (conversion_mapping.py). So export splits and import fuses, and import also takes fused tensors
+# should a checkpoint hold those.
+#
+# MLA's RoPE slices: DeepSeek's checkpoints order each slice's rows in interleaved pairs (rows 2i
+# and 2i+1 turn together); transformers, told `rope_interleave` (its default), regroups them after
+# projecting into the half-split layout it rotates. Our MLA rotates half-split directly, so export
+# writes the rows interleaved with rope_interleave true, as DeepSeek's own checkpoints are, and
+# import regroups interleaved rows; the regrouping is a row permutation, so logits are unchanged.
 
-MOE_FAMILIES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_FAMILIES = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
-# Switches no MoE family expresses, whatever the attention.
+# Switches neither family expresses, whatever the attention.
 _MOE_UNEXPRESSED = (
     "attn_gate",
     "attn_softcap",
@@ -238,18 +248,18 @@ _MOE_UNEXPRESSED = (
 
 
 def moe_family_config(model: Transformer) -> dict[str, Any]:
-    """The transformers config of the MoE family that expresses `model.cfg`; NotImplementedError
-    naming the switch when none does."""
+    """The transformers config of the MoE/MLA family that expresses `model.cfg`:
+    NotImplementedError naming the switch when none does."""
     cfg = model.cfg
     defaults = ModelConfig()
     for switch in _MOE_UNEXPRESSED:
         value = getattr(cfg, switch)
         if value != getattr(defaults, switch):
             raise NotImplementedError(
-                f"model.{switch}={value!r} has no Qwen3-MoE equivalent; no MoE family exports it"
+                f"model.{switch}={value!r} has no Qwen3-MoE or DeepSeek-V3 equivalent"
             )
     if cfg.attention == "mla":
-        raise NotImplementedError("model.attention='mla' exports as DeepSeek-V3, not yet written")
+        return _deepseek_v3_config(model)
     return _qwen3_moe_config(model)
 
 
@@ -257,15 +267,13 @@ def _reject(switch: str, value: Any, family: str, why: str) -> NotImplementedErr
     return NotImplementedError(f"model.{switch}={value!r} has no {family} equivalent: {why}")
 
 
-def _bias_steers_choice(model: Transformer) -> bool:
-    """Whether some MoE layer's selection bias changes which experts tokens choose."""
-    return model.cfg.moe_balance in ("bias", "smebu") and any(
-        bool(m.selection_bias.any()) for m in model.moe_layers()
-    )
+def _biased(cfg: ModelConfig) -> bool:
+    """Whether the selection bias takes part in the choice of experts."""
+    return cfg.moe_balance in ("bias", "smebu")
 
 
 def _common_config(model: Transformer) -> dict[str, Any]:
-    """The keys every family's transformers config shares."""
+    """The keys both families' transformers configs share."""
     cfg = model.cfg
     return {
         "vocab_size": model.vocab_size,
@@ -287,20 +295,30 @@ def _common_config(model: Transformer) -> dict[str, Any]:
 
 def _qwen3_moe_config(model: Transformer) -> dict[str, Any]:
     cfg = model.cfg
-    family = "Qwen3-MoE"
+    family, elsewhere = "Qwen3-MoE", "DeepSeek-V3 has it (with attention='mla')"
     if not cfg.qk_norm:
         raise _reject("qk_norm", False, family, "its attention always normalises q and k")
     if cfg.moe_score != "softmax":
-        raise _reject("moe_score", cfg.moe_score, family, "it routes by softmax")
+        raise _reject("moe_score", cfg.moe_score, family, f"it routes by softmax; {elsewhere}")
     if cfg.moe_shared_experts:
-        raise _reject("moe_shared_experts", cfg.moe_shared_experts, family, "no shared experts")
-    if _bias_steers_choice(model):
+        raise _reject(
+            "moe_shared_experts", cfg.moe_shared_experts, family, f"no shared experts; {elsewhere}"
+        )
+    if cfg.moe_routed_scale != 1.0:
+        raise _reject(
+            "moe_routed_scale", cfg.moe_routed_scale, family, f"no routed scaling; {elsewhere}"
+        )
+    if cfg.moe_groups > 1:
+        raise _reject(
+            "moe_groups", cfg.moe_groups, family, f"no group-limited routing; {elsewhere}"
+        )
+    if _biased(cfg) and any(bool(m.selection_bias.any()) for m in model.moe_layers()):
         raise _reject(
             "moe_balance",
             cfg.moe_balance,
             family,
-            "it has no selection bias, and this model's "
-            "non-zero bias changes which experts are chosen",
+            "it has no selection bias, and this model's non-zero bias changes which experts are "
+            f"chosen; {elsewhere}",
         )
     return {
         "architectures": [MOE_FAMILIES["qwen3_moe"]],
@@ -322,27 +340,74 @@ def _qwen3_moe_config(model: Transformer) -> dict[str, Any]:
     }
 
 
-_MOE_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)")
-_MOE_BUFFER = re.compile(r"model\.layers\.\d+\.mlp\.(selection_bias|load|bias_velocity)")
-# Our MoE names -> transformers' (after the `model.` prefix).
-_MOE_RENAMES = ((".mlp.router.", ".mlp.gate."), (".mlp.shared.", ".mlp.shared_experts."))
+def _deepseek_v3_config(model: Transformer) -> dict[str, Any]:
+    cfg = model.cfg
+    has_moe = any(cfg.layer_is_moe(i) for i in range(cfg.n_layers))
+    if has_moe and cfg.moe_score != "sigmoid":
+        raise _reject("moe_score", cfg.moe_score, "DeepSeek-V3", "it routes by sigmoid scores")
+    return {
+        "architectures": [MOE_FAMILIES["deepseek_v3"]],
+        "model_type": "deepseek_v3",
+        **_common_config(model),
+        # Every head has its own keys and values, expanded from the shared latent.
+        "num_key_value_heads": cfg.n_heads,
+        "q_lora_rank": cfg.mla_q_lora_rank,
+        "kv_lora_rank": cfg.mla_kv_lora_rank,
+        "qk_nope_head_dim": cfg.mla_qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.mla_qk_rope_head_dim,
+        "v_head_dim": cfg.mla_v_head_dim,
+        "head_dim": cfg.mla_qk_rope_head_dim,  # what transformers sizes its RoPE tables by
+        "rope_interleave": True,
+        "n_routed_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "moe_intermediate_size": cfg.expert_hidden,
+        "n_shared_experts": cfg.moe_shared_experts,
+        "first_k_dense_replace": min(cfg.moe_first_dense, cfg.n_layers)
+        if has_moe
+        else cfg.n_layers,
+        "norm_topk_prob": cfg.moe_norm_topk,
+        "routed_scaling_factor": cfg.moe_routed_scale,
+        "n_group": cfg.moe_groups,
+        "topk_group": cfg.moe_topk_groups,
+        # transformers implies these; DeepSeek's own code and vLLM read them.
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "moe_layer_freq": 1,
+        "num_nextn_predict_layers": 0,
+    }
+
+
+_MOE_PARAM = re.compile(r"(model\.layers\.\d+\.mlp)\.(gate_up_proj|down_proj)")
+_MOE_BUFFER = re.compile(r"(model\.layers\.\d+\.mlp)\.(selection_bias|load|bias_velocity)")
+# Our MoE names -> transformers' (after the `model.` prefix), applied in order.
+_MOE_RENAMES = (
+    (".mlp.selection_bias", ".mlp.gate.e_score_correction_bias"),
+    (".mlp.router.", ".mlp.gate."),
+    (".mlp.shared.", ".mlp.shared_experts."),
+)
 
 
 def _moe_family_state(
-    model: Transformer, state: dict[str, torch.Tensor]
+    model: Transformer, family: str, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """transformers' checkpoint tensors of an MoE family from our `model.`-prefixed ones: experts
-    split per expert, MoE modules renamed, training-only buffers dropped."""
+    """transformers' checkpoint tensors of an MoE/MLA family from our `model.`-prefixed ones:
+    experts split per expert, MoE modules renamed, MLA's RoPE rows interleaved, training-only
+    buffers dropped."""
+    cfg = model.cfg
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if _MOE_BUFFER.fullmatch(key):
-            continue  # balancing state: no transformers counterpart
+        if match := _MOE_BUFFER.fullmatch(key):
+            if family == "deepseek_v3" and match[2] == "selection_bias":
+                # DeepSeek-V3 always adds it to the choice scores: zero unless ours does too.
+                bias = tensor if _biased(cfg) else torch.zeros_like(tensor)
+                out[f"{match[1]}.gate.e_score_correction_bias"] = bias
+            continue  # the balancing state has no transformers counterpart
         if match := _MOE_PARAM.fullmatch(key):
-            prefix = f"model.layers.{match[1]}.mlp.experts"
+            prefix = f"{match[1]}.experts"
+            # clone: safetensors refuses tensors that share storage
             if match[2] == "gate_up_proj":
                 gate, up = tensor.chunk(2, dim=1)
                 for e in range(tensor.shape[0]):
-                    # clone: safetensors refuses tensors that share storage
                     out[f"{prefix}.{e}.gate_proj.weight"] = gate[e].clone()
                     out[f"{prefix}.{e}.up_proj.weight"] = up[e].clone()
             else:
@@ -352,7 +417,43 @@ def _moe_family_state(
         for ours, theirs in _MOE_RENAMES:
             key = key.replace(ours, theirs)
         out[key] = tensor
+    if family == "deepseek_v3":
+        if not cfg.moe_shared_experts:  # DeepSeek-V3 builds them anyway, zero wide
+            for i, layer in enumerate(model.layers):
+                if isinstance(layer.mlp, MoE):
+                    prefix = f"model.layers.{i}.mlp.shared_experts"
+                    out[f"{prefix}.gate_proj.weight"] = torch.zeros(0, cfg.d_model)
+                    out[f"{prefix}.up_proj.weight"] = torch.zeros(0, cfg.d_model)
+                    out[f"{prefix}.down_proj.weight"] = torch.zeros(cfg.d_model, 0)
+        _reorder_mla_rope_rows(cfg, out, to_interleaved=True)
     return out
+
+
+def _reorder_mla_rope_rows(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], to_interleaved: bool
+) -> None:
+    """Reorder, in place, the rows of the projections that make MLA's RoPE slices (the query
+    heads' and the shared key's) between our half-split order and interleaved pairs."""
+    rope, half = cfg.mla_qk_rope_head_dim, cfg.mla_qk_rope_head_dim // 2
+    if to_interleaved:  # interleaved row 2i is our row i, row 2i + 1 our row half + i
+        order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    else:
+        order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+    query = "q_proj" if cfg.mla_q_lora_rank is None else "q_b_proj"
+    for i in range(cfg.n_layers):
+        prefix = f"model.layers.{i}.self_attn"
+        # Each block of rows ends in its rope slice: per query head, and the latent + key one.
+        for name, block in [
+            (query, cfg.qk_head_dim),
+            ("kv_a_proj_with_mqa", cfg.mla_kv_lora_rank + rope),
+        ]:
+            key = f"{prefix}.{name}.weight"
+            if key not in state:
+                continue  # reported as missing when the weights load
+            weight = state[key]
+            rows = weight.reshape(-1, block, weight.shape[-1])
+            rows = torch.cat([rows[:, : block - rope], rows[:, block - rope :][:, order]], dim=1)
+            state[key] = rows.reshape(weight.shape)
 
 
 def _config_value(config: dict[str, Any], path: Path, *keys: str) -> Any:
@@ -363,7 +464,7 @@ def _config_value(config: dict[str, Any], path: Path, *keys: str) -> Any:
     raise ValueError(f"{path}/config.json: {' or '.join(keys)} is missing")
 
 
-def _moe_layers_of(config: dict[str, Any], n_experts: int, path: Path) -> int:
+def _qwen3_moe_first_dense(config: dict[str, Any], n_experts: int, path: Path) -> int:
     """Qwen3-MoE's dense/MoE layer layout as our `moe_first_dense`; NotImplementedError when the
     MoE layers are not all the layers from some index on."""
     n_layers = config["num_hidden_layers"]
@@ -391,7 +492,7 @@ def _qwen3_moe_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
             f"{path}/config.json: head_dim * num_attention_heads != hidden_size"
         )
     n_experts = _config_value(config, path, "num_experts", "num_local_experts")
-    first_dense = _moe_layers_of(config, n_experts, path)
+    first_dense = _qwen3_moe_first_dense(config, n_experts, path)
     return {
         "n_kv_heads": config.get("num_key_value_heads", n_heads),
         "qk_norm": True,
@@ -400,14 +501,51 @@ def _qwen3_moe_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
         "moe_expert_hidden": config["moe_intermediate_size"],
         "moe_first_dense": first_dense,
         "moe_score": "softmax",
-        # transformers' Qwen3MoeConfig default, should a config leave it out
+        # Defaults, where a config leaves a key out, are transformers' (Qwen3MoeConfig).
         "moe_norm_topk": config.get("norm_topk_prob", False),
         "moe_balance": "aux_loss",
         "moe_aux_weight": config.get("router_aux_loss_coef", 0.001),
     }
 
 
+def _deepseek_v3_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    # transformers ignores these and always routes DeepSeek-V3's way; a config that says
+    # otherwise describes a model transformers would not reproduce either.
+    for key, allowed in [("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")]:
+        _require(config, key, allowed, path)
+    _require(config, "moe_layer_freq", 1, path)
+    n_layers = config["num_hidden_layers"]
+    n_experts = _config_value(config, path, "n_routed_experts", "num_local_experts")
+    # Defaults, where a config leaves a key out, are transformers' (DeepseekV3Config).
+    first_dense = min(config.get("first_k_dense_replace", 3), n_layers)
+    if not n_experts and first_dense < n_layers:
+        raise NotImplementedError(
+            f"{path}/config.json: n_routed_experts=0 yet MoE layers from first_k_dense_replace="
+            f"{first_dense}"
+        )
+    return {
+        "attention": "mla",
+        "mla_q_lora_rank": config.get("q_lora_rank"),
+        "mla_kv_lora_rank": config["kv_lora_rank"],
+        "mla_qk_nope_head_dim": config["qk_nope_head_dim"],
+        "mla_qk_rope_head_dim": config["qk_rope_head_dim"],
+        "mla_v_head_dim": config["v_head_dim"],
+        "moe_experts": n_experts,
+        "moe_top_k": config["num_experts_per_tok"],
+        "moe_expert_hidden": config["moe_intermediate_size"],
+        "moe_shared_experts": config.get("n_shared_experts", 1),
+        "moe_first_dense": first_dense,
+        "moe_score": "sigmoid",
+        "moe_norm_topk": config.get("norm_topk_prob", True),
+        "moe_routed_scale": config.get("routed_scaling_factor", 2.5),
+        "moe_groups": config.get("n_group", 8) or 1,
+        "moe_topk_groups": config.get("topk_group", 4) or 1,
+        "moe_balance": "bias",  # e_score_correction_bias: DeepSeek-V3's auxiliary-loss-free bias
+    }
+
+
 def _load_moe_family(config: dict[str, Any], path: Path) -> Transformer:
+    family = config["model_type"]
     if "quantization_config" in config:
         raise NotImplementedError(
             f"{path}/config.json: quantized weights ({config['quantization_config']}); "
@@ -415,7 +553,7 @@ def _load_moe_family(config: dict[str, Any], path: Path) -> Transformer:
         )
     for key, allowed in [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]:
         _require(config, key, allowed, path)
-    fields = {"qwen3_moe": _qwen3_moe_fields}[config["model_type"]](config, path)
+    fields = {"qwen3_moe": _qwen3_moe_fields, "deepseek_v3": _deepseek_v3_fields}[family]
     cfg = ModelConfig(
         d_model=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -425,10 +563,12 @@ def _load_moe_family(config: dict[str, Any], path: Path) -> Transformer:
         tie_embeddings=config.get("tie_word_embeddings", False),
         norm_eps=config.get("rms_norm_eps", 1e-6),
         **_rope_fields(config, path),
-        **fields,
+        **fields(config, path),
     )
     model = Transformer(cfg, config["vocab_size"])
     state = _moe_state_from_hf(model, _read_safetensors(path), path)
+    if family == "deepseek_v3" and config.get("rope_interleave", True):
+        _reorder_mla_rope_rows(cfg, state, to_interleaved=False)
     return _load_weights(model, state, path)
 
 
@@ -436,8 +576,8 @@ def _moe_state_from_hf(
     model: Transformer, hf: dict[str, torch.Tensor], path: Path
 ) -> dict[str, torch.Tensor]:
     """transformers' MoE-family tensors under our `model.`-prefixed names: experts fused (from
-    per-expert or already fused tensors), MoE modules renamed; our balancing buffers keep their
-    fresh values."""
+    per-expert or already fused tensors), MoE modules renamed; balancing buffers transformers
+    lacks keep our fresh values."""
     state = dict(hf)
     for ours, theirs in _MOE_RENAMES:
         for key in [k for k in state if theirs in k]:

@@ -1,4 +1,5 @@
-"""MoE families (Qwen3-MoE) to and from Hugging Face format, checked with transformers itself."""
+"""MoE and MLA families (Qwen3-MoE, DeepSeek-V3) to and from Hugging Face format, checked with
+transformers itself."""
 
 import json
 
@@ -22,6 +23,26 @@ QWEN3_MOE = {
     "moe_experts": 8,
     "moe_top_k": 2,
     "moe_expert_hidden": 32,
+}
+
+MLA = {
+    "attention": "mla",
+    "mla_kv_lora_rank": 16,
+    "mla_qk_nope_head_dim": 12,
+    "mla_qk_rope_head_dim": 8,
+    "mla_v_head_dim": 10,
+}
+DEEPSEEK_V3 = {
+    **MLA,
+    "d_model": 64,
+    "n_layers": 3,
+    "n_heads": 4,
+    "max_seq_len": 64,
+    "rope_theta": 50000.0,
+    "moe_experts": 8,
+    "moe_top_k": 2,
+    "moe_expert_hidden": 16,
+    "moe_score": "sigmoid",
 }
 
 
@@ -146,6 +167,14 @@ def test_import_of_a_transformers_made_qwen3_moe(tmp_path, norm_topk, fused):
         ({"moe_shared_experts": 1}, r"model\.moe_shared_experts=1 has no Qwen3-MoE"),
         ({"attn_softcap": 30.0}, r"model\.attn_softcap=30\.0 has no"),
         ({"sliding_window": 8, "layer_pattern": "LG"}, r"model\.sliding_window=8 has no"),
+        ({"moe_routed_scale": 2.5}, r"model\.moe_routed_scale=2\.5 has no Qwen3-MoE"),
+        ({"moe_groups": 4, "moe_topk_groups": 2}, r"model\.moe_groups=4 has no Qwen3-MoE"),
+        # MLA exports as DeepSeek-V3, which routes by sigmoid and has no local layers either
+        ({"qk_norm": False, **MLA}, r"model\.moe_score='softmax' has no DeepSeek-V3"),
+        (
+            {"qk_norm": False, **MLA, "sliding_window": 8, "layer_pattern": "LG"},
+            r"model\.sliding_window=8 has no Qwen3-MoE or DeepSeek-V3",
+        ),
     ],
 )
 def test_moe_export_names_the_switch_no_family_expresses(
@@ -179,3 +208,137 @@ def test_qwen3_moe_layouts_beyond_first_k_dense_fail_clearly(tmp_path):
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
         assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # DeepSeek-V3's routing in full: first layer dense, bias steering the choice, groups,
+        # shared expert, renormalised then scaled weights, low-rank queries
+        {
+            "mla_q_lora_rank": 24,
+            "moe_first_dense": 1,
+            "moe_shared_experts": 1,
+            "moe_balance": "bias",
+            "moe_groups": 4,
+            "moe_topk_groups": 2,
+            "moe_routed_scale": 2.5,
+            "tie_embeddings": False,
+        },
+        # no shared experts, raw sigmoid weights, aux-loss balancing (the bias must not leak)
+        {"moe_top_k": 3, "moe_norm_topk": False, "moe_balance": "aux_loss"},
+        # two shared experts, smebu bias, YaRN on the rope slices
+        {
+            "moe_shared_experts": 2,
+            "moe_balance": "smebu",
+            "moe_first_dense": 2,
+            "max_seq_len": 128,
+            "yarn_factor": 4.0,
+            "yarn_original_max_len": 32,
+        },
+        # dense MLA: every layer dense (first_k_dense_replace = num_hidden_layers)
+        {"moe_experts": 0, "moe_score": "softmax", "mla_q_lora_rank": 24, "mla_v_head_dim": 16},
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # zero shared experts
+def test_deepseek_v3_export_loads_in_transformers_with_same_logits(
+    tmp_path, make_random_model, fields
+):
+    model = make_random_model(VOCAB, **{**DEEPSEEK_V3, **fields})
+    perturb_selection_bias(model)
+    exported, back, family = compare_export(model, tmp_path / "hf")
+    assert family == "DeepseekV3ForCausalLM"
+    assert exported < 1e-4
+    assert back < 1e-6
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_interleave"] is True
+    if model.cfg.moe_balance == "bias":  # the bias is what makes the match: dropped, it breaks
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+        for key in [k for k in weights if k.endswith("e_score_correction_bias")]:
+            weights[key] = torch.zeros_like(weights[key])
+        save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        ids = torch.randint(0, VOCAB, (2, 48))
+        with torch.no_grad():
+            assert max_rel_error(model(ids), hf(input_ids=ids).logits) > 1e-3
+
+
+def deepseek_v3_made_by_transformers(tmp_path, **overrides):
+    torch.manual_seed(3)
+    settings = {
+        "vocab_size": 256,
+        "hidden_size": 48,
+        "intermediate_size": 80,
+        "moe_intermediate_size": 24,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 24,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "n_routed_experts": 12,
+        "num_experts_per_tok": 3,
+        "n_shared_experts": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+        **overrides,
+    }
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**settings)).eval()
+    perturb_norms(hf)
+    with torch.no_grad():
+        for name, buffer in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.3, 0.3)
+    hf.save_pretrained(tmp_path / "made")
+    return hf
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # rope_interleave true, transformers' default and DeepSeek's checkpoints
+        {"rope_interleave": False, "q_lora_rank": None, "norm_topk_prob": False},
+        {"n_group": 1, "topk_group": 1, "n_shared_experts": 2, "routed_scaling_factor": 1.0},
+    ],
+)
+def test_import_of_a_transformers_made_deepseek_v3(tmp_path, overrides):
+    hf = deepseek_v3_made_by_transformers(tmp_path, **overrides)
+    ours = load_hf(tmp_path / "made")
+    cfg = ours.cfg
+    assert cfg.attention == "mla" and cfg.moe_score == "sigmoid" and cfg.moe_balance == "bias"
+    assert (cfg.moe_experts, cfg.moe_top_k, cfg.moe_first_dense) == (12, 3, 1)
+    assert (cfg.hidden, cfg.expert_hidden) == (80, 24)
+    assert cfg.moe_groups == overrides.get("n_group", 4)
+    assert cfg.mla_q_lora_rank == overrides.get("q_lora_rank", 32)
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
+    # The imported correction bias steers the choice: without it the logits move.
+    with torch.no_grad():
+        for moe in ours.moe_layers():
+            moe.selection_bias.zero_()
+        assert max_rel_error(ours(ids), hf(input_ids=ids).logits) > 1e-3
+
+
+def test_deepseek_v3_configs_transformers_would_not_reproduce_fail_clearly(tmp_path):
+    deepseek_v3_made_by_transformers(tmp_path)
+    config_file = tmp_path / "made" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key, value in [("scoring_func", "softmax"), ("moe_layer_freq", 2)]:
+        config_file.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(NotImplementedError, match=f"{key}={value!r}"):
+            load_hf(tmp_path / "made")
+    config_file.write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(NotImplementedError, match="dequantize"):
+        load_hf(tmp_path / "made")
