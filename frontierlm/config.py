@@ -138,6 +138,18 @@ class ModelConfig(Strict):
     )
     yarn_beta_fast: float = Field(32.0, gt=0)
     yarn_beta_slow: float = Field(1.0, gt=0)
+    yarn_mscale: float | None = Field(
+        None,
+        gt=0,
+        description="YaRN with yarn_mscale_all_dim (DeepSeek-V3: 1.0): cos and sin are scaled by "
+        "m(yarn_mscale) / m(yarn_mscale_all_dim), m(c) = 0.1 c ln(factor) + 1; unset, by m(1)",
+    )
+    yarn_mscale_all_dim: float | None = Field(
+        None,
+        gt=0,
+        description="YaRN (DeepSeek-V3: 1.0): with yarn_mscale, divides the cos/sin factor; "
+        "under attention='mla' also multiplies the softmax scale by m(yarn_mscale_all_dim)^2",
+    )
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
@@ -250,6 +262,8 @@ class ModelConfig(Strict):
             raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
         if (self.yarn_factor is None) != (self.yarn_original_max_len is None):
             raise ValueError("YaRN needs both yarn_factor and yarn_original_max_len (or neither)")
+        if self.yarn_factor is None and (self.yarn_mscale or self.yarn_mscale_all_dim):
+            raise ValueError("yarn_mscale and yarn_mscale_all_dim apply only with yarn_factor")
         if "L" in self.layer_pattern and self.sliding_window is None:
             raise ValueError(
                 f"layer_pattern={self.layer_pattern!r} has local (L) layers: set sliding_window"

@@ -92,6 +92,12 @@ def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
             "beta_fast": cfg.yarn_beta_fast,
             "beta_slow": cfg.yarn_beta_slow,
         }
+        for key, value in [
+            ("mscale", cfg.yarn_mscale),
+            ("mscale_all_dim", cfg.yarn_mscale_all_dim),
+        ]:
+            if value is not None:
+                params[key] = value
     return params
 
 
@@ -173,8 +179,7 @@ def _rope_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
         raise NotImplementedError(
             f"{path}/config.json: rope_type={rope_type!r}; default and yarn only"
         )
-    for key in ("attention_factor", "mscale", "mscale_all_dim"):
-        _require(rope, key, None, path)
+    _require(rope, "attention_factor", None, path)
     _require(rope, "truncate", True, path)
     fields: dict[str, Any] = {
         "rope_theta": config.get("rope_theta") or rope.get("rope_theta", 10000.0)
@@ -185,6 +190,9 @@ def _rope_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
             "yarn_original_max_len": rope["original_max_position_embeddings"],
             "yarn_beta_fast": rope.get("beta_fast") or 32.0,
             "yarn_beta_slow": rope.get("beta_slow") or 1.0,
+            # 0 and absent mean the same to transformers
+            "yarn_mscale": rope.get("mscale") or None,
+            "yarn_mscale_all_dim": rope.get("mscale_all_dim") or None,
         }
     return fields
 

@@ -12,8 +12,9 @@ The layout mirrors transformers' `DeepseekV3Attention` (parameter names included
 rename): the query heads are [nope | rope], the down-projection `kv_a_proj_with_mqa` yields
 [latent | rope key], `kv_b_proj` yields per head [key nope | value]. RoPE is the half-split
 convention of rope.py; checkpoints written for interleaved RoPE (transformers' `rope_interleave`)
-are permuted into it by hf.py. Scores are scaled by 1/sqrt(qk_nope + qk_rope); YaRN works as in
-the other attention (cos and sin carry its attention factor).
+are permuted into it by hf.py. Scores are scaled by 1/sqrt(qk_nope + qk_rope); under YaRN, cos and
+sin carry its attention factor as in the other attention, and `yarn_mscale_all_dim` multiplies
+the score scale by its squared entropy correction (DeepSeek-V3's YaRN).
 
 Kernels as in attention.py: SDPA for plain causal and dense boolean masks, FlexAttention for a
 BlockMask. Values may be narrower or wider than queries and keys; both kernels take that.
@@ -29,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from frontierlm.config import ModelConfig
 from frontierlm.model.attention import AttentionMask, _flex_attention
 from frontierlm.model.norm import RMSNorm
-from frontierlm.model.rope import apply_rope
+from frontierlm.model.rope import apply_rope, yarn_mscale
 
 # DeepSeek (its reference code and transformers) builds the two latent norms with RMSNorm's
 # default epsilon, whatever the model's rms_norm_eps.
@@ -78,6 +79,9 @@ class MultiHeadLatentAttention(nn.Module):
         )
         self.o_proj = nn.Linear(heads * self.v_dim, d, bias=False)
         self.scale = self.qk_dim**-0.5
+        if cfg.yarn_factor is not None and cfg.yarn_mscale_all_dim:
+            # DeepSeek's YaRN sharpens every score, not only the rotated slices' share.
+            self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def forward(
         self,

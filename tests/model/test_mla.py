@@ -169,3 +169,5 @@ def test_mla_config_errors_name_the_field():
         ModelConfig(**base, mla_v_head_dim=8, n_kv_heads=2)
     with pytest.raises(ValueError, match="qk_norm is not implemented for attention='mla'"):
         ModelConfig(**base, mla_v_head_dim=8, qk_norm=True)
+    with pytest.raises(ValueError, match="yarn_mscale and yarn_mscale_all_dim apply only with"):
+        ModelConfig(**base, mla_v_head_dim=8, yarn_mscale_all_dim=1.0)

@@ -236,6 +236,15 @@ def test_qwen3_moe_layouts_beyond_first_k_dense_fail_clearly(tmp_path):
             "yarn_factor": 4.0,
             "yarn_original_max_len": 32,
         },
+        # DeepSeek-V3's YaRN: cos/sin unscaled (mscale / mscale_all_dim = 1), scores sharpened
+        {
+            "moe_balance": "bias",
+            "max_seq_len": 128,
+            "yarn_factor": 4.0,
+            "yarn_original_max_len": 32,
+            "yarn_mscale": 1.0,
+            "yarn_mscale_all_dim": 1.0,
+        },
         # dense MLA: every layer dense (first_k_dense_replace = num_hidden_layers)
         {"moe_experts": 0, "moe_score": "softmax", "mla_q_lora_rank": 24, "mla_v_head_dim": 16},
     ],
@@ -310,6 +319,18 @@ def deepseek_v3_made_by_transformers(tmp_path, **overrides):
         {},  # rope_interleave true, transformers' default and DeepSeek's checkpoints
         {"rope_interleave": False, "q_lora_rank": None, "norm_topk_prob": False},
         {"n_group": 1, "topk_group": 1, "n_shared_experts": 2, "routed_scaling_factor": 1.0},
+        {  # DeepSeek-V3's own rope settings (here extending 16 tokens to 64)
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            }
+        },
     ],
 )
 def test_import_of_a_transformers_made_deepseek_v3(tmp_path, overrides):
