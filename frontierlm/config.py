@@ -141,8 +141,9 @@ class ModelConfig(Strict):
     yarn_mscale: float | None = Field(
         None,
         gt=0,
-        description="YaRN with yarn_mscale_all_dim (DeepSeek-V3: 1.0): cos and sin are scaled by "
-        "m(yarn_mscale) / m(yarn_mscale_all_dim), m(c) = 0.1 c ln(factor) + 1; unset, by m(1)",
+        description="YaRN (DeepSeek-V3: 1.0): with yarn_mscale_all_dim also set, cos and sin are "
+        "scaled by m(yarn_mscale) / m(yarn_mscale_all_dim), m(c) = 0.1 c ln(factor) + 1, "
+        "instead of by m(1)",
     )
     yarn_mscale_all_dim: float | None = Field(
         None,
@@ -308,7 +309,8 @@ class ModelConfig(Strict):
             if given:
                 raise ValueError(f"{', '.join(given)} apply only with attention='mla'")
             return self
-        missing = [name for name in _MLA_FIELDS[1:] if getattr(self, name) is None]
+        required = [name for name in _MLA_FIELDS if name != "mla_q_lora_rank"]
+        missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(
                 f"attention='mla' needs {', '.join(missing)} (DeepSeek-V3: kv_lora_rank 512, "
