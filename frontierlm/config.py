@@ -144,6 +144,19 @@ class ModelConfig(Strict):
     )
     yarn_beta_fast: float = Field(32.0, gt=0)
     yarn_beta_slow: float = Field(1.0, gt=0)
+    yarn_mscale: float | None = Field(
+        None,
+        gt=0,
+        description="YaRN (DeepSeek-V3: 1.0): with yarn_mscale_all_dim also set, cos and sin are "
+        "scaled by m(yarn_mscale) / m(yarn_mscale_all_dim), m(c) = 0.1 c ln(factor) + 1, "
+        "instead of by m(1)",
+    )
+    yarn_mscale_all_dim: float | None = Field(
+        None,
+        gt=0,
+        description="YaRN (DeepSeek-V3: 1.0): with yarn_mscale, divides the cos/sin factor; "
+        "under attention='mla' also multiplies the softmax scale by m(yarn_mscale_all_dim)^2",
+    )
     max_seq_len: int = Field(256, ge=8)
     tie_embeddings: bool = True
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head, before RoPE (Qwen3)")
@@ -190,6 +203,30 @@ class ModelConfig(Strict):
     )
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    attention: Literal["gqa", "mla"] = Field(
+        "gqa",
+        description="gqa: grouped-query attention (n_kv_heads; MHA and MQA at the ends); mla: "
+        "DeepSeek-V2/V3 multi-head latent attention (keys and values expanded from one small "
+        "latent per token, which is all a KV cache holds), set by the mla_* fields",
+    )
+    mla_q_lora_rank: int | None = Field(
+        None, ge=1, description="MLA query compression rank (DeepSeek-V3: 1536); None = direct"
+    )
+    mla_kv_lora_rank: int | None = Field(
+        None, ge=1, description="MLA key-value latent width, cached per token (DeepSeek-V3: 512)"
+    )
+    mla_qk_nope_head_dim: int | None = Field(
+        None, ge=1, description="MLA per-head query/key dims without RoPE (DeepSeek-V3: 128)"
+    )
+    mla_qk_rope_head_dim: int | None = Field(
+        None,
+        ge=2,
+        description="MLA per-head query dims with RoPE, and the width of the one rotated key all "
+        "heads share (DeepSeek-V3: 64)",
+    )
+    mla_v_head_dim: int | None = Field(
+        None, ge=1, description="MLA per-head value dims (DeepSeek-V3: 128)"
+    )
     moe_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0 = dense model")
     moe_top_k: int = Field(2, ge=1, description="routed experts per token")
     moe_shared_experts: int = Field(0, ge=0, description="experts every token passes through")
@@ -200,6 +237,26 @@ class ModelConfig(Strict):
         0, ge=0, description="the first layers stay dense (DeepSeek-V3: 3)"
     )
     moe_score: Literal["softmax", "sigmoid"] = "softmax"
+    moe_norm_topk: bool = Field(
+        True,
+        description="rescale the chosen experts' scores to sum to 1 before mixing (Qwen3-MoE's "
+        "norm_topk_prob, true in Qwen3-30B-A3B; DeepSeek-V3: true); false mixes the raw scores",
+    )
+    moe_routed_scale: float = Field(
+        1.0,
+        gt=0,
+        description="factor on the routed experts' mixing weights, after any normalisation "
+        "(DeepSeek-V3's routed_scaling_factor: 2.5); shared experts are not scaled",
+    )
+    moe_groups: int = Field(
+        1,
+        ge=1,
+        description="group-limited routing (DeepSeek-V3's n_group: 8): the experts fall into this "
+        "many equal groups and a token chooses only within its moe_topk_groups best; 1 = off",
+    )
+    moe_topk_groups: int = Field(
+        1, ge=1, description="groups a token may choose experts from (DeepSeek-V3's topk_group: 4)"
+    )
     moe_balance: Literal["aux_loss", "bias", "smebu", "none"] = "aux_loss"
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the auxiliary balance loss")
     moe_seq_aux_weight: float = Field(
@@ -236,6 +293,8 @@ class ModelConfig(Strict):
             raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
         if (self.yarn_factor is None) != (self.yarn_original_max_len is None):
             raise ValueError("YaRN needs both yarn_factor and yarn_original_max_len (or neither)")
+        if self.yarn_factor is None and (self.yarn_mscale or self.yarn_mscale_all_dim):
+            raise ValueError("yarn_mscale and yarn_mscale_all_dim apply only with yarn_factor")
         if "L" in self.layer_pattern and self.sliding_window is None:
             raise ValueError(
                 f"layer_pattern={self.layer_pattern!r} has local (L) layers: set sliding_window"
@@ -246,6 +305,87 @@ class ModelConfig(Strict):
                 f"allowed: {_divisors(self.n_heads)}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _moe_groups(self) -> ModelConfig:
+        if self.moe_topk_groups > self.moe_groups:
+            raise ValueError(
+                f"moe_topk_groups={self.moe_topk_groups} exceeds moe_groups={self.moe_groups}"
+            )
+        if not self.moe_experts or self.moe_groups == 1:
+            return self
+        if self.moe_experts % self.moe_groups:
+            raise ValueError(
+                f"moe_groups={self.moe_groups} must divide moe_experts={self.moe_experts}; "
+                f"allowed: {_divisors(self.moe_experts)}"
+            )
+        per_group = self.moe_experts // self.moe_groups
+        if per_group < 2:  # a group scores the sum of its two best experts
+            raise ValueError(
+                f"moe_groups={self.moe_groups} leaves {per_group} expert per group; "
+                "group-limited routing needs at least 2"
+            )
+        if self.moe_top_k > self.moe_topk_groups * per_group:
+            raise ValueError(
+                f"moe_top_k={self.moe_top_k} exceeds the {self.moe_topk_groups * per_group} "
+                f"experts in moe_topk_groups={self.moe_topk_groups} groups of {per_group}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mla(self) -> ModelConfig:
+        given = [name for name in _MLA_FIELDS if getattr(self, name) is not None]
+        if self.attention != "mla":
+            if given:
+                raise ValueError(f"{', '.join(given)} apply only with attention='mla'")
+            return self
+        required = [name for name in _MLA_FIELDS if name != "mla_q_lora_rank"]
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"attention='mla' needs {', '.join(missing)} (DeepSeek-V3: kv_lora_rank 512, "
+                "qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128)"
+            )
+        if self.mla_qk_rope_head_dim % 2:
+            raise ValueError(
+                f"mla_qk_rope_head_dim={self.mla_qk_rope_head_dim} must be even (RoPE)"
+            )
+        if self.n_kv_heads not in (None, self.n_heads):
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} has no meaning with attention='mla': every head "
+                "expands its keys and values from the one shared latent; leave it unset"
+            )
+        for switch in ("qk_norm", "attn_gate", "attn_softcap"):
+            if getattr(self, switch) not in (False, None):
+                raise ValueError(f"{switch} is not implemented for attention='mla'")
+        return self
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys, over which attention scores are dot products."""
+        if self.attention == "mla":
+            return self.mla_qk_nope_head_dim + self.mla_qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla_v_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Per-head dimensions RoPE rotates: MLA rotates only its rope slice."""
+        return self.mla_qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes an inference KV cache holds per token, over all layers: keys and values of every
+        KV head under GQA; under MLA only the normalised latent and the shared rotated key, from
+        which every head's keys and values are recomputed (or absorbed into the query and output
+        projections). Local layers hold at most `sliding_window` tokens, not counted here."""
+        if self.attention == "mla":
+            per_layer = self.mla_kv_lora_rank + self.mla_qk_rope_head_dim
+        else:
+            per_layer = 2 * self.kv_heads * self.head_dim
+        return self.n_layers * per_layer * dtype_bytes
 
     @property
     def kv_heads(self) -> int:
@@ -275,6 +415,15 @@ class ModelConfig(Strict):
         if self.ffn_hidden:
             return self.ffn_hidden
         return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+
+_MLA_FIELDS = (
+    "mla_q_lora_rank",
+    "mla_kv_lora_rank",
+    "mla_qk_nope_head_dim",
+    "mla_qk_rope_head_dim",
+    "mla_v_head_dim",
+)
 
 
 def _divisors(n: int) -> list[int]:

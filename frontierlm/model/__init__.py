@@ -12,8 +12,8 @@ __all__ = ["Transformer", "load"]
 
 def load(path: str | Path) -> Transformer:
     """A model in eval mode from a FrontierLM model directory (`runs/<name>/<stage>/model`, or
-    the stage directory itself) or a Hugging Face Llama/Qwen3/Gemma 2 directory; call it on a
-    LongTensor [B, T] for logits [B, T, vocab]."""
+    the stage directory itself) or a Hugging Face directory of a family `hf.load_hf` reads; call
+    it on a LongTensor [B, T] for logits [B, T, vocab]."""
     from frontierlm.model.hf import load_hf
     from frontierlm.train.checkpoint import load_model_dir
 

@@ -1,6 +1,11 @@
 """Mixture of experts in the DeepSeek-V3 style: many small routed SwiGLU experts, top-k per token,
 plus shared experts every token passes through.
 
+Routing: softmax or sigmoid scores (`moe_score`); the top-k by score (plus the selection bias,
+when balancing by bias) are chosen, optionally only within each token's best groups of experts
+(`moe_groups`, DeepSeek-V3); their unbiased scores, renormalised to sum to 1 unless
+`moe_norm_topk` is off and times `moe_routed_scale`, weight the experts' outputs.
+
 Balancing, chosen by `ModelConfig.moe_balance`:
   "aux_loss"  Switch/GShard auxiliary loss E * sum_i f_i * P_i (f_i: share of routed slots that
               went to expert i, P_i: mean router probability of i), added to the training loss.
@@ -69,9 +74,12 @@ class MoE(nn.Module):
         d, hidden, n = cfg.d_model, cfg.expert_hidden, cfg.moe_experts
         self.n_experts, self.top_k = n, cfg.moe_top_k
         self.score, self.balance = cfg.moe_score, cfg.moe_balance
+        self.norm_topk, self.routed_scale = cfg.moe_norm_topk, cfg.moe_routed_scale
+        self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
         self.router = nn.Linear(d, n, bias=False)
         # Experts as stacked (out, in) weights, gate and up fused: one grouped matmul each way.
-        # The layout is transformers 5's (Qwen3-MoE, DeepSeek-V3), so export is a rename.
+        # The layout is transformers 5's in memory (Qwen3-MoE, DeepSeek-V3); checkpoints on disk
+        # hold one matrix per expert, which hf.py splits and fuses.
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, d))
         self.down_proj = nn.Parameter(torch.empty(n, d, hidden))
         self.shared = SwiGLU(d, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
@@ -98,9 +106,14 @@ class MoE(nn.Module):
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         biased = self.balance in ("bias", "smebu")
         choice_scores = scores + self.selection_bias if biased else scores
+        if self.groups > 1:
+            choice_scores = self._within_best_groups(choice_scores)
         chosen = choice_scores.topk(self.top_k, dim=-1).indices  # (tokens, k)
         weights = scores.gather(-1, chosen)
-        weights = weights / weights.sum(-1, keepdim=True)  # mix only the chosen experts
+        if self.norm_topk:  # mix only the chosen experts, as if the others did not exist
+            weights = weights / weights.sum(-1, keepdim=True)
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
 
         # Static shapes throughout (no bincount, no one_hot): compiles without graph breaks.
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
@@ -126,6 +139,17 @@ class MoE(nn.Module):
         mixed = outputs[unsort].view(-1, self.top_k, shape[-1]).sum(1)
         out = mixed.view(shape)
         return out + self.shared(x) if self.shared is not None else out
+
+    def _within_best_groups(self, choice_scores: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's group-limited routing: each group of experts scores the sum of its two
+        best choice scores; outside a token's `topk_groups` best groups, scores become -inf.
+        (Experts grouped by device keep a token's traffic to few devices.)"""
+        tokens = choice_scores.shape[0]
+        grouped = choice_scores.view(tokens, self.groups, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (tokens, groups)
+        best = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, -1)
 
     def _balance_loss(
         self,

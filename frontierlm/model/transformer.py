@@ -13,6 +13,7 @@ from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.model.attention import Attention, AttentionMask, attention_mask
+from frontierlm.model.mla import MultiHeadLatentAttention
 from frontierlm.model.mlp import SwiGLU
 from frontierlm.model.moe import MoE
 from frontierlm.model.norm import RMSNorm
@@ -27,7 +28,7 @@ class Block(nn.Module):
         super().__init__()
         # Llama's names: `post_attention_layernorm` is the norm in front of the MLP.
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = (
             MoE(cfg)
@@ -157,16 +158,22 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 per weight of every matmul, the
         output head included and the embedding lookup not, plus causal attention's score and
-        value products, 6 * n_layers * seq_len * n_heads * head_dim (PaLM's 12*L*T*H*D
-        halved for the causal mask). For MoE layers only the top-k routed experts count."""
+        value products, 3 * n_layers * seq_len * n_heads * (qk_head_dim + v_head_dim) (PaLM's
+        12*L*T*H*D halved for the causal mask, with the score and value widths apart since MLA
+        has them differ). For MoE layers only the top-k routed experts count."""
         matmul_params = sum(
             p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "embed" not in name
         )
         matmul_params += sum(self._active_expert_params(m) for m in self.moe_layers())
         if self.cfg.tie_embeddings:  # the head shares the embedding's weight but is a matmul
             matmul_params += self.lm_head.weight.numel()
-        attention = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * self.cfg.head_dim
+        cfg = self.cfg
+        attention = 3 * cfg.n_layers * seq_len * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
         return 6.0 * matmul_params + attention
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """See `ModelConfig.kv_cache_bytes_per_token`."""
+        return self.cfg.kv_cache_bytes_per_token(dtype_bytes)
 
     def _active_expert_params(self, moe: MoE) -> int:
         per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.n_experts

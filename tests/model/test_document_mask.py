@@ -28,7 +28,17 @@ def packed_and_alone(make_random_model, **fields):
     return model, docs, packed, doc_ids, together, alone
 
 
-@pytest.mark.parametrize("fields", [{}, {"n_kv_heads": 2, "qk_norm": True}])
+MLA = {
+    "attention": "mla",
+    "mla_q_lora_rank": 24,
+    "mla_kv_lora_rank": 16,
+    "mla_qk_nope_head_dim": 12,
+    "mla_qk_rope_head_dim": 8,
+    "mla_v_head_dim": 10,
+}
+
+
+@pytest.mark.parametrize("fields", [{}, {"n_kv_heads": 2, "qk_norm": True}, MLA])
 def test_packed_loss_equals_each_document_alone(make_random_model, fields):
     _, docs, packed, _, together, alone = packed_and_alone(make_random_model, **fields)
     start = 0
@@ -47,9 +57,10 @@ def test_packed_loss_equals_each_document_alone(make_random_model, fields):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_block_mask_matches_dense_mask(make_random_model):
+@pytest.mark.parametrize("fields", [{}, MLA])
+def test_flex_block_mask_matches_dense_mask(make_random_model, fields):
     """The GPU path (FlexAttention with a BlockMask), run forward-only on the CPU."""
-    model, _, packed, doc_ids, _, _ = packed_and_alone(make_random_model)
+    model, _, packed, doc_ids, _, _ = packed_and_alone(make_random_model, **fields)
     from frontierlm.model import attention
 
     with torch.no_grad():

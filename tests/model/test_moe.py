@@ -11,23 +11,38 @@ from frontierlm.model.moe import MoE
 
 def make_moe(**fields) -> MoE:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=2, moe_experts=6, moe_top_k=2, **fields)
+    cfg = ModelConfig(**{"d_model": 32, "n_heads": 2, "moe_experts": 6, "moe_top_k": 2, **fields})
     moe = MoE(cfg)
     for w in (moe.gate_up_proj, moe.down_proj):
         torch.nn.init.normal_(w, 0.0, 0.2)
     return moe
 
 
+def naive_choice(moe: MoE, choice: list[float]) -> list[int]:
+    """The top-k experts by choice score; with groups, only within the best groups, a group
+    scoring the sum of its two best choice scores (DeepSeek-V3)."""
+    allowed = range(moe.n_experts)
+    if moe.groups > 1:
+        size = moe.n_experts // moe.groups
+        members = [list(range(g * size, (g + 1) * size)) for g in range(moe.groups)]
+        group_score = [sum(sorted(choice[e] for e in m)[-2:]) for m in members]
+        best = sorted(range(moe.groups), key=lambda g: group_score[g])[-moe.topk_groups :]
+        allowed = [e for g in best for e in members[g]]
+    return sorted(allowed, key=lambda e: choice[e])[-moe.top_k :]
+
+
 def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Token by token: the chosen experts' outputs, weighted by their renormalised scores."""
+    """Token by token: the chosen experts' outputs, weighted by their (renormalised, scaled)
+    scores, plus the shared experts."""
     out = torch.zeros_like(x)
     for t, token in enumerate(x):
         logits = moe.router(token)
         scores = logits.softmax(-1) if moe.score == "softmax" else logits.sigmoid()
         biased = moe.balance in ("bias", "smebu")
-        pick = (scores + (moe.selection_bias if biased else 0)).topk(moe.top_k)
-        chosen = pick.indices
-        weights = scores[chosen] / scores[chosen].sum()
+        choice = scores + (moe.selection_bias if biased else 0)
+        chosen = torch.tensor(naive_choice(moe, choice.tolist()))
+        weights = scores[chosen] / scores[chosen].sum() if moe.norm_topk else scores[chosen]
+        weights = weights * moe.routed_scale
         for w, e in zip(weights, chosen.tolist(), strict=True):
             gate, up = (moe.gate_up_proj[e] @ token).chunk(2)
             out[t] += w * (moe.down_proj[e] @ (F.silu(gate) * up))
@@ -38,12 +53,31 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fields",
-    [{}, {"moe_score": "sigmoid", "moe_shared_experts": 1}, {"moe_balance": "bias"}],
+    [
+        {},
+        {"moe_score": "sigmoid", "moe_shared_experts": 1},
+        {"moe_balance": "bias"},
+        {"moe_norm_topk": False},
+        {"moe_routed_scale": 2.5, "moe_shared_experts": 1},
+        # DeepSeek-V3's routing: sigmoid, bias, groups, no renormalisation, scaled
+        {
+            "moe_experts": 12,
+            "moe_top_k": 3,
+            "moe_expert_hidden": 16,
+            "moe_groups": 4,
+            "moe_topk_groups": 2,
+            "moe_score": "sigmoid",
+            "moe_balance": "bias",
+            "moe_norm_topk": False,
+            "moe_routed_scale": 2.5,
+        },
+        {"moe_experts": 8, "moe_top_k": 2, "moe_groups": 4, "moe_topk_groups": 1},
+    ],
 )
 def test_moe_equals_token_by_token_loop(fields):
     moe = make_moe(**fields)
     if moe.balance == "bias":  # a bias that changes choices, not weights
-        moe.selection_bias.copy_(torch.linspace(-0.3, 0.3, 6))
+        moe.selection_bias.copy_(torch.linspace(-0.3, 0.3, moe.n_experts))
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         ours = moe(x)
@@ -192,3 +226,57 @@ def test_windowed_load_pools_the_last_steps():
         stats = moe.balance_step(rate=0.0)
     assert stats["max_over_mean_load"] == pytest.approx(6.0)
     assert stats["max_over_mean_load_20steps"] == pytest.approx(3.0)
+
+
+def test_group_limit_keeps_choices_within_the_best_groups():
+    fields = {"moe_experts": 16, "moe_top_k": 4, "moe_score": "sigmoid"}
+    grouped = make_moe(**fields, moe_groups=4, moe_topk_groups=2)
+    free = make_moe(**fields)  # same seed: same router
+    x = torch.randn(200, 32)
+    with torch.no_grad():
+        logits = grouped.router(x)
+        choice = grouped._within_best_groups(logits.sigmoid())
+    kept_groups = choice.isfinite().view(200, 4, 4).all(-1)
+    assert (kept_groups.sum(-1) == 2).all()
+    # The groups kept are the two with the best sums of their two best scores.
+    top2 = logits.sigmoid().view(200, 4, 4).topk(2, -1).values.sum(-1)
+    assert torch.equal(
+        kept_groups, torch.zeros_like(kept_groups).scatter(1, top2.topk(2).indices, True)
+    )
+    # The limit binds: unrestricted top-4 often spans more than two groups.
+    spans = torch.stack(
+        [(free.router(x).sigmoid().topk(4).indices // 4 == g).any(-1) for g in range(4)]
+    )
+    assert (spans.sum(0) > 2).any()
+
+
+def test_routed_scale_and_topk_normalisation():
+    x = torch.randn(2, 7, 32)
+    base = {"moe_score": "sigmoid", "moe_shared_experts": 1}
+    with torch.no_grad():
+        plain = make_moe(**base)
+        shared = plain.shared(x)
+        routed = plain(x) - shared
+        scaled = make_moe(**base, moe_routed_scale=2.5)
+        # Only the routed part is scaled, not the shared experts.
+        assert torch.allclose(scaled(x) - shared, 2.5 * routed, atol=1e-5)
+        # Without renormalisation, weights are the raw sigmoid scores: the routed output is
+        # the normalised one times the chosen scores' sum.
+        raw = make_moe(**base, moe_norm_topk=False)
+        tokens = x.view(-1, 32)
+        chosen_sum = raw.router(tokens).sigmoid().topk(2).values.sum(-1).view(2, 7, 1)
+        assert torch.allclose(raw(x) - shared, routed * chosen_sum, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"moe_groups": 4}, "moe_groups=4 must divide moe_experts=6"),
+        ({"moe_groups": 6}, "leaves 1 expert per group"),
+        ({"moe_groups": 3, "moe_topk_groups": 4}, "moe_topk_groups=4 exceeds moe_groups=3"),
+        ({"moe_groups": 3, "moe_top_k": 3}, "moe_top_k=3 exceeds the 2 experts"),
+    ],
+)
+def test_group_settings_are_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{"moe_experts": 6, "moe_top_k": 2, **fields})

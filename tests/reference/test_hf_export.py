@@ -101,8 +101,8 @@ def test_export_names_the_switch_no_family_expresses(tmp_path, make_random_model
 
 
 def test_unsupported_family_and_switch_fail_clearly(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
-    with pytest.raises(NotImplementedError, match="issue 3"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(NotImplementedError, match="model_type='gpt2'"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "mlp_bias": True}))
     with pytest.raises(NotImplementedError, match="mlp_bias=True"):
@@ -132,9 +132,16 @@ def test_export_command_includes_the_tokenizer(tmp_path, small_tokenizer, make_r
 
 
 @pytest.mark.parametrize(
-    "head_dim,theta,factor,orig", [(16, 10000.0, 4.0, 32), (64, 500000.0, 8.0, 4096)]
+    "head_dim,theta,factor,orig,mscales",
+    [
+        (16, 10000.0, 4.0, 32, {}),
+        (64, 500000.0, 8.0, 4096, {}),
+        (64, 10000.0, 40.0, 4096, {"mscale": 1.0, "mscale_all_dim": 1.0}),  # DeepSeek-V3
+        (64, 10000.0, 40.0, 4096, {"mscale": 0.707, "mscale_all_dim": 0.5}),
+        (64, 10000.0, 40.0, 4096, {"mscale_all_dim": 0.707}),  # alone: the plain factor
+    ],
 )
-def test_yarn_frequencies_match_transformers(head_dim, theta, factor, orig):
+def test_yarn_frequencies_match_transformers(head_dim, theta, factor, orig, mscales):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from frontierlm.model.rope import yarn_frequencies
@@ -148,13 +155,22 @@ def test_yarn_frequencies_match_transformers(head_dim, theta, factor, orig):
             "rope_theta": theta,
             "factor": factor,
             "original_max_position_embeddings": orig,
+            **mscales,
         },
     )
     theirs, their_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
-    ours, our_factor = yarn_frequencies(head_dim, theta, factor, orig)
+    ours, our_factor = yarn_frequencies(
+        head_dim,
+        theta,
+        factor,
+        orig,
+        mscale=mscales.get("mscale"),
+        mscale_all_dim=mscales.get("mscale_all_dim"),
+    )
     assert torch.allclose(ours, theirs, rtol=1e-6)
     assert our_factor == pytest.approx(their_factor)
-    assert our_factor == pytest.approx(0.1 * math.log(factor) + 1)
+    if len(mscales) < 2:
+        assert our_factor == pytest.approx(0.1 * math.log(factor) + 1)
 
 
 def test_yarn_model_exports_and_imports_with_same_logits(tmp_path, make_random_model):

@@ -1,0 +1,118 @@
+"""Multi-head latent attention, MLA (DeepSeek-V2, DeepSeek-V3).
+
+Each token is projected down to one small latent (`mla_kv_lora_rank` values), normalised, and
+expanded per head into the position-free part of the keys and into the values. Positions enter
+through a separate slice of `mla_qk_rope_head_dim` dimensions: every head has its own rotated
+query slice, but the rotated key slice is a single one per token that all heads share (RoPE
+cannot live in the latent, since a rotation per position would not commute with the expansion).
+An inference cache therefore holds only the latent and the shared rotated key per token and
+layer. Queries may go through a low-rank bottleneck of their own (`mla_q_lora_rank`).
+
+The layout mirrors transformers' `DeepseekV3Attention` (parameter names included, so export is a
+rename): the query heads are [nope | rope], the down-projection `kv_a_proj_with_mqa` yields
+[latent | rope key], `kv_b_proj` yields per head [key nope | value]. RoPE is the half-split
+convention of rope.py; checkpoints written for interleaved RoPE (transformers' `rope_interleave`)
+are permuted into it by hf.py. Scores are scaled by 1/sqrt(qk_nope + qk_rope); under YaRN, cos and
+sin carry its attention factor as in the other attention, and `yarn_mscale_all_dim` multiplies
+the score scale by its squared entropy correction (DeepSeek-V3's YaRN).
+
+Kernels as in attention.py: SDPA for plain causal and dense boolean masks, FlexAttention for a
+BlockMask. Values may be narrower or wider than queries and keys; both kernels take that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from frontierlm.config import ModelConfig
+from frontierlm.model.attention import AttentionMask, _flex_attention
+from frontierlm.model.norm import RMSNorm
+from frontierlm.model.rope import apply_rope, yarn_mscale
+
+# DeepSeek (its reference code and transformers) builds the two latent norms with RMSNorm's
+# default epsilon, whatever the model's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+# FlexAttention's GPU kernel takes no head dimension below this (torch 2.11: "NYI").
+_FLEX_MIN_DIM = 16
+
+
+def _flex_attention_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+) -> torch.Tensor:
+    """FlexAttention with head dims zero-padded up to what its kernel takes: zero dims add
+    nothing to a score (the scale is explicit, so it does not follow the padded width) and the
+    padded value dims are cut off the output."""
+    v_dim = v.shape[-1]
+    if q.shape[-1] < _FLEX_MIN_DIM:
+        q = F.pad(q, (0, _FLEX_MIN_DIM - q.shape[-1]))
+        k = F.pad(k, (0, _FLEX_MIN_DIM - k.shape[-1]))
+    if v_dim < _FLEX_MIN_DIM:
+        v = F.pad(v, (0, _FLEX_MIN_DIM - v_dim))
+    out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, scale=scale)
+    return out[..., :v_dim]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, heads = cfg.d_model, cfg.n_heads
+        self.n_heads = heads
+        self.nope_dim, self.rope_dim = cfg.mla_qk_nope_head_dim, cfg.mla_qk_rope_head_dim
+        self.v_dim, self.latent_dim = cfg.mla_v_head_dim, cfg.mla_kv_lora_rank
+        self.qk_dim = cfg.qk_head_dim
+        self.q_lora_rank = cfg.mla_q_lora_rank
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.latent_dim + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            self.latent_dim, heads * (self.nope_dim + self.v_dim), bias=False
+        )
+        self.o_proj = nn.Linear(heads * self.v_dim, d, bias=False)
+        self.scale = self.qk_dim**-0.5
+        if cfg.yarn_factor is not None and cfg.yarn_mscale_all_dim:
+            # DeepSeek's YaRN sharpens every score, not only the rotated slices' share.
+            self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: AttentionMask = None,
+    ) -> torch.Tensor:
+        """cos/sin None: a NoPE layer (the rope slices stay unrotated)."""
+        batch, seq, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, seq, self.n_heads, self.qk_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        k_rope = k_rope.unsqueeze(1)  # (batch, 1, seq, rope): one rotated key for all heads
+        if cos is not None:
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = kv.view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        if isinstance(mask, BlockMask):
+            out = _flex_attention_padded(q, k, v, mask, self.scale)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
