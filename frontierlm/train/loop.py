@@ -143,7 +143,17 @@ def train(
                     {"step": step + 1, "event": "skipped", "reason": spike, "data_step": data_step}
                 )
                 console.print(f"[yellow]{task.name}: step {step + 1} skipped: {spike}")
-                if skips_in_a_row >= cfg.spike_max_skips and (ckpts := list_checkpoints(ckpt_root)):
+                if skips_in_a_row >= cfg.spike_max_skips and not list_checkpoints(ckpt_root):
+                    # Nothing to roll back to: what looks like a spike is the run's new normal
+                    # (early training moves fast). Judge from here on against it.
+                    guard = SpikeGuard(cfg, [])
+                    skips_in_a_row = 0
+                    events.write(
+                        {"step": step + 1, "event": "guard_reset", "reason": "no checkpoint yet"}
+                    )
+                    continue
+                if skips_in_a_row >= cfg.spike_max_skips:
+                    ckpts = list_checkpoints(ckpt_root)
                     rollbacks += 1
                     if rollbacks > cfg.spike_max_rollbacks:
                         raise RuntimeError(

@@ -204,3 +204,15 @@ def test_non_finite_loss_is_skipped_even_with_the_guard_off(tokens, tmp_path):
     metrics = train(new_model(), LOOP, poisoned, tmp_path, torch.device("cpu"))
     assert [e["data_step"] for e in events(tmp_path)] == [5]
     assert math.isfinite(metrics["val_loss"])
+
+
+def test_repeated_spikes_before_any_checkpoint_reset_the_guard(tmp_path):
+    import numpy as np
+
+    tokens = np.tile(np.arange(97, dtype=np.uint16), 60)
+    loop = SPIKY.model_copy(update={"steps": 30, "checkpoint_every": 100, "eval_every": 30})
+    train(new_model(), loop, corrupting_task(tokens, {20, 21, 22}), tmp_path, torch.device("cpu"))
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds == ["skipped", "skipped", "skipped", "guard_reset"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
