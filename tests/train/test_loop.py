@@ -210,9 +210,9 @@ def test_repeated_spikes_before_any_checkpoint_reset_the_guard(tmp_path):
     import numpy as np
 
     tokens = np.tile(np.arange(97, dtype=np.uint16), 60)
-    loop = SPIKY.model_copy(update={"steps": 30, "checkpoint_every": 100, "eval_every": 30})
-    train(new_model(), loop, corrupting_task(tokens, {20, 21, 22}), tmp_path, torch.device("cpu"))
+    loop = SPIKY.model_copy(update={"steps": 40, "checkpoint_every": 100, "eval_every": 40})
+    train(new_model(), loop, corrupting_task(tokens, {27, 28, 29}), tmp_path, torch.device("cpu"))
     kinds = [e["event"] for e in events(tmp_path)]
     assert kinds == ["skipped", "skipped", "skipped", "guard_reset"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, 41))
