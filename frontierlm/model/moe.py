@@ -102,7 +102,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        logits = self.router(tokens).float()
+        # The router in float32 even under autocast: near-tied bf16 scores flip expert choices,
+        # and the matmul is tiny (d_model x n_experts).
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(tokens.float(), self.router.weight.float())
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         biased = self.balance in ("bias", "smebu")
         choice_scores = scores + self.selection_bias if biased else scores
