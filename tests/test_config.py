@@ -74,7 +74,7 @@ def test_recipe_inherits_from_its_base_and_overrides_tables_key_by_key(tmp_path)
     cfg = load_config(tmp_path / "variant.toml", ["--model.qk_norm=true"])
     assert cfg.run.name == "variant"
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (96, 3, 5)
-    assert cfg.model.qk_norm and cfg.model.n_kv_heads == 3  # from the quickstart, two levels up
+    assert cfg.model.qk_norm and cfg.model.max_seq_len == 256  # from the quickstart, two up
     assert len(cfg.data.sources) == len(load_config(QUICKSTART).data.sources)
     (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
     with pytest.raises(ConfigError, match="cycle"):

@@ -16,6 +16,8 @@ FAMILIES = {
     "dense-llama": "LlamaForCausalLM",
     "dense-qwen3": "Qwen3ForCausalLM",
     "dense-gemma2": "Gemma2ForCausalLM",
+    "moe-qwen3": "Qwen3MoeForCausalLM",
+    "moe-deepseek-v3": "DeepseekV3ForCausalLM",
 }
 
 
