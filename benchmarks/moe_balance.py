@@ -16,26 +16,19 @@ import argparse
 import json
 import platform
 import re
-import shutil
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import ROOT, fresh_run_with_shared_upstream, frontierlm
+
 RECIPE = "recipes/moe-small.toml"
-UPSTREAM = ("data", "tokenizer", "tokenize")
 VARIANTS = {
     "none": ["--model.moe_balance=none"],
     "bias": ["--model.moe_balance=bias"],
     "smebu": ["--model.moe_balance=smebu"],
     "aux_loss": ["--model.moe_balance=aux_loss", "--model.moe_score=softmax"],
 }
-
-
-def frontierlm(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "frontierlm.cli", *args], cwd=ROOT, check=True)
 
 
 def load_stats(metrics_file: Path, tail: int = 20) -> dict[str, float]:
@@ -64,17 +57,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="benchmarks/out/moe_balance.json")
     args, extra = parser.parse_known_args()
-    shared = "bench-moe-balance-shared"
-    for stage in UPSTREAM:
-        frontierlm(stage, RECIPE, f"--run.name={shared}")
     results = {}
     for variant in args.variants.split(","):
         name = f"bench-moe-balance-{variant}"
-        run_dir = ROOT / "runs" / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        for stage in UPSTREAM:  # same config tables, so the copies count as done
-            shutil.copytree(ROOT / "runs" / shared / stage, run_dir / stage)
+        run_dir = fresh_run_with_shared_upstream(RECIPE, "bench-moe-balance-shared", name)
         t0 = time.perf_counter()
         overrides = [f"--run.name={name}", f"--pretrain.steps={args.steps}", *VARIANTS[variant]]
         frontierlm("pretrain", RECIPE, *overrides, *extra)
