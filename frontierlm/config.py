@@ -447,7 +447,24 @@ class LoopConfig(Strict):
         "lr), AdamW on embeddings, head and vectors",
     )
     muon_momentum: float = Field(0.95, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="the schedule's floor as a share of the peak lr"
+    )
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine decay, or warmup-stable-decay (see train/schedule.py)"
+    )
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd: share of the steps spent decaying at the end"
+    )
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+    lr_batch_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "none",
+        description="scale lr by (batch tokens / lr_reference_batch_tokens) ** 0.5 or ** 1: "
+        "sqrt for Adam-type optimizers, linear for SGD-like ones",
+    )
+    lr_reference_batch_tokens: int | None = Field(
+        None, ge=1, description="the global batch, in tokens, at which `lr` was tuned"
+    )
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -484,6 +501,11 @@ class LoopConfig(Strict):
     def _warmup(self) -> LoopConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        if self.lr_batch_scaling != "none" and self.lr_reference_batch_tokens is None:
+            raise ValueError(
+                f"lr_batch_scaling={self.lr_batch_scaling!r} needs lr_reference_batch_tokens, "
+                "the batch (in tokens) the learning rate was tuned at"
+            )
         return self
 
 

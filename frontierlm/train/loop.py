@@ -31,7 +31,7 @@ from frontierlm.train.checkpoint import (
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import autocast
-from frontierlm.train.schedule import lr_at
+from frontierlm.train.schedule import lr_at, peak_lr
 
 Batch = dict[str, torch.Tensor]
 
@@ -186,7 +186,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             guard.accept(totals["loss"], grad_norm)
             skips_in_a_row = 0
-            expert_stats = model.after_optimizer_step(lr_scale=lr / cfg.lr)
+            expert_stats = model.after_optimizer_step(lr_scale=lr / peak_lr(cfg))
             elapsed = time.perf_counter() - t0
             done = step + 1
             record = {

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from frontierlm.config import LoopConfig
+from frontierlm.train.schedule import peak_lr
 
 # Quintic Newton-Schulz coefficients that maximise the slope at zero (Keller Jordan's Muon).
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
@@ -131,7 +132,7 @@ def _adamw(groups: list[dict[str, Any]], cfg: LoopConfig, on_cuda: bool) -> torc
     # small elementwise ops per parameter.
     return torch.optim.AdamW(
         groups,
-        lr=cfg.lr,
+        lr=peak_lr(cfg),
         betas=(cfg.beta1, cfg.beta2),
         fused=True if on_cuda else None,
         foreach=None if on_cuda else True,
@@ -164,5 +165,5 @@ def build_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer 
         cfg,
         on_cuda,
     )
-    muon = Muon(hidden, lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
+    muon = Muon(hidden, lr=peak_lr(cfg), momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
     return Optimizers(adamw=adamw, muon=muon)

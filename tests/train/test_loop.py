@@ -216,3 +216,30 @@ def test_repeated_spikes_before_any_checkpoint_reset_the_guard(tmp_path):
     assert kinds == ["skipped", "skipped", "skipped", "guard_reset"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))
+
+
+def test_wsd_holds_the_peak_then_decays_over_the_last_fraction():
+    cfg = LOOP.model_copy(
+        update={"steps": 100, "warmup_steps": 10, "schedule": "wsd", "decay_fraction": 0.2}
+    )
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(cfg.lr) and lrs[10:80] == [cfg.lr] * 70
+    assert all(a > b for a, b in itertools.pairwise(lrs[79:]))
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    sqrt = [lr_at(s, cfg.model_copy(update={"decay_shape": "1-sqrt"})) for s in range(100)]
+    assert sqrt[-1] == pytest.approx(lrs[-1]) and sqrt[85] < lrs[85]  # 1-sqrt drops faster first
+
+
+def test_batch_size_scaling_rule_scales_the_peak():
+    from frontierlm.train.schedule import batch_tokens, peak_lr
+
+    cfg = LOOP.model_copy(
+        update={"lr_batch_scaling": "sqrt", "lr_reference_batch_tokens": 16, "grad_accum": 4}
+    )
+    assert batch_tokens(cfg) == 4 * 4 * 16
+    assert peak_lr(cfg) == pytest.approx(LOOP.lr * 4)  # sqrt(256 / 16)
+    linear = cfg.model_copy(update={"lr_batch_scaling": "linear"})
+    assert peak_lr(linear) == pytest.approx(LOOP.lr * 16)
+    assert lr_at(40, cfg.model_copy(update={"steps": 100})) <= peak_lr(cfg)
+    with pytest.raises(ValueError, match="needs lr_reference_batch_tokens"):
+        PretrainConfig(lr_batch_scaling="sqrt")
