@@ -491,10 +491,17 @@ class LoopConfig(Strict):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = Field(
         "auto",
         description="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays on CPUs with "
-        "AVX512-BF16/AMX (master weights and optimizer state stay fp32 either way)",
+        "AVX512-BF16/AMX; fp8: the linear layers' matmuls in float8 (train/fp8.py), the rest "
+        "in bf16 (master weights and optimizer state stay fp32 in every case)",
+    )
+    fp8_scaling: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="fp8 scales: one per tensor (faster) or per row (outliers)"
+    )
+    fp8_backward: Literal["e5m2", "e4m3"] = Field(
+        "e5m2", description="fp8 format of the output gradients in the backward pass"
     )
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from frontierlm.train.checkpoint import (
     save_checkpoint,
     save_model_dir,
 )
+from frontierlm.train.fp8 import convert_to_float8
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import autocast
@@ -93,6 +94,9 @@ def train(
     log = MetricsLog(work_dir / "metrics.jsonl")
     events = MetricsLog(work_dir / "events.jsonl")
     model.to(device)
+    if cfg.precision == "fp8":
+        kept = convert_to_float8(model, cfg.fp8_scaling, cfg.fp8_backward)
+        console.print(f"{task.name}: fp8 linear layers; left in bf16: {', '.join(kept) or 'none'}")
     optimizer = build_optimizer(model, cfg)
     step, data_offset = 0, 0
     if checkpoints := list_checkpoints(ckpt_root):

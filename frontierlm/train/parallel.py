@@ -44,7 +44,7 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
         # Emulated bf16 matmuls are slower than fp32 and no more accurate: not worth it.
         warn_once("this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32 instead")
         precision = "fp32"
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8 layers quantise themselves; the rest runs in bf16
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
