@@ -118,3 +118,24 @@ def test_grouped_mm_moe_in_bf16_matches_float32(shared):
     assert rel_error(out, want_out) < 2e-2  # bf16 inputs: ~3 significant digits
     for name, grad in want.items():
         assert rel_error(moe.get_parameter(name).grad, grad) < 3e-2, name
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("backward", ["e5m2", "e4m3"])
+def test_fp8_linear_on_gpu_matches_float32(scaling, backward):
+    from torch import nn
+
+    from frontierlm.train.fp8 import convert_to_float8
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 512, bias=False).cuda()
+    reference = nn.Linear(256, 512, bias=False).cuda()
+    reference.load_state_dict(layer.state_dict())
+    convert_to_float8(nn.ModuleList([layer]), scaling, backward)
+    x = torch.randn(1024, 256, device="cuda", requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(1024, 512, device="cuda")
+    (layer(x).float() * upstream).sum().backward()
+    (reference(x_ref) * upstream).sum().backward()
+    assert rel_error(x.grad, x_ref.grad.cpu()) < 0.1
+    assert rel_error(layer.weight.grad, reference.weight.grad.cpu()) < 0.1
