@@ -54,3 +54,24 @@ def make_random_model():
         return model
 
     return make
+
+
+@pytest.fixture
+def flex_path_logits():
+    """The logits of a model run layer by layer with FlexAttention BlockMasks (the GPU path),
+    forward-only, so CPU tests can compare it with the dense-mask path."""
+    import torch
+
+    from frontierlm.model.attention import attention_mask
+
+    def run(model, ids, doc_ids):
+        seq = ids.shape[1]
+        cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
+        with torch.no_grad():
+            x = model.embed_tokens(ids)
+            for i, layer in enumerate(model.layers):
+                mask = attention_mask(seq, doc_ids, model.cfg.layer_window(i), True, ids.device)
+                x = layer(x, cos, sin, mask)
+            return model.lm_head(model.norm(x))
+
+    return run

@@ -97,6 +97,63 @@ def softcapped_attention(
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 
+# FlexAttention's GPU kernel takes no head dim below 16 (torch 2.11, H100); MLA's can be smaller.
+_FLEX_MIN_DIM = 16
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale, capped when asked, masked) v, by the kernel the mask calls for.
+    q: (batch, heads, seq, dim), k and v with as many or fewer heads (grouped-query); v may be
+    narrower than q and k. `scale` None: 1/sqrt(dim), each kernel's own default."""
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        return _flex(q, k, v, mask, scale, softcap, gqa)
+    if softcap is not None:
+        return softcapped_attention(q, k, v, softcap, mask, scale)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockMask,
+    scale: float | None,
+    softcap: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """FlexAttention, head dims zero-padded up to what its kernel takes: zero dims add nothing
+    to a score (the scale is fixed first, so it does not follow the padded width) and the
+    padded value dims are cut off the output."""
+    v_dim = v.shape[-1]
+    if q.shape[-1] < _FLEX_MIN_DIM or v_dim < _FLEX_MIN_DIM:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if q.shape[-1] < _FLEX_MIN_DIM:
+            q = F.pad(q, (0, _FLEX_MIN_DIM - q.shape[-1]))
+            k = F.pad(k, (0, _FLEX_MIN_DIM - k.shape[-1]))
+        if v_dim < _FLEX_MIN_DIM:
+            v = F.pad(v, (0, _FLEX_MIN_DIM - v_dim))
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+    out = _flex_attention(q.is_cuda)(
+        q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa
+    )
+    return out[..., :v_dim]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -133,23 +190,7 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        gqa = self.n_kv_heads != self.n_heads
-        if isinstance(mask, BlockMask):
-            cap = self.softcap
-            score_mod = None if cap is None else (lambda s, b, h, qi, ki: cap * torch.tanh(s / cap))
-            out = _flex_attention(q.is_cuda)(
-                q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale, enable_gqa=gqa
-            )
-        elif self.softcap is not None:
-            out = softcapped_attention(q, k, v, self.softcap, mask, self.scale)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa
-            )
+        out = attend(q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         if self.gated:  # lets a head output nothing, which curbs attention sinks
             out = out * torch.sigmoid(self.g_proj(x))

@@ -23,38 +23,16 @@ BlockMask. Values may be narrower or wider than queries and keys; both kernels t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 
 from frontierlm.config import ModelConfig
-from frontierlm.model.attention import AttentionMask, _flex_attention
+from frontierlm.model.attention import AttentionMask, attend
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import apply_rope, yarn_mscale
 
 # DeepSeek (its reference code and transformers) builds the two latent norms with RMSNorm's
 # default epsilon, whatever the model's rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
-
-
-# FlexAttention's GPU kernel takes no head dimension below this (torch 2.11: "NYI").
-_FLEX_MIN_DIM = 16
-
-
-def _flex_attention_padded(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
-) -> torch.Tensor:
-    """FlexAttention with head dims zero-padded up to what its kernel takes: zero dims add
-    nothing to a score (the scale is explicit, so it does not follow the padded width) and the
-    padded value dims are cut off the output."""
-    v_dim = v.shape[-1]
-    if q.shape[-1] < _FLEX_MIN_DIM:
-        q = F.pad(q, (0, _FLEX_MIN_DIM - q.shape[-1]))
-        k = F.pad(k, (0, _FLEX_MIN_DIM - k.shape[-1]))
-    if v_dim < _FLEX_MIN_DIM:
-        v = F.pad(v, (0, _FLEX_MIN_DIM - v_dim))
-    out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, scale=scale)
-    return out[..., :v_dim]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -109,10 +87,5 @@ class MultiHeadLatentAttention(nn.Module):
 
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
-        if isinstance(mask, BlockMask):
-            out = _flex_attention_padded(q, k, v, mask, self.scale)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))

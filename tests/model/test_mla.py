@@ -6,7 +6,6 @@ import torch
 
 from frontierlm.config import ModelConfig
 from frontierlm.model import Transformer
-from frontierlm.model.attention import attention_mask
 
 B, T = 2, 40
 MLA = {
@@ -100,20 +99,15 @@ def test_mla_matches_float64_formula(make_random_model, fields):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_mla_flex_path_matches_dense_path(make_random_model):
+def test_mla_flex_path_matches_dense_path(make_random_model, flex_path_logits):
     """The GPU path's BlockMask (document and window masks), run forward-only on the CPU, with
     values narrower than queries and keys."""
     model = make_random_model(**MLA, sliding_window=5, layer_pattern="LG", mla_q_lora_rank=24)
     ids = torch.randint(0, 200, (B, T))
     doc_ids = (torch.rand(B, T) < 0.1).cumsum(1)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     with torch.no_grad():
         dense = model(ids, doc_ids)
-        x = model.embed_tokens(ids)
-        for i, layer in enumerate(model.layers):
-            mask = attention_mask(T, doc_ids, model.cfg.layer_window(i), True, ids.device)
-            x = layer(x, cos, sin, mask)
-        flex = model.lm_head(model.norm(x))
+    flex = flex_path_logits(model, ids, doc_ids)
     assert (dense - flex).abs().max() < 1e-4
 
 
