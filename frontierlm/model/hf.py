@@ -672,14 +672,12 @@ def _qwen3_moe_fields(config: dict[str, Any], path: Path) -> dict[str, Any]:
     _require(config, "use_sliding_window", False, path)
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
-    if head_dim * n_heads != config["hidden_size"]:
-        raise NotImplementedError(
-            f"{path}/config.json: head_dim * num_attention_heads != hidden_size"
-        )
     n_experts = _config_value(config, path, "num_experts", "num_local_experts")
     first_dense = _qwen3_moe_first_dense(config, n_experts, path)
     return {
         "n_kv_heads": config.get("num_key_value_heads", n_heads),
+        # Set only where it differs (Qwen3-30B-A3B: 32 heads of 128 in a 2048-wide model).
+        "attn_head_dim": None if head_dim * n_heads == config["hidden_size"] else head_dim,
         "qk_norm": True,
         "moe_experts": n_experts if first_dense < config["num_hidden_layers"] else 0,
         "moe_top_k": config["num_experts_per_tok"],

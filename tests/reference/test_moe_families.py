@@ -118,7 +118,9 @@ def test_qwen3_moe_export_writes_per_expert_weights_as_save_pretrained_does(
     assert "model.layers.0.mlp.gate_proj.weight" in keys  # the dense first layer
 
 
-def qwen3_moe_made_by_transformers(tmp_path, norm_topk: bool, fused: bool, dense=(0,)):
+def qwen3_moe_made_by_transformers(
+    tmp_path, norm_topk: bool, fused: bool, dense=(0,), head_dim: int = 8
+):
     torch.manual_seed(2)
     config = transformers.Qwen3MoeConfig(
         vocab_size=256,
@@ -128,7 +130,7 @@ def qwen3_moe_made_by_transformers(tmp_path, norm_topk: bool, fused: bool, dense
         num_hidden_layers=3,
         num_attention_heads=6,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         num_experts=8,
         num_experts_per_tok=3,
         norm_topk_prob=norm_topk,
@@ -363,3 +365,17 @@ def test_deepseek_v3_configs_transformers_would_not_reproduce_fail_clearly(tmp_p
     config_file.write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     with pytest.raises(NotImplementedError, match="dequantize"):
         load_hf(tmp_path / "made")
+
+
+def test_import_of_qwen3_moe_with_heads_wider_than_hidden_over_heads(tmp_path):
+    # As Qwen3-30B-A3B: 32 heads of 128 in a 2048-wide model; here 6 heads of 16 in 48.
+    hf = qwen3_moe_made_by_transformers(tmp_path, True, False, head_dim=16)
+    ours = load_hf(tmp_path / "made")
+    assert ours.cfg.head_dim == 16 and ours.cfg.attn_head_dim == 16
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert max_rel_error(ours(ids), hf(input_ids=ids).logits) < 1e-4
+    export_hf(ours, tmp_path / "again")  # and back out, as transformers' class
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert max_rel_error(ours(ids), again(input_ids=ids).logits) < 1e-4
