@@ -9,10 +9,12 @@ raises `ConfigError` naming the key and what is allowed, before any stage starts
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -516,6 +518,40 @@ class LoopConfig(Strict):
         return self
 
 
+class MixtureStage(Strict):
+    """One stage of a multi-stage data mixture (`[[pretrain.mixture]]`): for its share of the
+    run, each training window comes from a token source (a `data.sources` name) in proportion
+    to `weights`. Its length is `steps`, `fraction` of pretrain.steps, or `tokens` (rounded to
+    whole steps); the last stage may set none of them and take the rest of the run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="shown in logs and metrics")
+    steps: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1, description="share of pretrain.steps")
+    tokens: int | None = Field(
+        None, ge=1, description="token budget: tokens / (batch_size * grad_accum * seq_len) steps"
+    )
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
+        None,
+        description="source name -> share of the stage's windows (normalised); unset: every "
+        "source in proportion to its training tokens (the natural mix)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureStage:
+        given = [k for k in ("steps", "fraction", "tokens") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set one of steps, fraction, tokens, not {' and '.join(given)}")
+        if self.weights is not None and not sum(self.weights.values()) > 0:
+            raise ValueError(
+                f"weights {self.weights} must include a positive weight (they are normalised)"
+            )
+        return self
+
+    @property
+    def takes_rest(self) -> bool:
+        return self.steps is None and self.fraction is None and self.tokens is None
+
+
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
     # Pretraining loss is smooth once warm: a step at 1.5x the median is a bad batch or an
@@ -531,6 +567,57 @@ class PretrainConfig(LoopConfig):
     document_mask: bool = Field(
         False, description="attend only within each document of a packed window (BOS-delimited)"
     )
+    mixture: list[MixtureStage] = Field(
+        default_factory=list,
+        description="multi-stage data mixture, in order (train/mixture.py); empty: windows of "
+        "the whole token stream in one seeded order",
+    )
+
+    @model_validator(mode="after")
+    def _mixture(self) -> PretrainConfig:
+        names = [m.name for m in self.mixture]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"mixture stage names must be unique, repeated: {dup}")
+        self.mixture_ends()  # raises when the stages do not cover the run
+        return self
+
+    def mixture_ends(self) -> list[int]:
+        """The data step at which each mixture stage ends (exclusive); the last is `steps`.
+
+        Lengths accumulate exactly (fractions and token budgets as rationals) and each boundary
+        is rounded once, so fractions that add up to 1 end exactly at `steps`."""
+        ends: list[int] = []
+        position = Fraction(0)
+        step_tokens = self.batch_size * self.grad_accum * self.seq_len
+        for i, stage in enumerate(self.mixture):
+            key = f"mixture[{i}] ({stage.name!r})"
+            last = i == len(self.mixture) - 1
+            if stage.takes_rest and not last:
+                raise ValueError(
+                    f"{key} sets none of steps, fraction, tokens: only the last stage may "
+                    "(it takes the rest of the run)"
+                )
+            if stage.takes_rest:
+                position = Fraction(self.steps)
+            elif stage.steps is not None:
+                position += stage.steps
+            elif stage.fraction is not None:
+                position += Fraction(stage.fraction) * self.steps
+            else:
+                position += Fraction(stage.tokens, step_tokens)
+            end = math.floor(position + Fraction(1, 2))
+            if end <= (ends[-1] if ends else 0):
+                raise ValueError(
+                    f"{key} gets no step (it would end at step {end}): give it more steps, "
+                    "a larger fraction or more tokens"
+                )
+            ends.append(end)
+        if ends and ends[-1] != self.steps:
+            raise ValueError(
+                f"the mixture stages cover {ends[-1]} steps but steps={self.steps}: make them add "
+                "up, or leave the last stage's steps/fraction/tokens unset so it takes the rest"
+            )
+        return ends
 
 
 class ChatSource(Strict):
@@ -607,6 +694,20 @@ class RecipeConfig(Strict):
                 raise ValueError(
                     f"{stage}.seq_len={seq} exceeds model.max_seq_len={self.model.max_seq_len}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _mixture_sources(self) -> RecipeConfig:
+        # Caught here, before any stage runs; the pretrain stage checks again against the
+        # sources that survived into the token shards (a source can be filtered away whole).
+        known = [s.name for s in self.data.sources]
+        for i, stage in enumerate(self.pretrain.mixture):
+            for name in stage.weights or {}:
+                if name not in known:
+                    raise ValueError(
+                        f"pretrain.mixture[{i}].weights.{name}: no data source is called "
+                        f"{name!r}; the sources are {', '.join(known)}"
+                    )
         return self
 
     def section_json(self, *names: str) -> str:

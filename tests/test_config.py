@@ -44,6 +44,13 @@ def test_dotted_overrides_are_parsed_as_toml_values():
         ("--sft.sources=[]", "sft.sources: List should have at least 1 item"),
         ("--bogus.key=1", "bogus: unknown key"),
         ("--run.name=a/b", "run.name: String should match pattern"),
+        (
+            "--pretrain.mixture=[{name='a', weights={wiki=1.0}}]",
+            "pretrain.mixture[0].weights.wiki: no data source is called 'wiki'; the sources are "
+            "python-docs, commoncrawl, commoncrawl-2, cc-extracted, wikipedia, shakespeare, gsm8k",
+        ),
+        ("--pretrain.mixture=[{name='a', steps=10}]", "cover 10 steps but steps=500"),
+        ("--pretrain.mixture=[{name='a', weights={gsm8k=0}}]", "must include a positive weight"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, expected):

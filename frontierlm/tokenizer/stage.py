@@ -14,7 +14,12 @@ from frontierlm.console import console, track
 from frontierlm.data.documents import read_shards
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.stages import StageContext
-from frontierlm.tokenizer.shards import TokenSplit, fit_unigram, write_token_shards
+from frontierlm.tokenizer.shards import (
+    UNKNOWN_SOURCE,
+    TokenSplit,
+    fit_unigram,
+    write_token_shards,
+)
 from frontierlm.tokenizer.train import (
     capped,
     load_tokenizer,
@@ -59,7 +64,10 @@ def run_tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
 
 def run_tokenize_stage(ctx: StageContext) -> dict[str, Any]:
     tok = load_tokenizer(ctx.path("tokenizer"))
-    docs = ((d.id, d.text) for d in track(read_shards(ctx.path("data")), "tokenize"))
+    docs = (
+        (d.id, d.text, d.meta.get("source", UNKNOWN_SOURCE))
+        for d in track(read_shards(ctx.path("data")), "tokenize")
+    )
     counts = write_token_shards(docs, tok, ctx.work_dir, ctx.cfg.tokenize.val_fraction)
     train = TokenSplit.open(ctx.work_dir, "train").tokens
     val = TokenSplit.open(ctx.work_dir, "val").tokens
@@ -72,4 +80,7 @@ def run_tokenize_stage(ctx: StageContext) -> dict[str, Any]:
         f"  train {counts['train_tokens']:,} tokens / {counts['train_docs']:,} docs, "
         f"val {counts['val_tokens']:,} tokens; unigram val bpb {unigram:.4f}"
     )
+    for source, n in counts["train_tokens_by_source"].items():
+        share = n / counts["train_tokens"]
+        console.print(f"  {source:<16} {n:>12,} train tokens ({share:.1%})")
     return {**counts, "unigram_val_bpb": unigram}

@@ -16,6 +16,7 @@ from frontierlm.tokenizer.shards import TokenSplit, window_batch
 from frontierlm.tokenizer.train import BOS, load_tokenizer, token_byte_lengths
 from frontierlm.train.loop import Batch, TrainTask, train
 from frontierlm.train.losses import token_cross_entropy, z_loss
+from frontierlm.train.mixture import MixtureWindows
 from frontierlm.train.sampler import EpochSampler
 
 
@@ -52,10 +53,13 @@ def lm_loss(
     """Next-token cross-entropy, plus `z_weight` times the z-loss when asked."""
     logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
     loss = token_cross_entropy(logits, batch["targets"]).mean()
+    # The data-mixture stage (train/mixture.py) goes into metrics.jsonl with the loss, so a
+    # change in the curve can be read against the stage boundary.
+    parts = {"mixture_stage": float(batch["mixture_stage"][0])} if "mixture_stage" in batch else {}
     if not z_weight:
-        return loss, {}
+        return loss, parts
     z = z_loss(logits)
-    return loss + z_weight * z, {"ce": loss.item(), "z_loss": z.item()}
+    return loss + z_weight * z, {**parts, "ce": loss.item(), "z_loss": z.item()}
 
 
 def val_bpb_fn(
@@ -87,12 +91,18 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(ctx.path("tokenizer"))
     model = Transformer(cfg.model, tok.get_vocab_size())
-    train_tokens = TokenSplit.open(ctx.path("tokenize"), "train").tokens
+    train_split = TokenSplit.open(ctx.path("tokenize"), "train")
     loop = cfg.pretrain
     bos_id = tok.token_to_id(BOS) if loop.document_mask else None
+    if loop.mixture:
+        windows = MixtureWindows(train_split, loop, cfg.run.seed, bos_id)
+    else:
+        windows = ShuffledWindows(
+            train_split.tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id
+        )
     task = TrainTask(
         name="pretrain",
-        batch=ShuffledWindows(train_tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id),
+        batch=windows,
         loss=functools.partial(lm_loss, z_weight=loop.z_loss),
         evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id),
     )

@@ -128,3 +128,47 @@ def test_token_shards_and_unigram_baseline(small_tokenizer, sample_texts, tmp_pa
     assert bpb == pytest.approx(direct, rel=1e-5)
     # A unigram model over ~1k BPE tokens of English: a few bits per byte, well under 8.
     assert 1.5 < bpb < 4.0
+
+
+def test_token_shards_record_each_documents_source(small_tokenizer, sample_texts, tmp_path):
+    import json
+
+    tok, _ = small_tokenizer
+    # The conftest texts: Shakespeare, then WikiText, then GSM8K; interleave them in file order.
+    names = ["shakespeare"] * 60 + ["wikipedia"] * 60 + ["gsm8k"] * (len(sample_texts) - 120)
+    docs = [(f"doc{i}", t, n) for i, (t, n) in enumerate(zip(sample_texts, names, strict=True))]
+    docs = docs[::2] + docs[1::2]
+    counts = write_token_shards(docs, tok, tmp_path, val_fraction=0.1)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["sources"] == ["shakespeare", "wikipedia", "gsm8k"]  # first appearance
+    for split in ("train", "val"):
+        by_source = counts[f"{split}_tokens_by_source"]
+        assert sum(by_source.values()) == counts[f"{split}_tokens"]
+        assert sum(counts[f"{split}_docs_by_source"].values()) == counts[f"{split}_docs"]
+        assert meta[f"{split}_tokens_by_source"] == by_source
+        opened = TokenSplit.open(tmp_path, split)
+        assert opened.source_names == meta["sources"]
+        assert opened.source_tokens() == by_source
+    train = TokenSplit.open(tmp_path, "train")
+    texts = {t: n for _, t, n in docs}
+    # Every merged range of a source decodes to that source's documents only.
+    bos = tok.token_to_id(BOS)
+    for index, name in enumerate(train.source_names):
+        spans = train.source_spans(index)
+        assert int((spans[:, 1] - spans[:, 0]).sum()) == counts["train_tokens_by_source"][name]
+        start, end = spans[len(spans) // 2]
+        pieces = np.split(
+            np.asarray(train.tokens[start:end]),
+            np.flatnonzero(np.asarray(train.tokens[start:end]) == bos)[1:],
+        )
+        assert {texts[tok.decode(p[1:].tolist())] for p in pieces} == {name}
+    # Documents given without a source fall under "?"; shards from before sources were
+    # recorded (no .src, no "sources") still open, for training without a mixture.
+    two = tmp_path / "two"
+    two.mkdir()
+    plain = write_token_shards([(i, t) for i, t, _ in docs], tok, two, val_fraction=0.1)
+    assert plain["train_tokens_by_source"] == {"?": plain["train_tokens"]}
+    (two / "train.src").unlink()
+    old = TokenSplit.open(two, "train")
+    assert old.doc_sources is None and old.source_tokens() == {}
+    assert len(old.doc_starts) == plain["train_docs"]
