@@ -36,16 +36,17 @@ def orthogonalise(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
     # addmm for one matrix (the very ops of torch.optim.Muon), baddbmm for a stack.
-    stack = x.reshape(-1, *x.shape[-2:])
-    for _ in range(steps):
-        if x.dim() == 2:
+    if x.dim() == 2:
+        for _ in range(steps):
             gram = x @ x.T
             x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        else:
-            gram = stack @ stack.mT
-            update_ = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            stack = torch.baddbmm(stack, update_, stack, beta=a)
-            x = stack.view(x.shape)
+    else:
+        shape = x.shape
+        x = x.reshape(-1, *shape[-2:])
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = x.view(shape)
     return x.mT if tall else x
 
 
