@@ -7,9 +7,14 @@ import shutil
 from pathlib import Path
 
 
+def temp_path(final: Path) -> Path:
+    """Where `atomic_dir` builds `final` (every process of a job computes the same name)."""
+    return final.with_name(f".tmp-{final.name}")
+
+
 def atomic_dir(final: Path) -> Path:
     """A fresh temp directory beside `final`; `commit_dir` renames it into place."""
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = temp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

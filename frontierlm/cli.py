@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from frontierlm.config import ConfigError, load_config
 from frontierlm.console import console
 from frontierlm.stages import STAGES, run_pipeline, run_stage
+from frontierlm.train.parallel import launched_world_size, shutdown_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; run the same command again to resume")
         return 130
     except (FileNotFoundError, ValueError, RuntimeError) as err:
-        console.print(f"[red]error in {args.command}:[/] {err}")
+        # Under torchrun every process reports its own error: the one that failed first may
+        # not be rank 0, the only process that speaks otherwise.
+        console.quiet = False
+        rank = f" (rank {os.environ['RANK']})" if launched_world_size() > 1 else ""
+        console.print(f"[red]error in {args.command}{rank}:[/] {err}")
         return 1
+    finally:
+        shutdown_distributed()
     return 0
 
 

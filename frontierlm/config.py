@@ -38,6 +38,12 @@ class RunConfig(Strict):
     seed: int = Field(1337, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="data parallelism under torchrun (WORLD_SIZE > 1): fsdp shards parameters, "
+        "gradients and optimizer state (FSDP2), ddp replicates them; auto = fsdp. One process "
+        "trains the plain model whatever the choice",
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -439,7 +445,13 @@ class LoopConfig(Strict):
     """What every training loop (pretrain, SFT, preference) shares."""
 
     steps: int = Field(ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="sequences per micro-step over all processes: under torchrun each of N "
+        "processes takes batch_size / N of them (batch_size must divide by N), so the run "
+        "follows the same curve at any process count",
+    )
     grad_accum: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=8)
     lr: float = Field(1e-3, gt=0)

@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 def progress_bar() -> Progress:
-    """A progress display with count, rate-derived ETA and elapsed time; use as a context."""
+    """A progress display with count, rate-derived ETA and elapsed time; use as a context.
+    Hidden when the console is quiet (the processes other than rank 0 of a torchrun job)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -33,6 +34,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=console.quiet,
     )
 
 

@@ -8,6 +8,10 @@ the files it reads from outside the run, and the fingerprints of the stages it d
   - changing one stage's config reruns that stage and every stage after it;
   - a killed stage leaves only its `.partial` directory, which the next run resumes (training
     stages continue from their latest checkpoint) when the fingerprint still matches.
+
+Under torchrun (WORLD_SIZE > 1) the training stages (`distributed=True`) run on every process,
+data parallel; rank 0 alone prepares and commits their directory. Any other stage runs on rank 0
+while the other processes wait for it. The run directory must be one every process sees.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from frontierlm.atomic import commit_dir, write_text
 from frontierlm.config import RecipeConfig
 from frontierlm.console import console
+from frontierlm.train.parallel import barrier, init_distributed, launched_world_size, world
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Stage:
     deps: tuple[str, ...]  # stages whose outputs it reads
     summary: str  # which metric the report shows, and what the stage does
     key_metric: str = ""
+    distributed: bool = False  # under torchrun: every process takes part, not rank 0 alone
 
     def function(self) -> Callable[[StageContext], dict[str, Any]]:
         module, func = self.entry.split(":")
@@ -79,6 +85,7 @@ STAGES: dict[str, Stage] = {
             ("tokenizer", "tokenize"),
             "pretrain the decoder (dense or MoE)",
             "val_bpb",
+            distributed=True,
         ),
         Stage(
             "sft",
@@ -87,6 +94,7 @@ STAGES: dict[str, Stage] = {
             ("tokenizer", "pretrain"),
             "supervised fine-tuning on chats",
             "val_bpb",
+            distributed=True,
         ),
         Stage(
             "align",
@@ -95,6 +103,7 @@ STAGES: dict[str, Stage] = {
             ("tokenizer", "sft"),
             "DPO against the frozen SFT model",
             "val_margin",
+            distributed=True,
         ),
         Stage(
             "eval",
@@ -183,7 +192,27 @@ def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
 
 def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, Any]:
     """Run one stage unless its output is current; return its stage record."""
+    if launched_world_size() > 1:
+        init_distributed(cfg.run)
     stage = STAGES[name]
+    w = world()
+    if w.size > 1 and not stage.distributed:
+        if w.main:
+            _run_stage(cfg, stage, force, main=True, together=False)
+        barrier()  # the others wait for rank 0's output
+        return read_record(cfg.run.run_dir / name)
+    record = _run_stage(cfg, stage, force, main=w.main, together=w.size > 1)
+    barrier()  # the stage directory is committed before any process moves on
+    return record
+
+
+def _run_stage(
+    cfg: RecipeConfig, stage: Stage, force: bool, main: bool, together: bool
+) -> dict[str, Any]:
+    """The stage on this process. `main`: this process prepares and commits the stage directory
+    (the only process outside torchrun); `together`: every process runs the stage."""
+    sync = barrier if together else lambda: None
+    name = stage.name
     run_dir = cfg.run.run_dir
     out = run_dir / name
     fp = fingerprint(cfg, stage)
@@ -192,15 +221,18 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
         return read_record(out)
     work = run_dir / f"{name}.partial"
     marker = work / "fingerprint"
-    if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fp)
-    write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
+    if main:
+        if work.exists() and (force or not marker.is_file() or marker.read_text() != fp):
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fp)
+        write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
+    sync()  # the other processes start once the work directory is ready
     console.rule(f"[bold]{name}[/]: {stage.summary}")
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     metrics = stage.function()(StageContext(cfg=cfg, stage=stage, work_dir=work))
+    sync()  # every process has written what it writes into the work directory
     record = {
         "stage": name,
         "fingerprint": fp,
@@ -209,9 +241,10 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
         "key_metric": stage.key_metric,
         "metrics": metrics,
     }
-    (work / "stage.json").write_text(json.dumps(record, indent=2))
-    marker.unlink()
-    commit_dir(work, out)
+    if main:
+        (work / "stage.json").write_text(json.dumps(record, indent=2))
+        marker.unlink()
+        commit_dir(work, out)
     shown = f"{stage.key_metric}={metrics.get(stage.key_metric)}" if stage.key_metric else ""
     console.print(f"[green]✓ {name}[/] done in {record['wall_s']:.1f}s {shown}")
     return record

@@ -116,3 +116,63 @@ def test_sigkill_during_pretrain_then_resume_matches_uninterrupted(micro_run, tm
     reference = stage_record(micro_run, "pretrain")["metrics"]
     assert ours["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-5)
     assert ours["val_bpb"] == pytest.approx(reference["val_bpb"], abs=1e-5)
+
+
+def test_torchrun_two_processes_run_the_training_stages(micro_run, tmp_path):
+    """`torchrun --nproc_per_node=2 -m frontierlm.cli run`: the data stages are current and
+    skipped; pretrain, sft and align train over 2 gloo processes (FSDP2) with sharded
+    checkpoints and single-file models; eval and report run on rank 0 alone. The pretrain
+    curve is that of one process (`frontierlm pretrain`) on the same recipe."""
+    overrides = [
+        "--run.device=cpu",
+        "--run.threads=1",
+        "--pretrain.steps=12",
+        "--pretrain.checkpoint_every=6",
+        "--pretrain.eval_every=6",
+        "--sft.steps=4",
+        "--sft.checkpoint_every=2",
+        "--align.steps=4",
+        "--align.checkpoint_every=2",
+    ]
+    for name in ("two", "one"):
+        (tmp_path / name / "micro").mkdir(parents=True)
+        for stage in ("data", "tokenizer", "tokenize"):
+            shutil.copytree(micro_run / stage, tmp_path / name / "micro" / stage)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cli = ["-m", "frontierlm.cli", "run", MICRO, f"--run.out_dir={tmp_path / 'two'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*torchrun, "--nproc_per_node=2", *cli, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("up to date, skipped") == 3, "one console speaks for the job"
+    run_dir = tmp_path / "two" / "micro"
+    for stage in STAGES:
+        assert (run_dir / stage / "stage.json").is_file(), stage
+    for stage, steps in (("pretrain", 12), ("sft", 4), ("align", 4)):
+        records = [
+            json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [r["step"] for r in records] == list(range(1, steps + 1)), stage
+        last = sorted((run_dir / stage / "checkpoints").iterdir())[-1]
+        assert (last / ".metadata").is_file() and len(list(last.glob("*.distcp"))) == 2
+        assert (run_dir / stage / "model" / "model.safetensors").is_file()
+    assert (run_dir / "report.md").is_file()
+
+    single = [sys.executable, "-m", "frontierlm.cli", "pretrain", MICRO]
+    single += [f"--run.out_dir={tmp_path / 'one'}", *overrides]
+    done = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def losses(out: str) -> list[float]:
+        path = tmp_path / out / "micro" / "pretrain" / "metrics.jsonl"
+        return [json.loads(x)["loss"] for x in path.read_text().splitlines()]
+
+    difference = max(abs(a - b) for a, b in zip(losses("two"), losses("one"), strict=True))
+    assert difference < 1e-4
+    print(f"\ntorchrun pretrain, 2 processes vs 1: max |loss diff| {difference:.2e}")

@@ -103,9 +103,10 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         # The router in float32 even under autocast: near-tied bf16 scores flip expert choices,
-        # and the matmul is tiny (d_model x n_experts).
+        # and the matmul is tiny (d_model x n_experts). Called as a module, so a wrapper that
+        # manages its weight (FSDP2 keeps it fp32 apart from bf16 blocks) sees the call.
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(tokens.float(), self.router.weight.float())
+            logits = self.router(tokens.float())
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         biased = self.balance in ("bias", "smebu")
         choice_scores = scores + self.selection_bias if biased else scores

@@ -4,6 +4,13 @@ A stage supplies a `TrainTask`: how to build the batch for a micro-step index, h
 the loss, and how to evaluate. Batches are pure functions of the index and the seed, so a run
 killed at any point resumes from its latest checkpoint and ends exactly where an uninterrupted
 run ends (same data order, same optimizer state, same schedule).
+
+Under torchrun every process runs this loop on its rows of each global batch (`rank_rows`), with
+the model made data parallel by `parallelize` (run.parallel). The losses and gradient norm are
+averaged over the processes before anything is judged, so every process takes the same spike,
+skip and rollback decisions; rank 0 alone writes metrics, events and the console, and all
+processes evaluate the whole held-out set (the same numbers everywhere). Checkpoints are then
+sharded (see checkpoint.py) and resume on any number of processes.
 """
 
 from __future__ import annotations
@@ -31,7 +38,18 @@ from frontierlm.train.checkpoint import (
 from frontierlm.train.fp8 import convert_to_float8
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.optim import build_optimizer
-from frontierlm.train.parallel import autocast
+from frontierlm.train.parallel import (
+    all_mean,
+    all_sum_,
+    autocast,
+    barrier,
+    check_batch_split,
+    clip_grad_norm,
+    grad_sync,
+    parallelize,
+    rank_rows,
+    world,
+)
 from frontierlm.train.schedule import lr_at, peak_lr
 
 Batch = dict[str, torch.Tensor]
@@ -80,38 +98,57 @@ def _accepted(records: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def train(
-    model: Transformer, cfg: LoopConfig, task: TrainTask, work_dir: Path, device: torch.device
+    model: Transformer,
+    cfg: LoopConfig,
+    task: TrainTask,
+    work_dir: Path,
+    device: torch.device,
+    parallel: str = "auto",
 ) -> dict[str, float]:
     """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and the final
-    model under `work_dir`; return the last train and eval metrics.
+    model under `work_dir`; return the last train and eval metrics. `parallel` is
+    `run.parallel`: how a torchrun job spreads the model (see train/parallel.py).
 
     A spike (see SpikeGuard) throws its batch away and runs the step again on the next one;
     `cfg.spike_max_skips` skips in a row roll the run back to the latest checkpoint and move the
     data past the window that caused them (the data offset travels in the checkpoints). Every
     event goes to `events.jsonl`."""
+    # Fails on every process alike, before any collective call could leave one waiting.
+    check_batch_split(cfg.batch_size, f"{task.name}.batch_size")
+    main = world().main
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = work_dir / "checkpoints"
-    log = MetricsLog(work_dir / "metrics.jsonl")
-    events = MetricsLog(work_dir / "events.jsonl")
+    log = MetricsLog(work_dir / "metrics.jsonl", writer=main)
+    events = MetricsLog(work_dir / "events.jsonl", writer=main)
     model.to(device)
     if cfg.precision == "fp8":
         kept = convert_to_float8(model, cfg.fp8_scaling, cfg.fp8_backward)
         console.print(f"{task.name}: fp8 linear layers; left in bf16: {', '.join(kept) or 'none'}")
+    # `trained` runs forward and backward (a DDP wrapper, or `model` itself); `model` answers
+    # the model's own questions (MoE losses and loads) and is what checkpoints hold.
+    trained = parallelize(model, parallel, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
     step, data_offset = 0, 0
     if checkpoints := list_checkpoints(ckpt_root):
         state = load_checkpoint(checkpoints[-1], model, optimizer)
         step, data_offset = int(state["step"]), int(state["extra"].get("data_offset", 0))
         console.print(f"[yellow]{task.name}: resuming from {checkpoints[-1]} (step {step})")
-    log.truncate_after(step)
-    guard = SpikeGuard(cfg, _accepted(log.read()))
+
+    def history_up_to(step: int) -> list[dict[str, float]]:
+        """The accepted records up to `step`, read by every process once rank 0 has cut the
+        log there: the spike guard's history, the same on all of them."""
+        log.truncate_after(step)
+        barrier()
+        return _accepted(log.read())
+
+    guard = SpikeGuard(cfg, history_up_to(step))
     skips_in_a_row = rollbacks = 0
 
     with progress_bar() as bar:
         job = bar.add_task(task.name, total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             t0 = time.perf_counter()
-            model.train()
+            trained.train()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -119,22 +156,24 @@ def train(
             tokens = 0
             data_step = step + data_offset
             for micro in range(cfg.grad_accum):
-                batch = {
-                    k: v.to(device, non_blocking=True)
-                    for k, v in task.batch(data_step * cfg.grad_accum + micro).items()
-                }
-                tokens += batch[task.tokens_key].numel()
-                with autocast(device, cfg.precision):
-                    loss, parts = task.loss(model, batch)
-                    if (aux := model.aux_loss()) is not None:  # MoE balance, when asked
-                        loss = loss + aux
-                        parts = {**parts, "moe_aux_loss": aux.item()}
-                (loss / cfg.grad_accum).backward()
+                rows = rank_rows(task.batch(data_step * cfg.grad_accum + micro), task.name)
+                batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
+                tokens += batch[task.tokens_key].numel() * world().size
+                with grad_sync(trained, micro == cfg.grad_accum - 1):
+                    with autocast(device, cfg.precision):
+                        loss, parts = task.loss(trained, batch)
+                        if (aux := model.aux_loss()) is not None:  # MoE balance, when asked
+                            loss = loss + aux
+                            parts = {**parts, "moe_aux_loss": aux.item()}
+                    (loss / cfg.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
             # The norm before clipping (max_norm=inf only measures): the spike guard needs it.
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = clip_grad_norm(model.parameters(), max_norm)
+            # Every process judges the step on the same numbers (a no-op in one process).
+            grad_norm, *means = all_mean([grad_norm, *totals.values()])
+            totals = dict(zip(totals, means, strict=True))
             spike = guard.reason(totals["loss"], grad_norm)
             if spike is not None:
                 # The batch is thrown away, not the update: the same step runs again on the
@@ -182,14 +221,16 @@ def train(
                         f"{back}; data steps {first_bad}-{data_step} are not trained on"
                     )
                     step, skips_in_a_row = back, 0
-                    log.truncate_after(step)
-                    guard = SpikeGuard(cfg, _accepted(log.read()))
+                    guard = SpikeGuard(cfg, history_up_to(step))
                     bar.update(job, completed=step)
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             guard.accept(totals["loss"], grad_norm)
             skips_in_a_row = 0
+            # The expert loads of the whole global batch, as one process would have counted
+            # them: the selection biases then move alike on every process.
+            all_sum_(moe.load for moe in model.moe_layers())
             expert_stats = model.after_optimizer_step(lr_scale=lr / peak_lr(cfg))
             elapsed = time.perf_counter() - t0
             done = step + 1
@@ -215,6 +256,7 @@ def train(
                 save_checkpoint(ckpt_root, done, model, optimizer, extra, cfg.keep_checkpoints)
             step = done
     save_model_dir(work_dir / "model", model)
+    barrier()  # rank 0's last record is on disk for every process to read
     # The last record always holds the final evaluation, also when a resume found the run done.
     final = log.read()[-1]
     skip = {"step", "lr", "grad_norm", "tokens_per_s"}

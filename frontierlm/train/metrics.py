@@ -1,4 +1,5 @@
-"""JSONL metrics on disk: one object per line, safe to resume."""
+"""JSONL metrics on disk: one object per line, safe to resume. Under torchrun every process
+reads the log and only rank 0 (`writer=True`) writes it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget records from steps the checkpoint does not contain."""
-        if not self.path.exists():
+        if not self.writer or not self.path.exists():
             return
         kept = [line for line in self.read() if line.get("step", -1) <= step]
         tmp = self.path.with_suffix(".tmp")
@@ -21,6 +23,8 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

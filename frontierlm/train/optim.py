@@ -50,6 +50,18 @@ def orthogonalise(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return x.mT if tall else x
 
 
+def _orthogonalise_whole(update: torch.Tensor, steps: int) -> torch.Tensor:
+    """`orthogonalise` of the whole matrix also when FSDP2 shards it (a DTensor): every process
+    gathers the full update, orthogonalises it and keeps its own rows. The redundant work is
+    small next to the model's; spreading matrices over processes can come later."""
+    from torch.distributed.tensor import DTensor, distribute_tensor  # see parallel.apply_fsdp
+
+    if not isinstance(update, DTensor):
+        return orthogonalise(update, steps)
+    whole = orthogonalise(update.full_tensor(), steps)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for matrices and stacks of matrices (ndim >= 2)."""
 
@@ -89,7 +101,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalise(update, group["ns_steps"])
+                update = _orthogonalise_whole(update, group["ns_steps"])
                 scale = 0.2 * math.sqrt(max(p.shape[-2], p.shape[-1]))
                 p.mul_(1 - lr * decay)
                 p.add_(update.to(p.dtype), alpha=-lr * scale)
@@ -118,12 +130,15 @@ class Optimizers:
     def state_dict(self) -> dict[str, Any]:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_names(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.optimizers):
             raise ValueError(
                 f"checkpoint holds optimizer state for {sorted(state)}, this run uses "
                 f"{sorted(self.optimizers)}: resume with the optimizer it was saved with"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_names(state)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 

@@ -7,7 +7,8 @@
 
 The peak is `lr`, optionally scaled with the batch size (`lr_batch_scaling`): "sqrt" for Adam-type
 optimizers (Malladi et al. 2022), "linear" for SGD-like ones (Goyal et al. 2017), against
-`lr_reference_batch_tokens`, the batch the `lr` was tuned at.
+`lr_reference_batch_tokens`, the batch the `lr` was tuned at. `batch_size` is the global batch
+(torchrun splits it over the processes), so the schedule does not depend on the process count.
 """
 
 from __future__ import annotations
@@ -17,20 +18,20 @@ import math
 from frontierlm.config import LoopConfig
 
 
-def batch_tokens(cfg: LoopConfig, world_size: int = 1) -> int:
+def batch_tokens(cfg: LoopConfig) -> int:
     """Tokens per optimizer step over all processes."""
-    return cfg.batch_size * cfg.grad_accum * cfg.seq_len * world_size
+    return cfg.batch_size * cfg.grad_accum * cfg.seq_len
 
 
-def peak_lr(cfg: LoopConfig, world_size: int = 1) -> float:
+def peak_lr(cfg: LoopConfig) -> float:
     if cfg.lr_batch_scaling == "none":
         return cfg.lr
-    ratio = batch_tokens(cfg, world_size) / cfg.lr_reference_batch_tokens
+    ratio = batch_tokens(cfg) / cfg.lr_reference_batch_tokens
     return cfg.lr * (math.sqrt(ratio) if cfg.lr_batch_scaling == "sqrt" else ratio)
 
 
-def lr_at(step: int, cfg: LoopConfig, world_size: int = 1) -> float:
-    peak = peak_lr(cfg, world_size)
+def lr_at(step: int, cfg: LoopConfig) -> float:
+    peak = peak_lr(cfg)
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     floor = peak * cfg.min_lr_ratio
