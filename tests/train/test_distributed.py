@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from loop_tasks import Crash, make_task, new_model
 
-from frontierlm.config import ModelConfig, PretrainConfig, RunConfig
-from frontierlm.model import Transformer
+from frontierlm.config import PretrainConfig, RunConfig
 from frontierlm.train.checkpoint import is_sharded, list_checkpoints, load_model_dir
 from frontierlm.train.loop import TrainTask, train
 from frontierlm.train.parallel import init_distributed, shutdown_distributed
@@ -55,42 +55,6 @@ SPIKY = LOOP.model_copy(
         "spike_max_skips": 3,
     }
 )
-
-
-class Crash(Exception):
-    pass
-
-
-def token_stream() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    base = np.tile(np.arange(97, dtype=np.uint16), 60)  # a learnable pattern, some noise
-    noise = rng.integers(0, 97, size=base.shape, dtype=np.uint16)
-    return np.where(rng.random(base.shape) < 0.2, noise, base)
-
-
-def make_task(loop: PretrainConfig, crash_at: int | None = None) -> TrainTask:
-    tokens = token_stream()
-    windows = ShuffledWindows(tokens, loop.seq_len, loop.batch_size, seed=3)
-    val = {
-        "input_ids": torch.from_numpy(tokens[:64].astype("int64")).view(4, 16),
-        "targets": torch.from_numpy(tokens[1:65].astype("int64")).view(4, 16),
-    }
-
-    def batch(i: int) -> dict[str, torch.Tensor]:
-        if i == crash_at:
-            raise Crash
-        return windows(i)
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return {"loss": lm_loss(model, val)[0].item()}
-
-    return TrainTask("pretrain", batch, lm_loss, evaluate)
-
-
-def new_model(**fields) -> Transformer:
-    torch.manual_seed(0)
-    fields = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, **fields}
-    return Transformer(ModelConfig(**fields), 97)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -151,7 +115,7 @@ def train_job(
 ) -> None:
     model = new_model(**(model_fields or {}))
     with contextlib.suppress(Crash):  # the crash ends this run where a test wants it ended
-        train(model, loop, make_task(loop, crash_at), run_dir, CPU, parallel)
+        train(model, loop, make_task(loop, crash_at=crash_at), run_dir, CPU, parallel)
 
 
 def error_job(loop: PretrainConfig, run_dir: Path) -> None:
@@ -301,7 +265,7 @@ def test_single_process_checkpoint_resumes_in_two(single_process, tmp_path):
     loop = LOOP.model_copy(update={"optimizer": "muon"})
     one = single_process("muon")
     with pytest.raises(Crash):
-        train(new_model(), loop, make_task(loop, CRASH_AT), tmp_path, CPU)
+        train(new_model(), loop, make_task(loop, crash_at=CRASH_AT), tmp_path, CPU)
     checkpoint = list_checkpoints(tmp_path / "checkpoints")[-1]
     assert checkpoint.name == "step_0000008" and not is_sharded(checkpoint)
     spawn(train_job, loop, tmp_path, "fsdp", None)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from loop_tasks import Crash, make_task, new_model, token_stream
 
-from frontierlm.config import ModelConfig, PretrainConfig
-from frontierlm.model import Transformer
+from frontierlm.config import PretrainConfig
 from frontierlm.train.checkpoint import list_checkpoints, load_model_dir
 from frontierlm.train.loop import TrainTask, train
-from frontierlm.train.pretrain import ShuffledWindows, lm_loss
+from frontierlm.train.pretrain import lm_loss
 from frontierlm.train.schedule import lr_at
 
 LOOP = PretrainConfig(
@@ -26,42 +26,9 @@ LOOP = PretrainConfig(
 )
 
 
-class Crash(Exception):
-    pass
-
-
-def make_task(tokens, crash_at=None):
-    windows = ShuffledWindows(tokens, LOOP.seq_len, LOOP.batch_size, seed=3)
-    val = {
-        "input_ids": torch.from_numpy(tokens[:64].astype("int64")).view(4, 16),
-        "targets": torch.from_numpy(tokens[1:65].astype("int64")).view(4, 16),
-    }
-
-    def batch(i):
-        if crash_at is not None and i == crash_at:
-            raise Crash
-        return windows(i)
-
-    def evaluate(model):
-        return {"loss": lm_loss(model, val)[0].item()}
-
-    return TrainTask("test", batch, lm_loss, evaluate)
-
-
-def new_model():
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=16), 97)
-
-
 @pytest.fixture
 def tokens():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    # A learnable stream: mostly a repeating pattern, some noise.
-    base = np.tile(np.arange(97, dtype=np.uint16), 60)
-    noise = rng.integers(0, 97, size=base.shape, dtype=np.uint16)
-    return np.where(rng.random(base.shape) < 0.2, noise, base)
+    return token_stream()
 
 
 def test_schedule_warms_up_then_decays_to_floor():
@@ -72,7 +39,7 @@ def test_schedule_warms_up_then_decays_to_floor():
 
 
 def test_training_lowers_loss_and_writes_artifacts(tokens, tmp_path):
-    metrics = train(new_model(), LOOP, make_task(tokens), tmp_path, torch.device("cpu"))
+    metrics = train(new_model(), LOOP, make_task(LOOP, tokens), tmp_path, torch.device("cpu"))
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
@@ -92,12 +59,12 @@ def test_crash_then_resume_ends_exactly_where_an_uninterrupted_run_ends(
 ):
     loop = LOOP.model_copy(update={"optimizer": optimizer})
     cpu = torch.device("cpu")
-    straight = train(new_model(), loop, make_task(tokens), tmp_path / "a", cpu)
+    straight = train(new_model(), loop, make_task(LOOP, tokens), tmp_path / "a", cpu)
     with pytest.raises(Crash):
-        train(new_model(), loop, make_task(tokens, crash_at=9), tmp_path / "b", cpu)
+        train(new_model(), loop, make_task(LOOP, tokens, crash_at=9), tmp_path / "b", cpu)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "step_0000008"
     # A fresh model object: everything must come from the checkpoint.
-    resumed = train(new_model(), loop, make_task(tokens), tmp_path / "b", cpu)
+    resumed = train(new_model(), loop, make_task(LOOP, tokens), tmp_path / "b", cpu)
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-5)
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
     steps = [
@@ -137,7 +104,7 @@ SPIKY = LOOP.model_copy(
 def corrupting_task(tokens, bad: set[int]):
     """The test task, except that the data steps in `bad` get random targets: a corrupted
     batch, whose loss on a model that has learnt the pattern is far above the median."""
-    task = make_task(tokens)
+    task = make_task(LOOP, tokens)
     clean = task.batch
 
     def batch(i):
@@ -164,7 +131,7 @@ def test_a_corrupted_batch_is_skipped_and_repeated_ones_roll_back(tmp_path):
     # A noise-free stream: the model learns it fast, so a corrupted batch stands out clearly.
     tokens = np.tile(np.arange(97, dtype=np.uint16), 60)
     cpu = torch.device("cpu")
-    clean = train(new_model(), SPIKY, make_task(tokens), tmp_path / "clean", cpu)
+    clean = train(new_model(), SPIKY, make_task(LOOP, tokens), tmp_path / "clean", cpu)
     assert events(tmp_path / "clean") == []  # no false alarm on a clean run
 
     one = train(new_model(), SPIKY, corrupting_task(tokens, {25}), tmp_path / "one", cpu)
@@ -184,7 +151,7 @@ def test_a_corrupted_batch_is_skipped_and_repeated_ones_roll_back(tmp_path):
 
 
 def test_non_finite_loss_is_skipped_even_with_the_guard_off(tokens, tmp_path):
-    task = make_task(tokens)
+    task = make_task(LOOP, tokens)
 
     def batch(i):
         out = task.batch(i)
