@@ -27,3 +27,23 @@ def fresh_run_with_shared_upstream(recipe: str, shared: str, name: str) -> Path:
     for stage in UPSTREAM:
         shutil.copytree(ROOT / "runs" / shared / stage, run_dir / stage)
     return run_dir
+
+
+def write_gpu_report(path: str, rows: object, **fields: object) -> None:
+    """The JSON a GPU benchmark leaves: its rows with the date, the GPU and torch's version."""
+    import json
+    from datetime import UTC, datetime
+
+    import torch
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **fields,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")

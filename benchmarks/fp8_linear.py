@@ -8,11 +8,9 @@ around each fp8 matmul). Baseline in the same run: the bf16 layer.
 from __future__ import annotations
 
 import argparse
-import json
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
+from _runs import write_gpu_report
 from attention_moe import bench
 from torch import nn
 
@@ -73,16 +71,7 @@ def main() -> None:
                         for k, v in row.items()
                     )
                 )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_gpu_report(args.out, rows)
 
 
 if __name__ == "__main__":

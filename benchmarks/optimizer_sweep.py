@@ -6,7 +6,7 @@ run: the best AdamW learning rate's final validation loss. Reported: each run's 
 the first step at which it reaches that baseline, as a share of the AdamW run's steps (the
 issue's bar: Muon within 80%).
 
-    python benchmarks/optimizer_sweep.py [--lrs 2.5e-3,5e-3,1e-2] [--steps 500]
+    python benchmarks/optimizer_sweep.py [--lrs 2.5e-3,5e-3,1e-2] [--steps 500] [--reuse]
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", default="benchmarks/out/optimizer_sweep.json")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take finished runs of the same names and length from runs/ instead of retraining "
+        "(to add learning rates to a sweep)",
+    )
     args, extra = parser.parse_known_args()
     curves: dict[str, list[tuple[int, float]]] = {}
     walls: dict[str, float] = {}
@@ -43,6 +49,12 @@ def main() -> None:
         for lr in args.lrs.split(","):
             key = f"{optimizer} lr={lr}"
             name = f"bench-opt-{optimizer}-{lr}"
+            done = ROOT / "runs" / name
+            if args.reuse and (done / "pretrain" / "metrics.jsonl").exists():
+                curve = val_curve(done)
+                if curve and curve[-1][0] == args.steps:  # a finished run of the same length
+                    curves[key], walls[key] = curve, float("nan")
+                    continue
             run_dir = fresh_run_with_shared_upstream(RECIPE, "bench-opt-shared", name)
             t0 = time.perf_counter()
             frontierlm(

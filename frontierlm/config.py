@@ -44,6 +44,12 @@ class RunConfig(Strict):
         "gradients and optimizer state (FSDP2), ddp replicates them; auto = fsdp. One process "
         "trains the plain model whatever the choice",
     )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="the accelerator's dense bf16 peak, for MFU; unset: looked up by GPU name "
+        "(train/metrics.py), no MFU where unknown (CPUs)",
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -503,8 +509,32 @@ class LoopConfig(Strict):
     )
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(
+        100,
+        ge=0,
+        description="steps between checkpoints (and one at the end); 0 = none, which also "
+        "leaves spikes nothing to roll back to",
+    )
     keep_checkpoints: int = Field(2, ge=1)
+    layer_stats_every: int = Field(
+        0,
+        ge=0,
+        description="log each layer's gradient norm and relative update norm every this many "
+        "steps (an extra copy of the weights on those steps); 0 = at every evaluation",
+    )
+    compile: Literal["auto", "none", "blocks"] = Field(
+        "auto",
+        description="torch.compile per transformer block (regional: one compile serves every "
+        "block) and of the loss; auto = blocks on GPU, none on CPU",
+    )
+    activation_checkpointing: Literal["none", "block", "selective"] = Field(
+        "none",
+        description="recompute activations in the backward pass to save memory: block = all of "
+        "each block's, selective = all but the matmul and attention outputs",
+    )
+    prefetch: int = Field(
+        2, ge=0, description="batches built ahead in a background thread (pinned on GPU); 0 = none"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp8"] = Field(
         "auto",
         description="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also pays on CPUs with "

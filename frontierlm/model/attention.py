@@ -6,19 +6,21 @@ pattern marks local, tanh softcapping of the attention logits (Gemma 2), a scale
 logits other than 1/sqrt(head_dim) (Gemma 2's query_pre_attn_scalar), and an elementwise
 sigmoid gate on the attention output (Qwen3-Next).
 
-Kernels: plain causal attention goes to SDPA's fused kernels. Masked attention is FlexAttention
-with a BlockMask on GPU and SDPA with a dense boolean mask on CPU (FlexAttention has no CPU
-backward); softcapped attention is FlexAttention's score_mod on GPU and an explicit softmax on
-CPU, since SDPA cannot cap scores.
+Kernels: plain causal attention goes to SDPA's fused kernels (cuDNN's first on Hopper and
+newer). Masked attention is FlexAttention with a BlockMask on GPU and SDPA with a dense boolean
+mask on CPU (FlexAttention has no CPU backward); softcapped attention is FlexAttention's
+score_mod on GPU and an explicit softmax on CPU, since SDPA cannot cap scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from frontierlm.config import ModelConfig
@@ -97,6 +99,23 @@ def softcapped_attention(
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
 
 
+# On Hopper, cuDNN's fused attention ran causal fwd+bwd 1.5-1.7x faster than the
+# FlashAttention-2 kernel SDPA picks by default (benchmarks/sdpa_backends.py, RESULTS.md); SDPA
+# falls through the list to the next kernel for inputs one cannot take.
+_GPU_CAUSAL_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def _fastest_causal_kernel(q: torch.Tensor) -> contextlib.AbstractContextManager:
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9:
+        return sdpa_kernel(_GPU_CAUSAL_ORDER, set_priority=True)
+    return contextlib.nullcontext()
+
+
 # FlexAttention's GPU kernel takes no head dim below 16 (torch 2.11, H100); MLA's can be smaller.
 _FLEX_MIN_DIM = 16
 
@@ -118,7 +137,10 @@ def attend(
     if softcap is not None:
         return softcapped_attention(q, k, v, softcap, mask, scale)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        with _fastest_causal_kernel(q):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

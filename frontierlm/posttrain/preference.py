@@ -135,5 +135,5 @@ def run_align_stage(ctx: StageContext) -> dict[str, Any]:
     policy = load_model_dir(ctx.path("sft") / "model", ctx.device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     task = dpo_task(cfg, reference, train_pairs, val_pairs, tok.token_to_id(PAD), ctx.cfg.run.seed)
-    metrics = train(policy, cfg, task, ctx.work_dir, ctx.device, ctx.cfg.run.parallel)
+    metrics = train(policy, cfg, task, ctx.work_dir, ctx.device, ctx.cfg.run)
     return {**metrics, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}

@@ -75,7 +75,7 @@ def run_sft_stage(ctx: StageContext) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         before = task.evaluate(model)
-    metrics = train(model, cfg, task, ctx.work_dir, ctx.device, ctx.cfg.run.parallel)
+    metrics = train(model, cfg, task, ctx.work_dir, ctx.device, ctx.cfg.run)
     return {
         **metrics,
         "pretrained_val_bpb": before["bpb"],

@@ -37,13 +37,15 @@ def quantize(
     return quantized.to(dtype), scale.reciprocal()
 
 
-def fp8_matmul(
-    a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype, rowwise: bool
+def scaled_mm(
+    aq: torch.Tensor,
+    a_scale: torch.Tensor,
+    bq: torch.Tensor,
+    b_scale: torch.Tensor,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
-    """a @ b.T in fp8 (a: (M, K), b: (N, K)), bf16 result. Rowwise scales run along K for both
-    operands, so each output element carries one scale of a's row and one of b's row."""
-    aq, a_scale = quantize(a, a_dtype, rowwise)
-    bq, b_scale = quantize(b, b_dtype, rowwise)
+    """aq @ bq.T of quantised operands (aq: (M, K), bq: (N, K)), unscaled, in bf16."""
+    rowwise = a_scale.numel() > 1
     # _scaled_mm: the first operand row-major, the second column-major (a transposed row-major).
     return torch._scaled_mm(
         aq,
@@ -51,10 +53,25 @@ def fp8_matmul(
         scale_a=a_scale,
         scale_b=b_scale.t() if rowwise else b_scale,
         out_dtype=torch.bfloat16,
+        use_fast_accum=fast_accum,
     )
 
 
+def fp8_matmul(
+    a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype, rowwise: bool
+) -> torch.Tensor:
+    """a @ b.T in fp8 (a: (M, K), b: (N, K)), bf16 result. Rowwise scales run along K for both
+    operands, so each output element carries one scale of a's row and one of b's row."""
+    return scaled_mm(*quantize(a, a_dtype, rowwise), *quantize(b, b_dtype, rowwise))
+
+
 class _Float8Linear(torch.autograd.Function):
+    """Forward: X W^T with fast (reduced-precision) accumulation, as torchao's recipes do for
+    the output; the gradient matmuls accumulate exactly. Tensorwise scaling saves the fp8 copies
+    of X and W for the backward (half the memory of bf16 X, and no second quantisation pass:
+    one scale serves a matrix and its transpose); rowwise scales run along the other dimension
+    in the backward, so it quantises X and W again there."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
@@ -63,22 +80,36 @@ class _Float8Linear(torch.autograd.Function):
         rowwise: bool,
         grad_dtype: torch.dtype,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
         ctx.rowwise, ctx.grad_dtype = rowwise, grad_dtype
-        return fp8_matmul(x, E4M3, weight, E4M3, rowwise)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        xq, x_scale = quantize(x, E4M3, rowwise)
+        wq, w_scale = quantize(weight, E4M3, rowwise)
+        if rowwise:
+            ctx.save_for_backward(x, weight)
+        else:
+            ctx.save_for_backward(xq, x_scale, wq, w_scale)
+        return scaled_mm(xq, x_scale, wq, w_scale, fast_accum=not rowwise)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        x, weight = ctx.saved_tensors
         rowwise, grad_dtype = ctx.rowwise, ctx.grad_dtype
+        x_dtype, w_dtype = ctx.dtypes
         grad = grad.contiguous()
-        # dX = dY W: K-contiguous operands are dY (M, N) and W^T (K, N).
-        grad_x = fp8_matmul(grad, grad_dtype, weight.t().contiguous(), E4M3, rowwise)
-        # dW = dY^T X: operands dY^T (N, M) and X^T (K, M).
-        grad_w = fp8_matmul(grad.t().contiguous(), grad_dtype, x.t().contiguous(), E4M3, rowwise)
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None
+        if rowwise:
+            x, weight = ctx.saved_tensors
+            # dX = dY W: K-contiguous operands are dY (M, N) and W^T (K, N).
+            grad_x = fp8_matmul(grad, grad_dtype, weight.t().contiguous(), E4M3, True)
+            # dW = dY^T X: operands dY^T (N, M) and X^T (K, M).
+            grad_w = fp8_matmul(grad.t().contiguous(), grad_dtype, x.t().contiguous(), E4M3, True)
+            return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None
+        xq, x_scale, wq, w_scale = ctx.saved_tensors
+        gq, g_scale = quantize(grad, grad_dtype, False)
+        # The same products on the saved fp8 tensors, transposed by copies of one byte per value.
+        grad_x = scaled_mm(gq, g_scale, wq.t().contiguous(), w_scale)
+        grad_w = scaled_mm(gq.t().contiguous(), g_scale, xq.t().contiguous(), x_scale)
+        return grad_x.to(x_dtype), grad_w.to(w_dtype), None, None
 
 
 class Float8Linear(nn.Linear):

@@ -16,7 +16,6 @@ sharded (see checkpoint.py) and resume on any number of processes.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from frontierlm.config import LoopConfig
+from frontierlm.config import LoopConfig, RunConfig
 from frontierlm.console import console, progress_bar
 from frontierlm.model import Transformer
 from frontierlm.train.checkpoint import (
@@ -36,11 +35,13 @@ from frontierlm.train.checkpoint import (
     save_model_dir,
 )
 from frontierlm.train.fp8 import convert_to_float8
-from frontierlm.train.metrics import MetricsLog
+from frontierlm.train.metrics import MetricsLog, peak_flops
 from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import (
     all_mean,
     all_sum_,
+    apply_activation_checkpointing,
+    apply_compile,
     autocast,
     barrier,
     check_batch_split,
@@ -50,7 +51,9 @@ from frontierlm.train.parallel import (
     rank_rows,
     world,
 )
+from frontierlm.train.prefetch import Prefetcher
 from frontierlm.train.schedule import lr_at, peak_lr
+from frontierlm.train.stability import LayerStats, SpikeGuard
 
 Batch = dict[str, torch.Tensor]
 
@@ -59,38 +62,11 @@ Batch = dict[str, torch.Tensor]
 class TrainTask:
     name: str
     batch: Callable[[int], Batch]  # micro-step index -> CPU tensors
-    loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+    # -> (loss, parts): parts are logged beside the loss, as floats or 0-d tensors (tensors
+    # are read once per step, so a loss function need not stall the GPU to report them).
+    loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
     evaluate: Callable[[nn.Module], dict[str, float]]
     tokens_key: str = "input_ids"  # tensor whose numel counts as processed tokens
-
-
-class SpikeGuard:
-    """Flags a step whose loss or gradient norm is a spike: non-finite, or above `factor` times
-    the median of the last accepted steps (once enough of them exist)."""
-
-    def __init__(self, cfg: LoopConfig, history: list[dict[str, float]]) -> None:
-        self.cfg = cfg
-        self.losses = [r["loss"] for r in history][-cfg.spike_window :]
-        self.grad_norms = [r["grad_norm"] for r in history][-cfg.spike_window :]
-
-    def reason(self, loss: float, grad_norm: float) -> str | None:
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
-        if len(self.losses) < self.cfg.spike_min_history:
-            return None
-        checks = [
-            ("loss", loss, self.losses, self.cfg.spike_loss_factor),
-            ("gradient norm", grad_norm, self.grad_norms, self.cfg.spike_grad_factor),
-        ]
-        for name, value, history, factor in checks:
-            median = statistics.median(history)
-            if factor > 0 and value > factor * median:
-                return f"{name} {value:.4g} > {factor} x rolling median {median:.4g}"
-        return None
-
-    def accept(self, loss: float, grad_norm: float) -> None:
-        self.losses = [*self.losses, loss][-self.cfg.spike_window :]
-        self.grad_norms = [*self.grad_norms, grad_norm][-self.cfg.spike_window :]
 
 
 def _accepted(records: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -103,16 +79,19 @@ def train(
     task: TrainTask,
     work_dir: Path,
     device: torch.device,
-    parallel: str = "auto",
+    run: RunConfig | None = None,
+    export: bool = True,
 ) -> dict[str, float]:
-    """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and the final
-    model under `work_dir`; return the last train and eval metrics. `parallel` is
-    `run.parallel`: how a torchrun job spreads the model (see train/parallel.py).
+    """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and (with
+    `export`) the final model under `work_dir`; return the last train and eval metrics. `run`
+    gives how a torchrun job spreads the model (run.parallel, see train/parallel.py) and the
+    accelerator's peak for MFU.
 
     A spike (see SpikeGuard) throws its batch away and runs the step again on the next one;
     `cfg.spike_max_skips` skips in a row roll the run back to the latest checkpoint and move the
     data past the window that caused them (the data offset travels in the checkpoints). Every
     event goes to `events.jsonl`."""
+    run = run or RunConfig()
     # Fails on every process alike, before any collective call could leave one waiting.
     check_batch_split(cfg.batch_size, f"{task.name}.batch_size")
     main = world().main
@@ -124,9 +103,11 @@ def train(
     if cfg.precision == "fp8":
         kept = convert_to_float8(model, cfg.fp8_scaling, cfg.fp8_backward)
         console.print(f"{task.name}: fp8 linear layers; left in bf16: {', '.join(kept) or 'none'}")
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    apply_compile(model, device, cfg.compile)
     # `trained` runs forward and backward (a DDP wrapper, or `model` itself); `model` answers
     # the model's own questions (MoE losses and loads) and is what checkpoints hold.
-    trained = parallelize(model, parallel, device, cfg.precision)
+    trained = parallelize(model, run.parallel, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
     step, data_offset = 0, 0
     if checkpoints := list_checkpoints(ckpt_root):
@@ -143,20 +124,32 @@ def train(
 
     guard = SpikeGuard(cfg, history_up_to(step))
     skips_in_a_row = rollbacks = 0
+    # MFU counts the model's own FLOPs (attention included, see Transformer.flops_per_token)
+    # against the accelerator's dense bf16 peak, for fp8 runs too (the usual convention).
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    peak = peak_flops(device, run.peak_tflops)
+    stats_every = cfg.layer_stats_every or cfg.eval_every
+    layer_stats = LayerStats(model)
+    on_gpu = device.type == "cuda"
+    batches = Prefetcher(
+        lambda index: rank_rows(task.batch(index), task.name), cfg.prefetch, pin_memory=on_gpu
+    )
 
-    with progress_bar() as bar:
+    with batches, progress_bar() as bar:
         job = bar.add_task(task.name, total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             t0 = time.perf_counter()
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(device)
             trained.train()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            totals: dict[str, float] = {}
+            totals: dict[str, float | torch.Tensor] = {}
             tokens = 0
             data_step = step + data_offset
             for micro in range(cfg.grad_accum):
-                rows = rank_rows(task.batch(data_step * cfg.grad_accum + micro), task.name)
+                rows = batches(data_step * cfg.grad_accum + micro)
                 batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
                 tokens += batch[task.tokens_key].numel() * world().size
                 with grad_sync(trained, micro == cfg.grad_accum - 1):
@@ -164,15 +157,20 @@ def train(
                         loss, parts = task.loss(trained, batch)
                         if (aux := model.aux_loss()) is not None:  # MoE balance, when asked
                             loss = loss + aux
-                            parts = {**parts, "moe_aux_loss": aux.item()}
+                            parts = {**parts, "moe_aux_loss": aux}
                     (loss / cfg.grad_accum).backward()
-                for key, value in {"loss": loss.item(), **parts}.items():
+                for key, value in {"loss": loss, **parts}.items():
+                    value = value.detach().float() if isinstance(value, torch.Tensor) else value
                     totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+            watch_layers = (step + 1) % stats_every == 0
+            if watch_layers:  # before clipping, like the global norm
+                layer_stats.before_step()
             # The norm before clipping (max_norm=inf only measures): the spike guard needs it.
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = clip_grad_norm(model.parameters(), max_norm)
-            # Every process judges the step on the same numbers (a no-op in one process).
-            grad_norm, *means = all_mean([grad_norm, *totals.values()])
+            # One read of the step's numbers from the device, then every process judges the
+            # step on the same ones (a no-op in one process).
+            grad_norm, *means = all_mean(_as_floats([grad_norm, *totals.values()]))
             totals = dict(zip(totals, means, strict=True))
             spike = guard.reason(totals["loss"], grad_norm)
             if spike is not None:
@@ -224,6 +222,7 @@ def train(
                     guard = SpikeGuard(cfg, history_up_to(step))
                     bar.update(job, completed=step)
                 continue
+            done = step + 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             guard.accept(totals["loss"], grad_norm)
@@ -233,33 +232,56 @@ def train(
             all_sum_(moe.load for moe in model.moe_layers())
             expert_stats = model.after_optimizer_step(lr_scale=lr / peak_lr(cfg))
             elapsed = time.perf_counter() - t0
-            done = step + 1
             record = {
                 "step": done,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                "step_s": elapsed,
                 "tokens_per_s": tokens / elapsed,
                 **totals,
                 **expert_stats,
             }
+            if peak is not None:
+                record["mfu"] = tokens * flops_per_token / elapsed / peak
+            if on_gpu:
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if watch_layers:
+                record.update(layer_stats.after_step())
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 model.eval()
                 with torch.no_grad(), autocast(device, cfg.precision):
                     evals = task.evaluate(model)
                 record.update({f"val_{k}": v for k, v in evals.items()})
             log.write(record)
-            bar.update(
-                job, completed=done, info=f"loss {totals['loss']:.4f} {tokens / elapsed:,.0f} tok/s"
-            )
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            speed = f"{tokens / elapsed:,.0f} tok/s"
+            if "mfu" in record:
+                speed += f" MFU {record['mfu']:.1%}"
+            bar.update(job, completed=done, info=f"loss {totals['loss']:.4f} {speed}")
+            every = cfg.checkpoint_every
+            if every and (done % every == 0 or done == cfg.steps):
                 extra = {"task": task.name, "data_offset": data_offset}
                 save_checkpoint(ckpt_root, done, model, optimizer, extra, cfg.keep_checkpoints)
             step = done
-    save_model_dir(work_dir / "model", model)
+    if export:
+        save_model_dir(work_dir / "model", model)
     barrier()  # rank 0's last record is on disk for every process to read
     # The last record always holds the final evaluation, also when a resume found the run done.
     final = log.read()[-1]
-    skip = {"step", "lr", "grad_norm", "tokens_per_s"}
     return {
-        (k if k.startswith("val_") else f"train_{k}"): v for k, v in final.items() if k not in skip
+        (k if k.startswith("val_") else f"train_{k}"): v
+        for k, v in final.items()
+        if k not in _PER_STEP and "." not in k
     }
+
+
+# Step bookkeeping and speed, left out of the metrics a stage reports at the end.
+_PER_STEP = {"step", "lr", "grad_norm", "step_s", "tokens_per_s", "mfu", "peak_memory_gib"}
+
+
+def _as_floats(values: list[float | torch.Tensor]) -> list[float]:
+    """Python floats, reading every device tensor among `values` in a single transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack(tensors).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]

@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in nats, shape of `targets`."""
+def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     flat = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     )
     return flat.view(targets.shape)
+
+
+_compiled: dict[str, bool] = {"losses": False}
+
+
+def compile_losses(enabled: bool) -> None:
+    """Set by the loop's compile setting (train/parallel.py `apply_compile`)."""
+    _compiled["losses"] = enabled
+
+
+@functools.cache
+def _compiled_cross_entropy():
+    # One fused kernel reads the low-precision logits and upcasts on the fly: eager would
+    # write a float32 copy of the (tokens x vocab) logits first, and again in the backward.
+    return torch.compile(_token_cross_entropy)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in nats, shape of `targets`, computed in float32."""
+    if _compiled["losses"]:
+        return _compiled_cross_entropy()(logits, targets)
+    return _token_cross_entropy(logits, targets)
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class MetricsLog:
     def __init__(self, path: Path, writer: bool = True) -> None:
@@ -41,3 +43,37 @@ class MetricsLog:
                     break
                 raise ValueError(f"{self.path}:{i + 1}: not a JSON record") from None
         return records
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched
+# against torch.cuda.get_device_name in this order (the first substring found wins).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s (`run.peak_tflops` when set), None when unknown:
+    then no MFU is logged rather than a made-up one."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None

@@ -12,7 +12,9 @@ cuda:LOCAL_RANK) or per CPU slot (gloo), data parallel by `run.parallel`:
 The batch is the same global batch at any process count: micro-batch i is split by rows, process
 r taking rows r, r+N, r+2N, ... (`rank_rows`), so N processes follow the curve of one.
 
-Still to come here (issue 4): torch.compile, activation checkpointing, float8.
+Within each process, applied in this order to a built model (torchtitan's): float8 linear layers
+(train/fp8.py), activation checkpointing per block, torch.compile per block, then the data-parallel
+wrapping above.
 """
 
 from __future__ import annotations
@@ -269,16 +271,88 @@ def all_sum_(tensors: Iterable[torch.Tensor]) -> None:
         dist.all_reduce(tensor)
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
-    """The global gradient norm before clipping, clipping to `max_norm`; over sharded (DTensor)
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping (a 0-d tensor, left on the device so the loop
+    reads it with the loss in one transfer), clipping to `max_norm`; over sharded (DTensor)
     gradients the norm is the full one, the same on every process."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
     if not any(isinstance(p.grad, DTensor) for p in params):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.item()
+    return norm
+
+
+# ----------------------------------------------------------------------------- memory and speed
+
+# Selective checkpointing keeps these ops' outputs and recomputes everything else in a block
+# (norms, activations, rotary embedding, casts): the costly products are not redone.
+_KEPT_BY_SELECTIVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _KEPT_BY_SELECTIVE.add(torch.ops.aten._grouped_mm.default)
+
+
+def _keep_products(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _KEPT_BY_SELECTIVE:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Recompute activations in the backward pass instead of keeping them, per block, in place
+    (parameter names and checkpoints are unchanged): `block` keeps only each block's input,
+    `selective` also its matmul and attention outputs (about a third of a block's activation
+    memory, for most of the saving at a few percent of the compute)."""
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    def contexts():
+        return create_selective_checkpoint_contexts(_keep_products)
+
+    for block in model.layers:
+        forward = block.forward
+
+        def checkpointed(*args, forward=forward):
+            if mode == "selective":
+                return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
+            return checkpoint(forward, *args, use_reentrant=False)
+
+        block.forward = checkpointed
+
+
+def compile_mode(device: torch.device, setting: str) -> str:
+    """ "auto" -> "blocks" on GPU, "none" on CPU (compiling costs more than it saves on small
+    CPU runs)."""
+    if setting == "auto":
+        return "blocks" if device.type == "cuda" else "none"
+    return setting
+
+
+def apply_compile(model: Transformer, device: torch.device, setting: str) -> None:
+    """Regional compilation: each transformer block compiles in place (`Module.compile`, so names
+    are unchanged) and, as the blocks share their code, one compilation serves them all: start-up
+    stays seconds at any depth. The loss compiles too (train/losses.py), which keeps the
+    vocabulary-wide logits from being materialised in fp32."""
+    from frontierlm.train import losses
+
+    if compile_mode(device, setting) == "none":
+        losses.compile_losses(False)
+        return
+    for block in model.layers:
+        block.compile()
+    losses.compile_losses(True)

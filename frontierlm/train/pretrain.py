@@ -106,7 +106,7 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
         loss=functools.partial(lm_loss, z_weight=loop.z_loss),
         evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id),
     )
-    metrics = train(model, loop, task, ctx.work_dir, device, cfg.run.parallel)
+    metrics = train(model, loop, task, ctx.work_dir, device, cfg.run)
     # The baseline, scored on exactly the windows the model was scored on.
     unigram = UnigramLM(np.load(ctx.path("tokenize") / "unigram.npy"))
     metrics["unigram_bpb"] = task.evaluate(unigram.to(device))["bpb"]

@@ -139,3 +139,50 @@ def test_fp8_linear_on_gpu_matches_float32(scaling, backward):
     (reference(x_ref) * upstream).sum().backward()
     assert rel_error(x.grad, x_ref.grad.cpu()) < 0.1
     assert rel_error(layer.weight.grad, reference.weight.grad.cpu()) < 0.1
+
+
+def test_plain_causal_attention_runs_cudnn_on_hopper(make_random_model):
+    """The causal path asks SDPA for cuDNN's kernel first on Hopper: check it ran, and that it
+    gives the float32 CPU result."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("cuDNN attention is preferred on Hopper and newer only")
+    model = make_random_model(vocab_size=300, d_model=256, n_layers=2, n_heads=2, max_seq_len=256)
+    ids = torch.randint(0, 300, (2, 256))
+    with torch.no_grad():
+        want = model(ids)
+    model.cuda()
+    cpu_ops = [torch.profiler.ProfilerActivity.CPU]
+    with (
+        torch.profiler.profile(activities=cpu_ops) as prof,
+        torch.no_grad(),
+        torch.autocast("cuda", dtype=torch.bfloat16),
+    ):
+        got = model(ids.cuda())
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_cudnn_attention" in ops
+    assert rel_error(got, want) < 3e-2  # bf16 autocast against float32
+
+
+def test_compiled_checkpointed_training_step_on_gpu_matches_cpu(make_random_model):
+    """Regional compile, selective activation checkpointing, cuDNN attention and the compiled
+    loss, in bf16 on the GPU: the loss and gradients of the float32 eager CPU step."""
+    from frontierlm.train.parallel import apply_activation_checkpointing, apply_compile
+
+    model = make_random_model(vocab_size=300, d_model=256, n_layers=2, n_heads=2, max_seq_len=256)
+    ids = torch.randint(0, 300, (4, 257))
+    loss = token_cross_entropy(model(ids[:, :-1]), ids[:, 1:]).mean()
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.cuda()
+    apply_activation_checkpointing(model, "selective")
+    apply_compile(model, torch.device("cuda"), "blocks")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = token_cross_entropy(model(ids[:, :-1].cuda()), ids[:, 1:].cuda()).mean()
+        got.backward()
+    finally:
+        apply_compile(model, torch.device("cpu"), "none")
+    assert got.item() == pytest.approx(loss.item(), rel=1e-2)
+    for name, grad in want.items():
+        assert rel_error(model.get_parameter(name).grad, grad) < 5e-2, name

@@ -115,7 +115,8 @@ def train_job(
 ) -> None:
     model = new_model(**(model_fields or {}))
     with contextlib.suppress(Crash):  # the crash ends this run where a test wants it ended
-        train(model, loop, make_task(loop, crash_at=crash_at), run_dir, CPU, parallel)
+        task = make_task(loop, crash_at=crash_at)
+        train(model, loop, task, run_dir, CPU, RunConfig(parallel=parallel))
 
 
 def error_job(loop: PretrainConfig, run_dir: Path) -> None:
