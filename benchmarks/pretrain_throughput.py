@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -199,6 +200,21 @@ def run_frontierlm(
     }
 
 
+def gpu_state() -> str:
+    """SM clock, temperature and power as nvidia-smi reports them (empty when it cannot)."""
+    query = "--query-gpu=clocks.sm,temperature.gpu,power.draw"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader", f"--id={torch.cuda.current_device()}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
 def token_source(args) -> tuple[np.ndarray, np.ndarray]:
     if args.tokens:
         directory = Path(args.tokens)
@@ -245,13 +261,23 @@ def main() -> None:
             )
         row["wall_s"] = time.perf_counter() - t0
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak if peak else math.nan
-        rows[case] = row
-        print(f"{case}: {row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}", flush=True)
+        row["gpu_after"] = gpu_state()
+        # A case may run again later in the list: a hot GPU clocks lower, so the order of the
+        # cases can bias a comparison; a repeat shows by how much.
+        repeat = sum(key.split(" #")[0] == case for key in rows)
+        key = f"{case} #{repeat + 1}" if repeat else case
+        rows[key] = row
+        print(
+            f"{key}: {row['tokens_per_s']:,.0f} tok/s, MFU {row['mfu']:.1%}, GPU after: "
+            f"{row['gpu_after']}",
+            flush=True,
+        )
         torch._dynamo.reset()  # free the compiled graphs and their memory before the next case
         gc.collect()
         torch.cuda.empty_cache()
     for case, row in rows.items():
-        model = case.split(":")[1] if case.startswith("baseline") else case.split(":")[0]
+        model = case.split(" #")[0]
+        model = model.split(":")[1] if case.startswith("baseline") else model.split(":")[0]
         base = rows.get(f"baseline:{BASELINE_OF[model]}")
         row["vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
     print(f"\n{'case':<28}{'params':>8}{'tok/s':>10}{'MFU':>7}{'x base':>8}{'GiB':>6}{'loss':>8}")
