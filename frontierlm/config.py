@@ -107,6 +107,24 @@ class DataConfig(Strict):
         0.5, ge=0.0, le=1.0, description="drop documents whose letters are below this share"
     )
     dedup: bool = True
+    # Fuzzy dedup (FineWeb/datatrove defaults). Off by default: it changes which documents
+    # the quickstart keeps, and its small corpus has no near-duplicates worth the extra pass.
+    minhash: bool = Field(
+        False, description="drop near-duplicates (MinHash LSH over word n-grams) after dedup"
+    )
+    minhash_bands: int = Field(14, ge=1, le=1024, description="LSH bands")
+    minhash_rows: int = Field(8, ge=1, le=64, description="hash functions per band")
+    minhash_ngram: int = Field(5, ge=1, le=64, description="words per shingle")
+    minhash_seed: int = Field(1, ge=0, description="seed of the hash functions")
+    minhash_verify: Literal["none", "signature", "exact"] = Field(
+        "exact",
+        description="what a shared LSH bucket must also show to count as a duplicate: nothing "
+        "(datatrove/FineWeb), signature agreement >= minhash_threshold, or exact Jaccard of "
+        "the shingle sets >= minhash_threshold (8 bytes per shingle of scratch disk)",
+    )
+    minhash_threshold: float = Field(
+        0.8, gt=0.0, le=1.0, description="Jaccard similarity at which verify counts a duplicate"
+    )
     shard_docs: int = Field(2000, ge=1, description="documents per output shard")
     workers: int = Field(2, ge=1, description="processes for HTML extraction")
 
@@ -116,6 +134,17 @@ class DataConfig(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _minhash_size(self) -> DataConfig:
+        # Signatures cost 8 bytes per hash function per document on disk and time linear in it.
+        perms = self.minhash_bands * self.minhash_rows
+        if perms > 4096:
+            raise ValueError(
+                f"data.minhash_bands x data.minhash_rows = {perms} hash functions; keep it at "
+                "most 4096 (FineWeb uses 14 x 8 = 112)"
+            )
         return self
 
 

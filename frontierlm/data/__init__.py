@@ -27,6 +27,7 @@ from frontierlm.data.documents import (
     write_shards,
 )
 from frontierlm.data.filters import AlphaFilter, LengthFilter
+from frontierlm.data.minhash import MinHashDedup
 from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
 
 __all__ = [
@@ -39,13 +40,30 @@ __all__ = [
 ]
 
 
-def build_steps(cfg: DataConfig) -> list[Step]:
+def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
+    """The data steps in order. `scratch_dir` holds two-pass steps' spill files (a fresh
+    subdirectory each, removed when the step ends); None means the system temp dir."""
     steps: list[Step] = [
         LengthFilter(cfg.min_chars, cfg.min_words),
         AlphaFilter(cfg.min_alpha_fraction),
     ]
     if cfg.dedup:
         steps.append(ExactDedup())
+    if cfg.minhash:
+        # After exact dedup: exact copies are cheaper to drop there and would otherwise only
+        # inflate the buckets.
+        steps.append(
+            MinHashDedup(
+                bands=cfg.minhash_bands,
+                rows=cfg.minhash_rows,
+                ngram=cfg.minhash_ngram,
+                seed=cfg.minhash_seed,
+                verify=cfg.minhash_verify,
+                threshold=cfg.minhash_threshold,
+                work_dir=scratch_dir,
+                spill_docs=cfg.shard_docs,
+            )
+        )
     return steps
 
 
@@ -74,7 +92,9 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
             for source in cfg.sources
             for doc in _tracked(source, source_stats[source.name], cfg.workers, bar)
         )
-        docs, step_stats = run_steps(raw, build_steps(cfg))
+        # Scratch next to the output: the spill is about the size of the kept text, which the
+        # output disk must hold anyway (the system temp dir is often a small tmpfs).
+        docs, step_stats = run_steps(raw, build_steps(cfg, out_dir))
         shards = write_shards(count_kept(docs), out_dir, cfg.shard_docs)
     seconds = time.perf_counter() - start
 
