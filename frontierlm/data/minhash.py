@@ -270,7 +270,8 @@ class MinHashDedup(TwoPassStep):
         self._chunk_starts.append(start)
         with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
             for doc in self._docs:
-                f.write(json.dumps({"id": doc.id, "text": doc.text, "meta": doc.meta}) + "\n")
+                record = {"id": doc.id, "text": doc.text, "meta": doc.meta}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         sigs = np.stack(self._sigs)
         np.save(stem.with_suffix(".sig.npy"), sigs)
         if self.verify == "exact":
@@ -313,6 +314,8 @@ class MinHashDedup(TwoPassStep):
         self._sig_store, self._shingle_store = [], []
 
     def _union_on_disk(self, uf: UnionFind) -> None:
+        if not self._chunk_starts:  # an empty stream: nothing was spilled
+            return
         stems = [self._chunk_stem(c) for c in range(len(self._chunk_starts))]
         self._sig_store = [np.load(s.with_suffix(".sig.npy"), mmap_mode="r") for s in stems]
         if self.verify == "exact":

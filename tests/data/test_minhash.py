@@ -177,6 +177,15 @@ def test_abandoned_stream_removes_scratch(corpus: list[str], tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_empty_and_short_streams(in_memory: bool) -> None:
+    assert run_step(MinHashDedup(in_memory=in_memory), [])[0] == []
+    texts = ["", "", "two words", "Two  WORDS", "other words here", "ünïcode téxt ✓ and more"]
+    kept, stats = run_step(MinHashDedup(in_memory=in_memory, spill_docs=2), texts)
+    assert [d.text for d in kept] == ["", "two words", "other words here", texts[5]]
+    assert stats.dropped == {"near_duplicate": 2}
+
+
 def test_two_pass_step_refuses_single_document_calls() -> None:
     with pytest.raises(TypeError, match="two-pass"):
         MinHashDedup().drop_reason(Document("x", "text"))
