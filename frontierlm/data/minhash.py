@@ -183,7 +183,8 @@ class MinHashDedup(TwoPassStep):
     of the cluster's kept representative (the same for all of them, and independent of how the
     stream was cut into shards).
 
-    `verify` decides what a bucket collision means. "none" (datatrove/FineWeb): every collision
+    `verify` decides what a bucket collision means (the default, "exact", is also
+    `DataConfig.minhash_verify`'s). "none" (datatrove/FineWeb): every collision
     joins the two documents, so pairs below the S-curve's knee join too (57% of pairs at
     Jaccard 0.7 with 14 x 8). "signature": the two signatures must also agree on >= `threshold`
     of their values (an estimate of Jaccard with ~0.04 standard error at 112 functions).
@@ -204,7 +205,7 @@ class MinHashDedup(TwoPassStep):
         rows: int = 8,
         ngram: int = 5,
         seed: int = 1,
-        verify: str = "none",
+        verify: str = "exact",
         threshold: float = 0.8,
         work_dir: Path | None = None,
         in_memory: bool = False,
