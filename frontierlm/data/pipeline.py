@@ -1,8 +1,12 @@
 """Small datatrove-style steps over a lazy document stream, each counting what it keeps and drops.
 
-A step only decides: `drop_reason(doc)` returns None to keep a document or a short reason to
-drop it, and may add to `doc.meta` (scores, hashes) but never rewrites `doc.text`. The base
-class does the counting, so every step reports in/out/dropped-by-reason the same way.
+A step decides: `drop_reason(doc)` returns None to keep a document or a short reason to drop
+it, and may add to `doc.meta` (scores, hashes). A step that edits text (C4's line removal, PII
+redaction) does so only in `rewrite(doc, counts)`, which returns the new text (or None for no
+change) and may add named counts (`counts["email"] += 2`); the base class swaps in a new
+`Document` (so cached words are recomputed), counts `rewritten` documents and `chars_removed`,
+then asks `drop_reason` of the rewritten document. The base class does all counting and timing,
+so every step reports in/out/dropped-by-reason/counts/seconds the same way.
 
 Most steps decide one document at a time. A `TwoPassStep` (fuzzy dedup) cannot: whether a
 document is a near-duplicate depends on documents further down the stream. Its contract:
@@ -23,9 +27,10 @@ so upstream stats are final by then; downstream steps stay lazy.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.table import Table
@@ -41,6 +46,11 @@ class StepStats:
     dropped: Counter[str] = field(default_factory=Counter)
     # (source, reason) -> count, so the stage can say which source lost what.
     dropped_by_source: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Named counts beyond keep/drop: documents rewritten, characters removed, PII replaced.
+    counts: Counter[str] = field(default_factory=Counter)
+    # Time inside this step's own code (a lazy chain interleaves steps, so wall time cannot be
+    # split by subtraction).
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,22 +58,51 @@ class StepStats:
             "in": self.docs_in,
             "out": self.docs_out,
             "dropped": dict(self.dropped.most_common()),
+            "counts": dict(self.counts.most_common()),
+            "seconds": round(self.seconds, 3),
         }
+
+    def merge(self, other: StepStats) -> None:
+        """Add another worker's stats of the same step into these."""
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.dropped.update(other.dropped)
+        self.dropped_by_source.update(other.dropped_by_source)
+        self.counts.update(other.counts)
+        self.seconds += other.seconds
 
 
 class Step:
-    """Base for filters and dedup: subclasses set `name` and implement `drop_reason`."""
+    """Base for filters, rewriters and dedup: subclasses set `name` and implement
+    `drop_reason`, `rewrite`, or both."""
 
     name: str = "step"
 
     def drop_reason(self, doc: Document) -> str | None:
-        raise NotImplementedError
+        return None
+
+    def rewrite(self, doc: Document, counts: Counter[str]) -> str | None:
+        """The document's new text, or None to leave it as it is."""
+        return None
+
+    def apply(self, doc: Document, stats: StepStats) -> Document | None:
+        """Rewrite then decide one document, counting both; None when it is dropped."""
+        stats.docs_in += 1
+        new_text = self.rewrite(doc, stats.counts)
+        if new_text is not None and new_text != doc.text:
+            stats.counts["rewritten"] += 1
+            stats.counts["chars_removed"] += len(doc.text) - len(new_text)
+            doc = replace(doc, text=new_text, meta=doc.meta)
+        return doc if _counted_keep(stats, doc, self.drop_reason(doc)) else None
 
     def process(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        clock = time.perf_counter
         for doc in docs:
-            stats.docs_in += 1
-            if _counted_keep(stats, doc, self.drop_reason(doc)):
-                yield doc
+            start = clock()
+            kept = self.apply(doc, stats)
+            stats.seconds += clock() - start
+            if kept is not None:
+                yield kept
 
 
 def _counted_keep(stats: StepStats, doc: Document, reason: str | None) -> bool:
@@ -102,13 +141,21 @@ class TwoPassStep(Step):
         )
 
     def process(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
+        clock = time.perf_counter
         try:
             for index, doc in enumerate(docs):
                 stats.docs_in += 1
+                start = clock()
                 self.observe(index, doc)
+                stats.seconds += clock() - start
+            start = clock()
             self.finish()
+            stats.seconds += clock() - start
             for index, doc in self.replay():
-                if _counted_keep(stats, doc, self.decide(index, doc)):
+                start = clock()
+                keep = _counted_keep(stats, doc, self.decide(index, doc))
+                stats.seconds += clock() - start
+                if keep:
                     yield doc
         finally:
             self.close()
@@ -130,8 +177,13 @@ def steps_table(stats: list[StepStats]) -> Table:
     table.add_column("step")
     table.add_column("in", justify="right")
     table.add_column("out", justify="right")
+    table.add_column("seconds", justify="right")
     table.add_column("dropped by reason", no_wrap=True)
+    table.add_column("counts", no_wrap=True)
     for s in stats:
         reasons = "\n".join(f"{r} {n:,}" for r, n in s.dropped.most_common()) or "-"
-        table.add_row(s.name, f"{s.docs_in:,}", f"{s.docs_out:,}", reasons)
+        counts = "\n".join(f"{k} {n:,}" for k, n in s.counts.most_common()) or "-"
+        table.add_row(
+            s.name, f"{s.docs_in:,}", f"{s.docs_out:,}", f"{s.seconds:.2f}", reasons, counts
+        )
     return table
