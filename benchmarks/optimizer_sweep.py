@@ -7,6 +7,10 @@ the first step at which it reaches that baseline, as a share of the AdamW run's 
 issue's bar: Muon within 80%).
 
     python benchmarks/optimizer_sweep.py [--lrs 2.5e-3,5e-3,1e-2] [--steps 500] [--reuse]
+    python benchmarks/optimizer_sweep.py --lrs adamw=1.25e-3,2.5e-3,5e-3/muon=2.5e-3,5e-3,1e-2
+
+`--lrs` is one list for every optimizer, or `name=list` per optimizer separated by `/`, so that
+each optimizer's grid can bracket its own optimum.
 """
 
 from __future__ import annotations
@@ -29,6 +33,17 @@ def val_curve(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
+def lr_grids(spec: str, optimizers: list[str]) -> dict[str, list[str]]:
+    """`2.5e-3,5e-3` for all optimizers, or `adamw=1e-3,2e-3/muon=2e-3,4e-3` per optimizer."""
+    if "=" not in spec:
+        return {name: spec.split(",") for name in optimizers}
+    grids = {}
+    for part in spec.split("/"):
+        name, _, lrs = part.partition("=")
+        grids[name.strip()] = lrs.split(",")
+    return grids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lrs", default="2.5e-3,5e-3,1e-2")
@@ -45,8 +60,9 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     curves: dict[str, list[tuple[int, float]]] = {}
     walls: dict[str, float] = {}
-    for optimizer in args.optimizers.split(","):
-        for lr in args.lrs.split(","):
+    grids = lr_grids(args.lrs, args.optimizers.split(","))
+    for optimizer, lrs in grids.items():
+        for lr in lrs:
             key = f"{optimizer} lr={lr}"
             name = f"bench-opt-{optimizer}-{lr}"
             done = ROOT / "runs" / name

@@ -11,7 +11,7 @@ Transformer.flops_per_token) against the GPU's dense bf16 peak, so MFU and token
     python benchmarks/pretrain_throughput.py --tokens runs/<run>/tokenize \\
         [--cases dense-1.3b:bf16,dense-1.3b:fp8,baseline:dense-1.3b] [--steps 30]
 
-Cases: `<model>:<precision>[:<activation checkpointing>]` for FrontierLM, `baseline:<model>` for
+Cases: `<model>:<precision>[:<activation checkpointing>[:<compile>]]` for FrontierLM, `baseline:<model>` for
 plain PyTorch; models: dense-350m, dense-1.3b (both seq 2048, vocab 50304) and moe-1.3b-a350m
 (16 experts top-2, the active size of dense-350m). Without `--tokens`, random tokens (speed
 only; the loss comparison needs real text).
@@ -162,7 +162,16 @@ def run_baseline(model_name: str, windows, steps: int, warmup: int, accum: int, 
 
 
 def run_frontierlm(
-    model_name: str, precision: str, checkpointing: str, windows, val, steps, warmup, args, device
+    model_name: str,
+    precision: str,
+    checkpointing: str,
+    compile_setting: str,
+    windows,
+    val,
+    steps,
+    warmup,
+    args,
+    device,
 ) -> dict:
     torch.manual_seed(0)
     model = Transformer(model_config(model_name), VOCAB)
@@ -175,6 +184,7 @@ def run_frontierlm(
         warmup_steps=min(20, steps // 4),
         precision=precision,
         activation_checkpointing=checkpointing,
+        compile=compile_setting,
         eval_every=steps,
         checkpoint_every=0,
     )
@@ -256,8 +266,18 @@ def main() -> None:
             )
         else:
             ac = parts[2] if len(parts) > 2 else "none"
+            compile_setting = parts[3] if len(parts) > 3 else "auto"
             row = run_frontierlm(
-                parts[0], parts[1], ac, windows, val, args.steps, args.warmup, args, device
+                parts[0],
+                parts[1],
+                ac,
+                compile_setting,
+                windows,
+                val,
+                args.steps,
+                args.warmup,
+                args,
+                device,
             )
         row["wall_s"] = time.perf_counter() - t0
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak if peak else math.nan

@@ -551,10 +551,11 @@ class LoopConfig(Strict):
         description="log each layer's gradient norm and relative update norm every this many "
         "steps (an extra copy of the weights on those steps); 0 = at every evaluation",
     )
-    compile: Literal["auto", "none", "blocks"] = Field(
+    compile: Literal["auto", "none", "blocks", "model"] = Field(
         "auto",
         description="torch.compile per transformer block (regional: one compile serves every "
-        "block) and of the loss; auto = blocks on GPU, none on CPU",
+        "block) and of the loss, or of the whole model (longer start-up, fusions across "
+        "blocks); auto = blocks on GPU, none on CPU",
     )
     activation_checkpointing: Literal["none", "block", "selective"] = Field(
         "none",

@@ -350,9 +350,15 @@ def apply_compile(model: Transformer, device: torch.device, setting: str) -> Non
     vocabulary-wide logits from being materialised in fp32."""
     from frontierlm.train import losses
 
-    if compile_mode(device, setting) == "none":
+    mode = compile_mode(device, setting)
+    if mode == "none":
         losses.compile_losses(False)
         return
-    for block in model.layers:
-        block.compile()
+    if mode == "model":
+        # One graph for the whole forward: fusions across block boundaries (residual add into
+        # the next norm) and one backward graph, for a start-up that grows with depth.
+        model.compile()
+    else:
+        for block in model.layers:
+            block.compile()
     losses.compile_losses(True)

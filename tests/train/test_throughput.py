@@ -41,11 +41,12 @@ def test_activation_checkpointing_recomputes_the_same_gradients(mode):
         assert torch.equal(grad, ref_grads[name]), name
 
 
-def test_compiled_blocks_with_selective_checkpointing_match_eager():
+@pytest.mark.parametrize("setting", ["blocks", "model"])
+def test_compiled_with_selective_checkpointing_match_eager(setting):
     ref_loss, ref_grads = loss_and_grads(new_model())
     model = new_model()
     apply_activation_checkpointing(model, "selective")
-    apply_compile(model, CPU, "blocks")
+    apply_compile(model, CPU, setting)
     try:
         loss, grads = loss_and_grads(model)
     finally:
@@ -55,7 +56,9 @@ def test_compiled_blocks_with_selective_checkpointing_match_eager():
     worst = max(
         (grads[n] - g).abs().max().item() / g.abs().max().item() for n, g in ref_grads.items()
     )
-    print(f"\ncompiled + selective checkpointing vs eager: max relative grad diff {worst:.2e}")
+    print(
+        f"\ncompiled {setting} + selective checkpointing vs eager: max relative grad diff {worst:.2e}"
+    )
     assert worst < 1e-5
 
 
