@@ -11,10 +11,10 @@ Transformer.flops_per_token) against the GPU's dense bf16 peak, so MFU and token
     python benchmarks/pretrain_throughput.py --tokens runs/<run>/tokenize \\
         [--cases dense-1.3b:bf16,dense-1.3b:fp8,baseline:dense-1.3b] [--steps 30]
 
-Cases: `<model>:<precision>[:<activation checkpointing>[:<compile>]]` for FrontierLM, `baseline:<model>` for
-plain PyTorch; models: dense-350m, dense-1.3b (both seq 2048, vocab 50304) and moe-1.3b-a350m
-(16 experts top-2, the active size of dense-350m). Without `--tokens`, random tokens (speed
-only; the loss comparison needs real text).
+Cases: `<model>:<precision>[:<activation checkpointing>[:<compile>]]` for FrontierLM,
+`baseline:<model>` for plain PyTorch; models: dense-350m, dense-1.3b (both seq 2048, vocab
+50304) and moe-1.3b-a350m (16 experts top-2, the active size of dense-350m). Without `--tokens`,
+random tokens (speed only; the loss comparison needs real text).
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def test_compiled_with_selective_checkpointing_match_eager(setting):
         (grads[n] - g).abs().max().item() / g.abs().max().item() for n, g in ref_grads.items()
     )
     print(
-        f"\ncompiled {setting} + selective checkpointing vs eager: max relative grad diff {worst:.2e}"
+        f"\ncompiled {setting} + selective checkpointing vs eager: max relative grad diff "
+        f"{worst:.2e}"
     )
     assert worst < 1e-5
 
