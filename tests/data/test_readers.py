@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from frontierlm.config import DataSource
-from frontierlm.data.documents import (
-    DataError,
-    Document,
-    SourceStats,
-    read_shards,
-    read_source,
-    write_shards,
-)
+from frontierlm.data.documents import DataError, Document, SourceStats, read_shards, write_shards
+from frontierlm.data.readers import read_source
 
 
 def read(source: DataSource, workers: int = 1) -> tuple[list[Document], SourceStats]:
