@@ -146,14 +146,18 @@ def write_shards(
             with open(tmp, "wb") as f:
                 shard = shard_class(f)
                 n_docs = n_bytes = 0
-                while doc is not None:
-                    shard.add(doc)
-                    n_docs += 1
-                    n_bytes += len(doc.text.encode("utf-8")) if shard_bytes else 0
-                    doc = next(it, None)
-                    if (n_bytes >= shard_bytes) if shard_bytes else (n_docs >= shard_docs):
-                        break
-                shard.close()
+                try:
+                    while doc is not None:
+                        shard.add(doc)
+                        n_docs += 1
+                        n_bytes += len(doc.text.encode("utf-8")) if shard_bytes else 0
+                        doc = next(it, None)
+                        if (n_bytes >= shard_bytes) if shard_bytes else (n_docs >= shard_docs):
+                            break
+                finally:
+                    # Also on failure: a writer left open would write into the closed file
+                    # when garbage collected.
+                    shard.close()
         except BaseException:
             # A failing upstream step must not leave half a shard behind.
             tmp.unlink(missing_ok=True)
