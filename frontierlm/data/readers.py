@@ -411,8 +411,28 @@ def _decode_text(data: bytes, display: str, stats: SourceStats) -> str:
     return "\n".join(good)
 
 
+def _read_bytes(file: SourceFile, stats: SourceStats) -> bytes:
+    """The whole (decompressed) file; a truncated or corrupt stream keeps what came before."""
+    chunks: list[bytes] = []
+    with open(file.path, "rb") as raw, _open_stream(raw, file.path) as stream:
+        try:
+            # read1: a short read per decompressed block, so a break loses only the block
+            # it happens in, not a whole large read's worth.
+            while chunk := stream.read1(1 << 16):  # type: ignore[attr-defined]
+                chunks.append(chunk)
+        except _COMPRESSION_ERRORS as err:
+            line = sum(c.count(b"\n") for c in chunks) + 1
+            stats.bad(
+                f"{file.path}:{line}",
+                f"truncated or corrupt compressed data ({type(err).__name__}: {err}); "
+                "rest of file skipped",
+                reason="truncated_or_corrupt",
+            )
+    return b"".join(chunks)
+
+
 def _read_txt(source: DataSource, file: SourceFile, stats: SourceStats) -> _Docs:
-    text = _decode_text(file.path.read_bytes(), str(file.path), stats)
+    text = _decode_text(_read_bytes(file, stats), str(file.path), stats)
     if not text:
         return
     if file.rel is not None and source.split_pattern is None:

@@ -488,3 +488,21 @@ def test_failed_stream_leaves_no_partial_shard(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError):
             write_shards(docs(), tmp_path, 10, shard_format=fmt)
         assert list(tmp_path.iterdir()) == []
+
+
+def test_compressed_txt_and_its_truncation(tmp_path: Path) -> None:
+    text = "".join(f"line {i} " + "word " * 20 + "\n" for i in range(5000))
+    path = tmp_path / "t.txt.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    docs, stats = read(DataSource(name="t", path=str(path)))
+    assert [d.text for d in docs] == [text] and stats.malformed == 0
+    blob = gzip.compress(text.encode())
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(blob[: len(blob) // 2])
+    docs, stats = read(DataSource(name="t", path=str(cut)))
+    kept = docs[0].text
+    assert 0 < len(kept) < len(text) and text.startswith(kept)
+    assert stats.messages == [
+        f"{cut}:{kept.count(chr(10)) + 1}: truncated or corrupt compressed data (EOFError: "
+        "Compressed file ended before the end-of-stream marker was reached); rest of file skipped"
+    ]
