@@ -79,6 +79,9 @@ def _source_files(source: DataSource) -> list[SourceFile]:
     """The files of `source` in reading order; DataError (without the source prefix) when there
     are none or an auto-format folder holds a file whose suffix names no format."""
     path = Path(source.path)
+    # An existing file wins over glob syntax: "[draft] notes.txt" is a file name.
+    if path.is_file():
+        return [SourceFile(path, source.resolved_format, path.stat().st_size)]
     if _GLOB_CHARS.search(source.path):
         # The root is the pattern's fixed leading folders; ids are relative to it.
         fixed = []
@@ -90,7 +93,10 @@ def _source_files(source: DataSource) -> list[SourceFile]:
         found = [Path(p) for p in glob.glob(source.path, recursive=True)]
         found = [p for p in found if p.is_file()]
         if not found:
-            raise DataError(f"glob pattern {source.path} matches no files")
+            raise DataError(
+                f"glob pattern {source.path} matches no files (relative patterns are resolved "
+                f"from the current directory {Path.cwd()})"
+            )
         kind = "glob pattern"
     elif path.is_dir():
         root = path
@@ -98,8 +104,6 @@ def _source_files(source: DataSource) -> list[SourceFile]:
         if not found:
             raise DataError(f"folder {source.path} holds no files")
         kind = "folder"
-    elif path.is_file():
-        return [SourceFile(path, source.resolved_format, path.stat().st_size)]
     else:
         raise DataError(
             f"file {source.path} does not exist (relative paths are resolved from the current "
