@@ -62,8 +62,9 @@ class SourceStats:
     bytes_read: int = 0
     messages: list[str] = field(default_factory=list)
 
-    def bad(self, where: str, problem: str, reason: str) -> None:
-        """Count one malformed record at `where` (file:line, file:row N, file:byte N)."""
+    def bad(self, where: str, problem: str, reason: str = "other") -> None:
+        """Count one malformed record at `where` (file:line, file:row N, file:byte N) under
+        `reason`; the message keeps the detail."""
         self.malformed += 1
         self.malformed_by_reason[reason] += 1
         if len(self.messages) < MAX_MESSAGES:
