@@ -59,19 +59,64 @@ class RunConfig(Strict):
 # ----------------------------------------------------------------------------- data
 
 
+# Suffixes (after a .gz/.zst compression suffix is removed) that name a document format.
+# Parquet is compressed inside the file, so a compressed .parquet is no format.
+FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "wet": (".wet",),
+    "warc": (".warc",),
+    "jsonl": (".jsonl", ".json"),
+    "parquet": (".parquet",),
+    "txt": (".txt",),
+}
+COMPRESSION_SUFFIXES = (".gz", ".zst")
+
+
+def format_of(path: str) -> str | None:
+    """The document format a file name announces, or None when its suffix names none."""
+    name = path.lower()
+    compressed = name.endswith(COMPRESSION_SUFFIXES)
+    name = name.removesuffix(".gz").removesuffix(".zst")
+    for fmt, suffixes in FORMAT_SUFFIXES.items():
+        if name.endswith(suffixes) and not (compressed and fmt == "parquet"):
+            return fmt
+    return None
+
+
+def known_suffixes() -> str:
+    """FORMAT_SUFFIXES in words, for error messages."""
+    listed = ", ".join(f"{'/'.join(s)} ({fmt})" for fmt, s in FORMAT_SUFFIXES.items())
+    return f"{listed}; all but .parquet optionally .gz or .zst"
+
+
 class DataSource(Strict):
-    """One raw input: a WARC of HTML pages, a text file, or a JSONL file (optionally .gz)."""
+    """One raw input: a file, a folder (read recursively) or a glob pattern of files in any of
+    the formats WARC (HTML pages), WET (extracted text), JSONL (optionally .gz/.zst), Parquet or
+    plain text."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(description="file path, relative to the current directory")
-    format: Literal["auto", "warc", "txt", "jsonl"] = "auto"
-    text_field: str = Field("text", description="jsonl: the field holding the document text")
-    text_template: str | None = Field(
-        None, description='jsonl: build the text from fields, e.g. "{question}\\n{answer}"'
+    path: str = Field(
+        min_length=1,
+        description="a file, a folder (every file inside, recursively, in sorted order) or a glob "
+        "pattern (data/**/*.jsonl.zst); relative to the current directory",
     )
-    id_field: str | None = Field(None, description="jsonl: the field holding a document id")
+    format: Literal["auto", "warc", "wet", "txt", "jsonl", "parquet"] = Field(
+        "auto",
+        description="auto: each file's format from its suffix (.warc, .wet, .jsonl/.json, "
+        ".parquet, .txt; a single file with another suffix is text); otherwise every file "
+        "is read in this format",
+    )
+    text_field: str = Field(
+        "text", description="jsonl/parquet: the field holding the document text"
+    )
+    text_template: str | None = Field(
+        None,
+        description='jsonl/parquet: build the text from fields, e.g. "{question}\\n{answer}"',
+    )
+    id_field: str | None = Field(None, description="jsonl/parquet: the field holding a document id")
     split_pattern: str | None = Field(
-        None, description="txt: regex at which the file is cut into pieces (default: one document)"
+        None,
+        description="txt: regex at which a file is cut into pieces (default: one document per "
+        "file)",
     )
     group_chars: int = Field(
         0, ge=0, description="txt: merge consecutive pieces until a document has this many chars"
@@ -89,14 +134,10 @@ class DataSource(Strict):
 
     @property
     def resolved_format(self) -> str:
+        """The format of a single-file source (folders and globs resolve per file)."""
         if self.format != "auto":
             return self.format
-        name = self.path.lower().removesuffix(".gz").removesuffix(".zst")
-        if name.endswith((".warc", ".wet")):
-            return "warc"
-        if name.endswith((".jsonl", ".json")):
-            return "jsonl"
-        return "txt"
+        return format_of(self.path) or "txt"
 
 
 class DataConfig(Strict):
@@ -125,7 +166,18 @@ class DataConfig(Strict):
     minhash_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="Jaccard similarity at which verify counts a duplicate"
     )
-    shard_docs: int = Field(2000, ge=1, description="documents per output shard")
+    shard_docs: int = Field(
+        2000, ge=1, description="documents per output shard (when shard_bytes is 0)"
+    )
+    shard_bytes: int = Field(
+        0,
+        ge=0,
+        description="close a shard once its uncompressed UTF-8 text reaches this many bytes "
+        "(0: shard by shard_docs)",
+    )
+    shard_format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="output shards: gzipped JSONL or zstd-compressed Parquet"
+    )
     workers: int = Field(2, ge=1, description="processes for HTML extraction")
 
     @model_validator(mode="after")

@@ -136,7 +136,11 @@ def file_digest(path: Path) -> str:
 def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
     """Files outside the run directory that a stage reads: their content is fingerprinted."""
     if stage == "data":
-        return [s.path for s in cfg.data.sources]
+        # Folders and globs are fingerprinted by every file they hold, so adding, removing or
+        # editing one reruns the stage; an unreadable source raises DataError naming it.
+        from frontierlm.data.readers import resolve_sources
+
+        return [str(f.path) for files in resolve_sources(cfg.data.sources) for f in files]
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
     return []

@@ -89,3 +89,42 @@ def test_recipe_inherits_from_its_base_and_overrides_tables_key_by_key(tmp_path)
     (tmp_path / "orphan.toml").write_text('base = "missing.toml"\n')
     with pytest.raises(ConfigError, match="names no file"):
         load_config(tmp_path / "orphan.toml")
+
+
+@pytest.mark.parametrize(
+    "path,fmt",
+    [
+        ("a/b.warc.gz", "warc"),
+        ("crawl.warc.wet.gz", "wet"),
+        ("x.wet", "wet"),
+        ("x.JSONL.zst", "jsonl"),
+        ("x.json", "jsonl"),
+        ("x.parquet", "parquet"),
+        ("x.parquet.gz", None),  # Parquet compresses inside the file
+        ("notes.txt.gz", "txt"),
+        ("notes.md", None),
+    ],
+)
+def test_format_from_suffix(path, fmt):
+    from frontierlm.config import DataSource, format_of
+
+    assert format_of(path) == fmt
+    assert DataSource(name="s", path=path).resolved_format == (fmt or "txt")
+
+
+def test_data_source_and_shard_validation():
+    from pydantic import ValidationError
+
+    from frontierlm.config import DataConfig, DataSource
+
+    assert DataSource(name="s", path="d", format="parquet").resolved_format == "parquet"
+    with pytest.raises(ValidationError, match="format"):
+        DataSource(name="s", path="d", format="csv")
+    with pytest.raises(ValidationError, match="path"):
+        DataSource(name="s", path="")
+    cfg = DataConfig(sources=[DataSource(name="s", path="d")])
+    assert (cfg.shard_bytes, cfg.shard_format) == (0, "jsonl")
+    with pytest.raises(ValidationError, match="shard_format"):
+        DataConfig(sources=[DataSource(name="s", path="d")], shard_format="csv")
+    with pytest.raises(ValidationError, match="shard_bytes"):
+        DataConfig(sources=[DataSource(name="s", path="d")], shard_bytes=-1)

@@ -21,14 +21,13 @@ from frontierlm.data.documents import (
     DataError,
     Document,
     SourceStats,
-    check_sources,
     read_shards,
-    read_source,
     write_shards,
 )
 from frontierlm.data.filters import AlphaFilter, LengthFilter
 from frontierlm.data.minhash import MinHashDedup
 from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
+from frontierlm.data.readers import SourceFile, read_source, resolve_sources
 
 __all__ = [
     "DataError",
@@ -71,9 +70,9 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
     """Read every source, filter, dedup, write shards and `stats.json` into `out_dir`.
 
     Returns {"docs_in", "docs_out", "chars_out", "malformed"}. Raises DataError before any
-    work if a source file is missing.
+    work if a source has no readable files.
     """
-    check_sources(cfg.sources)
+    files = resolve_sources(cfg.sources)
     out_dir = Path(out_dir)
     start = time.perf_counter()
     source_stats = {s.name: SourceStats(s.name) for s in cfg.sources}
@@ -95,24 +94,35 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
         # Scratch next to the output: the spill is about the size of the kept text, which the
         # output disk must hold anyway (the system temp dir is often a small tmpfs).
         docs, step_stats = run_steps(raw, build_steps(cfg, out_dir))
-        shards = write_shards(count_kept(docs), out_dir, cfg.shard_docs)
+        shards = write_shards(
+            count_kept(docs),
+            out_dir,
+            cfg.shard_docs,
+            shard_bytes=cfg.shard_bytes,
+            shard_format=cfg.shard_format,
+        )
     seconds = time.perf_counter() - start
 
     messages = [m for s in source_stats.values() for m in s.messages][:MAX_MESSAGES]
     malformed = sum(s.malformed for s in source_stats.values())
+    by_reason: Counter[str] = sum((s.malformed_by_reason for s in source_stats.values()), Counter())
     totals = {
         "docs_in": sum(s.docs for s in source_stats.values()),
         "docs_out": sum(kept.values()),
         "chars_out": sum(kept_chars.values()),
         "malformed": malformed,
     }
-    sources = _source_rows(cfg.sources, source_stats, step_stats, kept, kept_chars)
+    sources = _source_rows(cfg.sources, files, source_stats, step_stats, kept, kept_chars)
     report = {
         "totals": totals,
         "seconds": round(seconds, 2),
         "sources": sources,
         "steps": [s.to_dict() for s in step_stats],
-        "malformed": {"total": malformed, "messages": messages},
+        "malformed": {
+            "total": malformed,
+            "by_reason": dict(by_reason.most_common()),
+            "messages": messages,
+        },
         "shards": [p.name for p in shards],
     }
     (out_dir / "stats.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -145,13 +155,14 @@ def _tracked(
 
 def _source_rows(
     sources: list[DataSource],
+    files: list[list[SourceFile]],
     source_stats: dict[str, SourceStats],
     step_stats: list[StepStats],
     kept: Counter[str],
     kept_chars: Counter[str],
 ) -> dict[str, dict[str, Any]]:
     rows = {}
-    for source in sources:
+    for source, source_files in zip(sources, files, strict=True):
         s = source_stats[source.name]
         dropped = {
             reason: n
@@ -161,9 +172,12 @@ def _source_rows(
         }
         rows[source.name] = {
             "path": source.path,
-            "format": source.resolved_format,
+            # A folder or glob may mix formats: name each one present.
+            "format": "+".join(sorted({f.format for f in source_files})),
+            "files": len(source_files),
             "docs_read": s.docs,
             "malformed": s.malformed,
+            "malformed_by_reason": dict(s.malformed_by_reason.most_common()),
             "skipped_non_html": s.skipped_non_html,
             "docs_kept": kept[source.name],
             "chars_kept": kept_chars[source.name],
