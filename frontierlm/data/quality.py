@@ -129,8 +129,10 @@ class QualityModel:
             value=self.weights[nz].astype(np.float32),
             bias=np.float64(self.bias),
         )
-        meta = dict(self.meta, bits=self.bits, nonzero=len(nz))
-        meta["weights_sha256"] = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()
+        self.meta.update(bits=self.bits, nonzero=len(nz))
+        # Ties the pair together: a weights file from another training is refused on load.
+        digest = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()
+        meta = dict(self.meta, weights_sha256=digest)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         commit_dir(tmp, directory)
 
