@@ -8,8 +8,11 @@ prices ("$1,234.56") and thousands ("12 345 678") must survive, so
   after "version"/"release"/"v"; IPv6 needs at least three groups or the full eight and must
   parse (`ipaddress`);
 - a phone number is grouped digits (space, dot or dash separators, optional "+country" and
-  "(area)") with 10 to 15 digits in all; a bare run of digits is not one (order numbers, IDs),
-  nor is a 7-digit local number ("555-1234"): too close to everything else made of digits.
+  "(area)") with 10 to 15 digits in all, a last group of 4+ digits, a 3+ digit area code when
+  there is no country code, no date inside, and no number right before or after it; a bare run
+  of digits is not one (order numbers, IDs), nor is a 7-digit local number ("555-1234"): too
+  close to everything else made of digits. Tested on the shipped Python docs and Common Crawl
+  pages, where the looser first version took `ls -l` listings and Fibonacci rows for phones.
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
 # Candidates only; `ipaddress` decides. Hex groups joined by ':' with at most one '::'.
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 PHONE = re.compile(
-    r"(?<![\w+$€£¥.,/:-])"
+    # Not inside a run of numbers ("0 1 1 2 3 5 8 13 21 34 ..."), a price, a path or a list.
+    r"(?<![\w+$€£¥.,/:-])(?<!\d[ \t])"
     r"(?:\+\d{1,3}[ .-]?)?"  # country code
     r"(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])"  # area code, bracketed or followed by a separator
     r"\d{2,4}(?:[ .-]?\d{2,4}){1,2}"
-    r"(?![\w]|[.,/:-]\d)"
+    r"(?![\w]|[.,/:-]\d|[ \t]\d)"
 )
+_GROUP_SEP = re.compile(r"[ .()+-]+")
+# ISO and European dates inside a longer digit sequence ("609 2008-06-09 13:26").
+_DATE = re.compile(r"(?:19|20)\d\d-[01]\d-[0-3]\d|[0-3]\d-[01]\d-(?:19|20)\d\d")
 # A dotted quad right after these words is a version, not an address.
-_VERSION_BEFORE = re.compile(r"(?i)(?:version|release|ver\.?|build|v)\s*$")
+_VERSION_BEFORE = re.compile(r"(?i)\b(?:version|release|ver\.?|build|v)\s*$")
 
 _DOTTED_PHONE = re.compile(r"(?:\+1[ .])?\d{3}\.\d{3}\.\d{4}")
 
@@ -61,7 +68,14 @@ def _is_ipv6(candidate: str) -> bool:
 
 def _is_phone(candidate: str) -> bool:
     digits = sum(c.isdigit() for c in candidate)
-    if not 10 <= digits <= 15:
+    if not 10 <= digits <= 15 or _DATE.search(candidate):
+        return False
+    groups = [g for g in _GROUP_SEP.split(candidate) if g]
+    # Phone layouts end in a group of 4+ digits ("123-4567", "7946 0958", "1234567"), and
+    # without a country code the first group is an area code of 3+ digits ("030", "(555)");
+    # "11 39916800" or "144 233 377" are numbers in a table.
+    international = candidate.startswith("+")
+    if len(groups[-1]) < 4 or (not international and len(groups[0]) < 3):
         return False
     # Dots as separators only in the North American 3-3-4 form ("555.123.4567"): other dotted
     # digit groups are versions, section numbers or European dates.
