@@ -126,8 +126,8 @@ class DataConfig(Strict):
         0.8, gt=0.0, le=1.0, description="Jaccard similarity at which verify counts a duplicate"
     )
     # Decontamination against the eval sets shipped in data/ (frontierlm/data/decontam.py).
-    # Off by default: the quickstart's own GSM8K *train* text shares 13-grams with 10 test
-    # problems, and turning it on changes what the quickstart keeps.
+    # Off by default: 10 of the quickstart's GSM8K *train* problems share 13-grams with test
+    # problems, so turning it on changes what the quickstart keeps.
     decontaminate: list[Literal["gsm8k_test", "humaneval", "mmlu_test"]] = Field(
         default_factory=list,
         description="eval sets whose word n-grams mark a document contaminated",

@@ -9,7 +9,8 @@ benchmark for those, which for one-line MMLU questions would also flag ordinary 
 
 The index is built once per run from the files in `data/` (`EVAL_SETS`): every n-gram of every
 evaluation text, hashed to 64 bits, in one sorted array with the eval set and item of each hash
-beside it (13 bytes per n-gram: ~2.2M n-grams, 28 MB, for GSM8K test + HumanEval + MMLU test).
+beside it (13 bytes per n-gram: 1.0M n-grams, 13 MB, for GSM8K test + HumanEval + MMLU test,
+built in ~2 s).
 A document is looked up with one vectorised `searchsorted` over its own n-gram hashes.
 """
 
