@@ -166,6 +166,29 @@ class DataConfig(Strict):
     minhash_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="Jaccard similarity at which verify counts a duplicate"
     )
+    # Decontamination against the eval sets shipped in data/ (frontierlm/data/decontam.py).
+    # Off by default: 10 of the quickstart's GSM8K *train* problems share 13-grams with test
+    # problems, so turning it on changes what the quickstart keeps.
+    decontaminate: list[Literal["gsm8k_test", "humaneval", "mmlu_test"]] = Field(
+        default_factory=list,
+        description="eval sets whose word n-grams mark a document contaminated",
+    )
+    decontam_ngram: int = Field(13, ge=4, le=64, description="words per decontamination n-gram")
+    decontam_mode: Literal["drop", "flag"] = Field(
+        "drop", description='drop contaminated documents, or "flag": only mark meta.contaminated'
+    )
+    # Quality classifier (frontierlm/data/quality.py; train one with `frontierlm
+    # train-classifier`). Without a model nothing is scored.
+    quality_model: str | None = Field(
+        None, description="directory written by `frontierlm train-classifier`"
+    )
+    quality_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="drop documents whose quality score is below this"
+    )
+    quality_top_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="keep only this top share of documents by score"
+    )
+    pii: bool = Field(False, description="replace e-mail addresses, IP addresses and phone numbers")
     shard_docs: int = Field(
         2000, ge=1, description="documents per output shard (when shard_bytes is 0)"
     )
@@ -186,6 +209,17 @@ class DataConfig(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _quality_needs_model(self) -> DataConfig:
+        if self.quality_model is None and (
+            self.quality_threshold is not None or self.quality_top_fraction is not None
+        ):
+            raise ValueError(
+                "data.quality_threshold and data.quality_top_fraction need data.quality_model "
+                "(a directory from `frontierlm train-classifier`)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -138,12 +138,29 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
     if stage == "data":
         # Folders and globs are fingerprinted by every file they hold, so adding, removing or
         # editing one reruns the stage; an unreadable source raises DataError naming it.
+        from frontierlm.data.decontam import eval_set_files
+        from frontierlm.data.quality import model_files
         from frontierlm.data.readers import resolve_sources
 
-        return [str(f.path) for files in resolve_sources(cfg.data.sources) for f in files]
+        data = cfg.data
+        files = [str(f.path) for files in resolve_sources(data.sources) for f in files]
+        # Eval sets and the classifier decide what is kept as much as the sources do.
+        files += [_display_path(p) for p in eval_set_files(data.decontaminate)]
+        if data.quality_model is not None:
+            files += [str(p) for p in model_files(Path(data.quality_model))]
+        return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
     return []
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the current directory when under it: the fingerprint hashes the name
+    too, and a repository checked out elsewhere should not rerun the stage."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from frontierlm.config import DataConfig, DataSource
 from frontierlm.console import console, progress_bar
+from frontierlm.data.decontam import Decontaminate
 from frontierlm.data.dedup import ExactDedup
 from frontierlm.data.documents import (
     MAX_MESSAGES,
@@ -26,7 +27,9 @@ from frontierlm.data.documents import (
 )
 from frontierlm.data.filters import AlphaFilter, LengthFilter
 from frontierlm.data.minhash import MinHashDedup
+from frontierlm.data.pii import PIIRedact
 from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
+from frontierlm.data.quality import QualityFilter, QualityModel, QualityTopFraction
 from frontierlm.data.readers import SourceFile, read_source, resolve_sources
 
 __all__ = [
@@ -63,6 +66,18 @@ def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
                 spill_docs=cfg.shard_docs,
             )
         )
+    # Decontaminate after dedup (fewer documents to look up) and before quality, so the
+    # classifier's top fraction is taken of documents that may be kept at all.
+    if cfg.decontaminate:
+        steps.append(Decontaminate(cfg.decontaminate, cfg.decontam_ngram, cfg.decontam_mode))
+    if cfg.quality_model is not None:
+        model = QualityModel.load(Path(cfg.quality_model))
+        steps.append(QualityFilter(model, cfg.quality_threshold))
+        if cfg.quality_top_fraction is not None:
+            steps.append(QualityTopFraction(model, cfg.quality_top_fraction, scratch_dir))
+    # PII last: placeholders would otherwise change n-grams and quality features.
+    if cfg.pii:
+        steps.append(PIIRedact())
     return steps
 
 
