@@ -201,7 +201,20 @@ class DataConfig(Strict):
     shard_format: Literal["jsonl", "parquet"] = Field(
         "jsonl", description="output shards: gzipped JSONL or zstd-compressed Parquet"
     )
-    workers: int = Field(2, ge=1, description="processes for HTML extraction")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="what runs the per-file tasks (reading and per-document steps): a local "
+        "process pool, or Ray (pip install 'frontierlm[ray]'); the output is the same",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="processes (or Ray CPUs) for the per-file tasks, 0 = every core; with a "
+        "single task, its HTML extraction uses them instead",
+    )
+    ray_address: str | None = Field(
+        None, description='executor = "ray": a running cluster to join (None: start Ray here)'
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
-from rich.progress import Progress
 from rich.table import Table
 
 from frontierlm.config import DataConfig, DataSource
@@ -24,6 +24,16 @@ from frontierlm.data.documents import (
     SourceStats,
     read_shards,
     write_shards,
+)
+from frontierlm.data.executor import (
+    TASK_DIR,
+    ReadTask,
+    TaskResult,
+    plan_tasks,
+    read_task_output,
+    resolved_workers,
+    run_tasks,
+    split_steps,
 )
 from frontierlm.data.filters import AlphaFilter, LengthFilter
 from frontierlm.data.minhash import MinHashDedup
@@ -100,15 +110,26 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
             kept_chars[doc.meta["source"]] += len(doc.text)
             yield doc
 
+    tasks = plan_tasks(cfg.sources, files)
+    steps = build_steps(cfg, out_dir)
+    _, stream_steps = split_steps(steps)
     with progress_bar() as bar:
-        raw = (
-            doc
-            for source in cfg.sources
-            for doc in _tracked(source, source_stats[source.name], cfg.workers, bar)
-        )
+        bar_task = bar.add_task("read + filter", total=sum(t.bytes for t in tasks), info="")
+        done = Counter[str]()
+
+        def on_done(task: ReadTask, result: TaskResult) -> None:
+            done["tasks"] += 1
+            done["reused"] += result.reused
+            bar.update(bar_task, advance=task.bytes, info=f"{done['tasks']}/{len(tasks)} files")
+
+        results = run_tasks(tasks, cfg, out_dir, on_done)
+        for result in results:
+            source_stats[result.source.name].merge(result.source)
+        # Phase 2 in task order; its steps' counts join the tasks' (merged) step counts.
+        stream = (doc for task in tasks for doc in read_task_output(task, out_dir))
         # Scratch next to the output: the spill is about the size of the kept text, which the
         # output disk must hold anyway (the system temp dir is often a small tmpfs).
-        docs, step_stats = run_steps(raw, build_steps(cfg, out_dir))
+        docs, stream_stats = run_steps(stream, stream_steps)
         shards = write_shards(
             count_kept(docs),
             out_dir,
@@ -116,6 +137,12 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
             shard_bytes=cfg.shard_bytes,
             shard_format=cfg.shard_format,
         )
+    task_steps = [StepStats(step.name) for step in steps[: len(steps) - len(stream_steps)]]
+    for result in results:
+        for merged, part in zip(task_steps, result.steps, strict=True):
+            merged.merge(part)
+    step_stats = task_steps + stream_stats
+    shutil.rmtree(out_dir / TASK_DIR)  # the shards hold everything now
     seconds = time.perf_counter() - start
 
     messages = [m for s in source_stats.values() for m in s.messages][:MAX_MESSAGES]
@@ -139,6 +166,12 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
             "messages": messages,
         },
         "shards": [p.name for p in shards],
+        "executor": {
+            "name": cfg.executor if resolved_workers(cfg) > 1 else "this process",
+            "workers": resolved_workers(cfg),
+            "tasks": len(tasks),
+            "tasks_reused": done["reused"],
+        },
     }
     (out_dir / "stats.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
@@ -153,19 +186,6 @@ def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:
         f"{totals['chars_out']:,} chars, {len(shards)} shards in {seconds:.1f}s -> {out_dir}"
     )
     return totals
-
-
-def _tracked(
-    source: DataSource, stats: SourceStats, workers: int, bar: Progress
-) -> Iterator[Document]:
-    """The source's documents, advancing its progress bar by input bytes (a size known up front
-    for every format, so the ETA is real even when the document count is not)."""
-    docs = read_source(source, stats, workers)
-    task = bar.add_task(source.name, total=stats.bytes_total, info="")
-    for doc in docs:
-        bar.update(task, completed=stats.bytes_read, info=f"{stats.docs:,} docs")
-        yield doc
-    bar.update(task, completed=stats.bytes_total, info=f"{stats.docs:,} docs")
 
 
 def _source_rows(

@@ -27,6 +27,7 @@ class ExactDedup(Step):
     """
 
     name = "exact_dedup"
+    whole_stream = True
 
     def __init__(self) -> None:
         self.seen: set[bytes] = set()

@@ -62,6 +62,13 @@ class SourceStats:
     bytes_read: int = 0
     messages: list[str] = field(default_factory=list)
 
+    def merge(self, other: SourceStats) -> None:
+        """Add the counts of another part of the same source (another file, another task)."""
+        for name in ("docs", "files", "malformed", "skipped_non_html", "bytes_total", "bytes_read"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.malformed_by_reason.update(other.malformed_by_reason)
+        self.messages.extend(other.messages[: MAX_MESSAGES - len(self.messages)])
+
     def bad(self, where: str, problem: str, reason: str = "other") -> None:
         """Count one malformed record at `where` (file:line, file:row N, file:byte N) under
         `reason`; the message keeps the detail."""

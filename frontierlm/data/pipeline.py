@@ -77,6 +77,10 @@ class Step:
     `drop_reason`, `rewrite`, or both."""
 
     name: str = "step"
+    # True for steps whose decision on a document depends on other documents (dedup, top
+    # fraction): executors run every step before the first such step in parallel over the
+    # inputs, and the rest in one process over the whole stream, in order.
+    whole_stream: bool = False
 
     def drop_reason(self, doc: Document) -> str | None:
         return None
@@ -117,6 +121,8 @@ def _counted_keep(stats: StepStats, doc: Document, reason: str | None) -> bool:
 
 class TwoPassStep(Step):
     """A step that sees the whole stream before deciding; see the module docstring's contract."""
+
+    whole_stream = True
 
     def observe(self, index: int, doc: Document) -> None:
         raise NotImplementedError

@@ -166,6 +166,14 @@ def read_source(source: DataSource, stats: SourceStats, workers: int = 1) -> Ite
     return _counted(_read_files(source, files, stats, workers), stats, source.max_docs)
 
 
+def read_files(
+    source: DataSource, files: list[SourceFile], stats: SourceStats, workers: int = 1
+) -> Iterator[Document]:
+    """Like `read_source`, over some of the source's files (one task of an executor)."""
+    stats.bytes_total = sum(f.size for f in files)
+    return _counted(_read_files(source, files, stats, workers), stats, source.max_docs)
+
+
 def _read_files(
     source: DataSource, files: list[SourceFile], stats: SourceStats, workers: int
 ) -> _Docs:
