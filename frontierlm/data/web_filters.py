@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,9 +75,11 @@ class LanguageFilter(Step):
     def _identifier(self) -> Any:
         # Loaded on first use (~0.7 s) so that building the steps stays instant.
         if self._model is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+            from py3langid import langid
 
-            self._model = LanguageIdentifier.from_modelpath(MODEL_FILE, norm_probs=True)
+            # MODEL_FILE is relative to the package directory.
+            path = Path(langid.__file__).parent / langid.MODEL_FILE
+            self._model = langid.LanguageIdentifier.from_modelpath(path, norm_probs=True)
         return self._model
 
     def drop_reason(self, doc: Document) -> str | None:
