@@ -140,6 +140,116 @@ class DataSource(Strict):
         return format_of(self.path) or "txt"
 
 
+WebFilterName = Literal["language", "url", "gopher_quality", "gopher_repetition", "c4", "fineweb"]
+# FineWeb's order; build_steps runs the chosen filters in it whatever order the recipe lists.
+WEB_FILTER_ORDER: tuple[str, ...] = (
+    "language",
+    "url",
+    "gopher_repetition",
+    "gopher_quality",
+    "c4",
+    "fineweb",
+)
+
+
+class LanguageFilterConfig(Strict):
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"],
+        min_length=1,
+        description="ISO 639-1 codes to keep (py3langid's labels, e.g. en, de, fr)",
+    )
+    min_score: float = Field(0.65, ge=0.0, le=1.0, description="minimum top-language probability")
+
+    @model_validator(mode="after")
+    def _codes(self) -> LanguageFilterConfig:
+        bad = [c for c in self.languages if not re.fullmatch(r"[a-z]{2,3}", c)]
+        if bad:
+            raise ValueError(
+                f"data.language.languages: {bad} are not language codes; use lower-case ISO "
+                "639-1 codes such as 'en' or 'de'"
+            )
+        return self
+
+
+class UrlFilterConfig(Strict):
+    soft_word_threshold: int = Field(
+        2, ge=1, description="soft-banned words a URL needs to be dropped"
+    )
+    extra_domains: list[str] = Field(default_factory=list, description="more blocked domains")
+    extra_banned_words: list[str] = Field(default_factory=list)
+    extra_banned_subwords: list[str] = Field(default_factory=list)
+    extra_soft_banned_words: list[str] = Field(default_factory=list)
+
+
+Fraction01 = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GopherConfig(Strict):
+    """Gopher quality thresholds (Rae et al. 2021, datatrove's defaults)."""
+
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    min_avg_word_length: float = Field(3, ge=0)
+    max_avg_word_length: float = Field(10, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="'#' or ellipses per word")
+    max_bullet_lines_ratio: Fraction01 = 0.9
+    max_ellipsis_lines_ratio: Fraction01 = 0.3
+    min_alpha_words_ratio: Fraction01 = 0.8
+    min_stop_words: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> GopherConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(
+                f"data.gopher.min_words ({self.min_words}) exceeds data.gopher.max_words "
+                f"({self.max_words}); every document would be dropped"
+            )
+        if self.min_avg_word_length > self.max_avg_word_length:
+            raise ValueError(
+                f"data.gopher.min_avg_word_length ({self.min_avg_word_length}) exceeds "
+                f"max_avg_word_length ({self.max_avg_word_length})"
+            )
+        return self
+
+
+class GopherRepetitionConfig(Strict):
+    dup_line_frac: Fraction01 = 0.3
+    dup_para_frac: Fraction01 = 0.3
+    dup_line_char_frac: Fraction01 = 0.2
+    dup_para_char_frac: Fraction01 = 0.2
+    top_2_gram_frac: Fraction01 = 0.20
+    top_3_gram_frac: Fraction01 = 0.18
+    top_4_gram_frac: Fraction01 = 0.16
+    dup_ngram_fracs: list[Fraction01] = Field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10],
+        min_length=6,
+        max_length=6,
+        description="limits for characters in repeated 5-, 6-, 7-, 8-, 9- and 10-grams",
+    )
+
+
+class C4Config(Strict):
+    filter_no_terminal_punct: bool = Field(
+        True, description="drop lines not ending in . ? ! \" ' (FineWeb turned this off)"
+    )
+    min_sentences: int = Field(5, ge=0, description="drop documents with fewer kept sentences")
+    min_words_per_line: int = Field(3, ge=0)
+    max_word_length: int = Field(1000, ge=1, description="drop lines with a longer word")
+    remove_citations: bool = True
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebFilterConfig(Strict):
+    line_punct_thr: Fraction01 = Field(0.12, description="min share of lines ending a sentence")
+    short_line_thr: Fraction01 = Field(0.67, description="max share of short lines")
+    short_line_length: int = Field(30, ge=1, description="a line this long or shorter is short")
+    char_duplicates_ratio: Fraction01 = Field(0.01, description="max share of chars in dup lines")
+    new_line_ratio: float = Field(0.3, ge=0.0, description="max newlines per word")
+
+
 class DataConfig(Strict):
     sources: list[DataSource] = Field(default_factory=list, min_length=1)
     min_chars: int = Field(200, ge=0, description="drop documents shorter than this (characters)")
@@ -215,6 +325,26 @@ class DataConfig(Strict):
     ray_address: str | None = Field(
         None, description='executor = "ray": a running cluster to join (None: start Ray here)'
     )
+    # Web-text heuristics (FineWeb's set). Off by default: the quickstart's Wikipedia,
+    # Shakespeare and GSM8K documents are not web pages and several rules would drop them.
+    filters: list[WebFilterName] = Field(
+        default_factory=list,
+        description="web filters to run after the length/alpha filters, in FineWeb's order: "
+        + ", ".join(WEB_FILTER_ORDER),
+    )
+    language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
+    url: UrlFilterConfig = Field(default_factory=UrlFilterConfig)
+    gopher: GopherConfig = Field(default_factory=GopherConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebFilterConfig = Field(default_factory=FineWebFilterConfig)
+
+    @model_validator(mode="after")
+    def _unique_filters(self) -> DataConfig:
+        repeated = sorted({f for f in self.filters if self.filters.count(f) > 1})
+        if repeated:
+            raise ValueError(f"data.filters lists {repeated} more than once; list each once")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:

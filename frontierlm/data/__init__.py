@@ -13,7 +13,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from frontierlm.config import DataConfig, DataSource
+from frontierlm.config import WEB_FILTER_ORDER, DataConfig, DataSource
 from frontierlm.console import console, progress_bar
 from frontierlm.data.decontam import Decontaminate
 from frontierlm.data.dedup import ExactDedup
@@ -41,6 +41,14 @@ from frontierlm.data.pii import PIIRedact
 from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
 from frontierlm.data.quality import QualityFilter, QualityModel, QualityTopFraction
 from frontierlm.data.readers import SourceFile, read_source, resolve_sources
+from frontierlm.data.web_filters import (
+    C4Filter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+    URLFilter,
+)
 
 __all__ = [
     "DataError",
@@ -59,6 +67,10 @@ def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
         LengthFilter(cfg.min_chars, cfg.min_words),
         AlphaFilter(cfg.min_alpha_fraction),
     ]
+    # After the cheap length/alpha checks (fewer documents reach the costlier rules) and before
+    # dedup (so dedup keys see the text C4 leaves), in FineWeb's order.
+    chosen = set(cfg.filters)
+    steps.extend(web_filter(name, cfg) for name in WEB_FILTER_ORDER if name in chosen)
     if cfg.dedup:
         steps.append(ExactDedup())
     if cfg.minhash:
@@ -89,6 +101,38 @@ def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
     if cfg.pii:
         steps.append(PIIRedact())
     return steps
+
+
+def web_filter(name: str, cfg: DataConfig) -> Step:
+    """The web filter `name` (one of `WEB_FILTER_ORDER`) with the thresholds in `cfg`."""
+    if name == "language":
+        return LanguageFilter(cfg.language.languages, cfg.language.min_score)
+    if name == "url":
+        u = cfg.url
+        return URLFilter(
+            u.soft_word_threshold,
+            u.extra_domains,
+            u.extra_banned_words,
+            u.extra_banned_subwords,
+            u.extra_soft_banned_words,
+        )
+    if name == "gopher_repetition":
+        r = cfg.gopher_repetition
+        return GopherRepetitionFilter(
+            dup_line_frac=r.dup_line_frac,
+            dup_para_frac=r.dup_para_frac,
+            dup_line_char_frac=r.dup_line_char_frac,
+            dup_para_char_frac=r.dup_para_char_frac,
+            top_n_grams=((2, r.top_2_gram_frac), (3, r.top_3_gram_frac), (4, r.top_4_gram_frac)),
+            dup_n_grams=tuple(zip(range(5, 11), r.dup_ngram_fracs, strict=True)),
+        )
+    if name == "gopher_quality":
+        return GopherQualityFilter(**cfg.gopher.model_dump())
+    if name == "c4":
+        return C4Filter(**cfg.c4.model_dump())
+    if name == "fineweb":
+        return FineWebQualityFilter(**cfg.fineweb.model_dump())
+    raise ValueError(f"unknown web filter {name!r}; known: {', '.join(WEB_FILTER_ORDER)}")
 
 
 def run_data_stage(cfg: DataConfig, out_dir: Path) -> dict[str, float]:

@@ -45,6 +45,14 @@ class Document:
         a linguistic tokenizer at <1 MB/s). Not a field: never written to shards."""
         return self.text.split()
 
+    @cached_property
+    def tokens(self) -> list[str]:
+        """Words with punctuation split off as its own tokens, as datatrove's web filters count
+        them (frontierlm/data/text.py); split once and shared by the Gopher/FineWeb filters."""
+        from frontierlm.data.text import word_tokens
+
+        return word_tokens(self.text)
+
 
 @dataclass
 class SourceStats:
