@@ -24,6 +24,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -144,6 +145,7 @@ def run_tasks(
 ) -> list[TaskResult]:
     """Run every task with the configured executor; results in task order."""
     workers = resolved_workers(cfg)
+    _forget_other_configs(cfg, work_dir)
     pending = [t for t in tasks if not t.done_mark(work_dir).is_file()]
     results: dict[int, TaskResult] = {}
     for task in tasks:
@@ -170,6 +172,20 @@ def run_tasks(
                 results[task.index] = futures[task.index].result()
                 on_done(task, results[task.index])
     return [results[t.index] for t in tasks]
+
+
+def _forget_other_configs(cfg: DataConfig, work_dir: Path) -> None:
+    """Finished tasks count only for the config that made them (the stage runner also wipes
+    its work directory on a config change; this guards direct callers)."""
+    task_dir = work_dir / TASK_DIR
+    # What a task's output depends on; the executor and worker count do not change it.
+    made_by = cfg.model_dump_json(exclude={"executor", "workers", "ray_address"})
+    stamp = task_dir / "config.json"
+    if task_dir.exists() and (not stamp.is_file() or stamp.read_text(encoding="utf-8") != made_by):
+        shutil.rmtree(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        stamp.write_text(made_by, encoding="utf-8")
 
 
 def resolved_workers(cfg: DataConfig) -> int:
