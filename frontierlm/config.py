@@ -122,6 +122,27 @@ class DataSource(Strict):
         0, ge=0, description="txt: merge consecutive pieces until a document has this many chars"
     )
     max_docs: int | None = Field(None, ge=1, description="read at most this many documents")
+    # Applied by the tokenize stage, not the data stage: regrouping or reweighting sources
+    # re-encodes the curated documents but never re-reads or re-filters the raw input.
+    mixture: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the token source this input counts under in the token shards and in "
+        'pretrain.mixture weights (several inputs may share one, e.g. "web"); default: name',
+    )
+    epochs: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="times each kept training document enters the training tokens: 2.0 every "
+        "document twice, 1.5 all once plus a seeded half again, 0.3 a seeded 30%; validation "
+        "documents are held out first and never repeated",
+    )
+
+    @property
+    def token_source(self) -> str:
+        """The token-source name this input's documents are recorded under."""
+        return self.mixture or self.name
 
     @model_validator(mode="after")
     def _check(self) -> DataSource:
@@ -821,9 +842,10 @@ class LoopConfig(Strict):
 
 class MixtureStage(Strict):
     """One stage of a multi-stage data mixture (`[[pretrain.mixture]]`): for its share of the
-    run, each training window comes from a token source (a `data.sources` name) in proportion
-    to `weights`. Its length is `steps`, `fraction` of pretrain.steps, or `tokens` (rounded to
-    whole steps); the last stage may set none of them and take the rest of the run."""
+    run, each training window comes from a token source (a `data.sources` mixture name, else
+    the source's name) in proportion to `weights`. Its length is `steps`, `fraction` of
+    pretrain.steps, or `tokens` (rounded to whole steps); the last stage may set none of them
+    and take the rest of the run."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="shown in logs and metrics")
     steps: int | None = Field(None, ge=1)
@@ -833,8 +855,8 @@ class MixtureStage(Strict):
     )
     weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None,
-        description="source name -> share of the stage's windows (normalised); unset: every "
-        "source in proportion to its training tokens (the natural mix)",
+        description="token source name -> share of the stage's windows (normalised); unset: "
+        "every token source in proportion to its training tokens (the natural mix)",
     )
 
     @model_validator(mode="after")
@@ -1001,19 +1023,43 @@ class RecipeConfig(Strict):
     def _mixture_sources(self) -> RecipeConfig:
         # Caught here, before any stage runs; the pretrain stage checks again against the
         # sources that survived into the token shards (a source can be filtered away whole).
-        known = [s.name for s in self.data.sources]
+        known = list(dict.fromkeys(s.token_source for s in self.data.sources))
+        grouped = {s.name: s.token_source for s in self.data.sources if s.mixture}
         for i, stage in enumerate(self.pretrain.mixture):
             for name in stage.weights or {}:
                 if name not in known:
+                    hint = (
+                        f" (input {name!r} counts under data.sources mixture {grouped[name]!r})"
+                        if name in grouped
+                        else ""
+                    )
                     raise ValueError(
-                        f"pretrain.mixture[{i}].weights.{name}: no data source is called "
-                        f"{name!r}; the sources are {', '.join(known)}"
+                        f"pretrain.mixture[{i}].weights.{name}: no token source is called "
+                        f"{name!r}{hint}; the token sources (each data source's mixture, else "
+                        f"its name) are {', '.join(known)}"
                     )
         return self
+
+    def token_sources_json(self) -> dict[str, Any]:
+        """What the tokenize stage reads from outside its own table: which token source each
+        input counts under, its epochs, and the seed that picks fractional epochs."""
+        return {
+            "seed": self.run.seed,
+            "sources": {
+                s.name: {"mixture": s.token_source, "epochs": s.epochs} for s in self.data.sources
+            },
+        }
 
     def section_json(self, *names: str) -> str:
         """Canonical JSON of some top-level tables: what a stage's fingerprint hashes."""
         dump = self.model_dump(mode="json")
+        # Mixture names and epochs belong to the tokenize stage (its "token_sources" section):
+        # left out of "data", changing them leaves the curated documents current, and recipes
+        # without them keep the fingerprints they had before the fields existed.
+        for source in dump["data"]["sources"]:
+            source.pop("mixture")
+            source.pop("epochs")
+        dump["token_sources"] = self.token_sources_json()
         return json.dumps({n: dump[n] for n in names}, sort_keys=True)
 
 

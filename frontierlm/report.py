@@ -1,11 +1,14 @@
-"""The report stage: `runs/<name>/report.md`, one row per stage, and PNG training curves."""
+"""The report stage: `runs/<name>/report.md`, one row per stage, PNG training curves, and the
+data stage's steps (documents in/out, drops by reason, seconds) as a table and a figure."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
@@ -67,6 +70,97 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     return ["training_curves.png", "validation_bpb.png"]
 
 
+def read_data_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """The data stage's per-step stats; `seconds` and `counts` default for stats.json files
+    written before steps recorded them (None: not measured, which is not 0 seconds)."""
+    path = run_dir / "data" / "stats.json"
+    if not path.is_file():
+        return []
+    steps = json.loads(path.read_text()).get("steps", [])
+    return [
+        {
+            "step": s["step"],
+            "in": int(s["in"]),
+            "out": int(s["out"]),
+            "dropped": dict(s.get("dropped", {})),
+            "counts": dict(s.get("counts", {})),
+            "seconds": s.get("seconds"),
+        }
+        for s in steps
+    ]
+
+
+def plot_data_steps(steps: list[dict[str, Any]], out: Path) -> str:
+    """Three panels of horizontal bars, one row per step in pipeline order: documents in and
+    out, documents dropped by reason (stacked; on its own axis, since drops are often a few
+    per thousand and would vanish next to the documents in), and seconds."""
+    names = [s["step"] for s in steps]
+    y = np.arange(len(names))
+    height = max(2.4, 0.45 * len(names) + 1.2)
+    fig, (docs, drops, secs) = plt.subplots(1, 3, figsize=(15, height), sharey=True)
+
+    docs.barh(y - 0.2, [s["in"] for s in steps], height=0.4, label="in")
+    docs.barh(y + 0.2, [s["out"] for s in steps], height=0.4, label="out")
+    docs.set_title("documents per step")
+    docs.set_yticks(y, names)
+    docs.invert_yaxis()  # the first step on top, as the pipeline runs
+
+    reasons = sorted(
+        {r for s in steps for r in s["dropped"]},
+        key=lambda r: -sum(s["dropped"].get(r, 0) for s in steps),
+    )
+    left = np.zeros(len(steps))
+    for reason in reasons:
+        widths = np.array([s["dropped"].get(reason, 0) for s in steps], dtype=float)
+        drops.barh(y, widths, left=left, height=0.6, label=reason)
+        left += widths
+    drops.set_title("dropped, by reason")
+
+    seconds = [s["seconds"] for s in steps]
+    if all(t is None for t in seconds):
+        note = "not recorded in this stats.json"
+        secs.text(0.5, 0.5, note, ha="center", transform=secs.transAxes)
+    else:
+        secs.barh(y, [t or 0.0 for t in seconds], height=0.6, color="gray")
+    secs.set_title("seconds per step")
+    for ax in (docs, drops, secs):
+        ax.grid(axis="x", alpha=0.3)
+    # Legends below their panels: inside, they hide the longest bars, which matter most.
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.12), "fontsize": "small"}
+    docs.legend(ncol=2, **below)
+    if reasons:
+        drops.legend(ncol=min(3, len(reasons)), **below)
+    fig.tight_layout()
+    fig.savefig(out / "data_steps.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data_steps.png"
+
+
+def data_steps_table(steps: list[dict[str, Any]], top: int = 3) -> list[str]:
+    """Markdown rows: documents in/out, the most frequent drop reasons and seconds per step."""
+    lines = [
+        "| step | documents in | documents out | top drop reasons | seconds |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for s in steps:
+        ranked = sorted(s["dropped"].items(), key=lambda kv: -kv[1])
+        reasons = ", ".join(f"{r} {n:,}" for r, n in ranked[:top])
+        if len(ranked) > top:
+            reasons += f", {len(ranked) - top} more"
+        seconds = "-" if s["seconds"] is None else f"{s['seconds']:.2f}"
+        lines.append(f"| {s['step']} | {s['in']:,} | {s['out']:,} | {reasons or '-'} | {seconds} |")
+    return lines
+
+
+def data_section(run_dir: Path, out: Path) -> list[str]:
+    """The report's data-steps section, or nothing when the run has no per-step stats."""
+    steps = read_data_steps(run_dir)
+    if not steps:
+        return []
+    png = plot_data_steps(steps, out)
+    return ["## Data steps", "", *data_steps_table(steps), "", f"![{png}](report/{png})", ""]
+
+
 def build_report(run_dir: Path, out: Path) -> str:
     records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
@@ -109,6 +203,7 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         f"Model: {_fmt(pre['params'])} parameters, {_fmt(pre['tokens_seen'])} pretraining tokens.",
         "",
+        *data_section(run_dir, out),
     ]
     for png in plot_curves(run_dir, out):
         lines.append(f"![{png}](report/{png})")

@@ -73,7 +73,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "tokenize",
             "frontierlm.tokenizer.stage:run_tokenize_stage",
-            ("tokenize",),
+            ("tokenize", "token_sources"),
             ("data", "tokenizer"),
             "encode documents into token shards",
             "train_tokens",

@@ -46,11 +46,17 @@ def test_dotted_overrides_are_parsed_as_toml_values():
         ("--run.name=a/b", "run.name: String should match pattern"),
         (
             "--pretrain.mixture=[{name='a', weights={wiki=1.0}}]",
-            "pretrain.mixture[0].weights.wiki: no data source is called 'wiki'; the sources are "
-            "python-docs, commoncrawl, commoncrawl-2, cc-extracted, wikipedia, shakespeare, gsm8k",
+            "pretrain.mixture[0].weights.wiki: no token source is called 'wiki'; the token "
+            "sources (each data source's mixture, else its name) are python-docs, commoncrawl, "
+            "commoncrawl-2, cc-extracted, wikipedia, shakespeare, gsm8k",
         ),
         ("--pretrain.mixture=[{name='a', steps=10}]", "cover 10 steps but steps=500"),
         ("--pretrain.mixture=[{name='a', weights={gsm8k=0}}]", "must include a positive weight"),
+        (
+            "--data.sources=[{name='a', path='d', epochs=0}]",
+            "epochs: Input should be greater than 0",
+        ),
+        ("--data.sources=[{name='a', path='d', mixture='a b'}]", "mixture: String should match"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, expected):
@@ -128,3 +134,40 @@ def test_data_source_and_shard_validation():
         DataConfig(sources=[DataSource(name="s", path="d")], shard_format="csv")
     with pytest.raises(ValidationError, match="shard_bytes"):
         DataConfig(sources=[DataSource(name="s", path="d")], shard_bytes=-1)
+
+
+MIXTURE = QUICKSTART.with_name("quickstart-mixture.toml")
+
+
+def test_mixture_names_are_the_token_sources_weights_may_name():
+    cfg = load_config(MIXTURE)
+    assert [s.token_source for s in cfg.data.sources] == ["web"] * 4 + [
+        "wikipedia",
+        "shakespeare",
+        "gsm8k",
+    ]
+    assert {s.name: s.epochs for s in cfg.data.sources if s.epochs != 1.0} == {
+        "wikipedia": 2.0,
+        "gsm8k": 0.5,
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(MIXTURE, ["--pretrain.mixture=[{name='a', weights={commoncrawl=1.0}}]"])
+    assert (
+        "pretrain.mixture[0].weights.commoncrawl: no token source is called 'commoncrawl' "
+        "(input 'commoncrawl' counts under data.sources mixture 'web'); the token sources "
+        "(each data source's mixture, else its name) are web, wikipedia, shakespeare, gsm8k"
+    ) in str(info.value)
+
+
+def test_mixture_and_epochs_rerun_tokenize_but_not_data():
+    from frontierlm.stages import STAGES
+
+    def hashed(cfg, stage: str) -> str:  # the config part of the stage's fingerprint
+        return cfg.section_json(*STAGES[stage].sections)
+
+    plain, grouped = load_config(QUICKSTART), load_config(MIXTURE)
+    # The sources differ from the base's in mixture and epochs only.
+    assert hashed(plain, "data") == hashed(grouped, "data")
+    assert hashed(plain, "tokenize") != hashed(grouped, "tokenize")
+    reseeded = load_config(QUICKSTART, ["--run.seed=7"])
+    assert hashed(plain, "tokenize") != hashed(reseeded, "tokenize")

@@ -56,7 +56,8 @@ def test_every_stage_finishes_with_real_outputs(micro_run):
     assert results["sft_chat_bpb"] < results["pretrain_chat_bpb"]
     report = (micro_run / "report.md").read_text()
     assert "| pretrain |" in report and "unigram" in report
-    for png in ("training_curves.png", "validation_bpb.png"):
+    assert "## Data steps" in report
+    for png in ("training_curves.png", "validation_bpb.png", "data_steps.png"):
         assert (micro_run / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -4,20 +4,25 @@ Layout of `tokens/`:
   train.bin / val.bin    flat uint16 (vocab < 65536) or uint32 token ids; each document is
                          BOS followed by its tokens, so BOS marks every document boundary
   train.idx / val.idx    int64 offsets of each document's first token (its BOS)
-  train.src / val.src    uint16 per document, aligned with .idx: the index of its data source in
-                         meta.json's "sources" (what multi-stage mixtures sample by)
-  meta.json              dtype, vocab size, token and document counts per split (also per source),
-                         the source names, and the split rule
+  train.src / val.src    uint16 per document, aligned with .idx: the index of its token source in
+                         meta.json's "sources" (what multi-stage mixtures sample by); a token
+                         source is a data source's `mixture` name, else its own name
+  meta.json              dtype, vocab size, token and document counts per split (also per token
+                         source), the token source names, the split rule, and per token source
+                         the training documents and tokens before and after epochs
 Documents are assigned to val by a salted hash of their id, so the split is stable across runs
-and independent of file order.
+and independent of file order. Per-source epochs then repeat or subsample the train split only
+(`SourcePlan`, `epoch_copies`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from tokenizers import Tokenizer
 from frontierlm.tokenizer.train import BOS
 
 SPLIT_SALT = "frontierlm-split-v1"
+EPOCH_SALT = "frontierlm-epochs-v1"
 UNKNOWN_SOURCE = "?"  # documents given without a source (the tokenizer stage's report says "?" too)
 SOURCE_DTYPE = np.dtype(np.uint16)
 
@@ -99,21 +105,56 @@ def _write_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class SourcePlan:
+    """How one data-stage input (a `data.sources` name) enters the token shards."""
+
+    token_source: str  # the name its documents are recorded and sampled under
+    epochs: float = 1.0  # copies of each training document (fractions pick a seeded subset)
+
+
+def epoch_copies(doc_ids: list[str], epochs: float, seed: int, key: str) -> np.ndarray:
+    """How many times each of one input's training documents enters the training tokens.
+
+    Every document gets floor(epochs) copies; round(frac(epochs) * n) of them get one more,
+    those ranking lowest by a hash of (seed, input, id). Ranking by an exact count rather than
+    flipping a coin per document makes 0.5 exactly half the documents; hashing ids rather than
+    shuffling positions keeps the pick independent of file order."""
+    whole = math.floor(epochs)
+    copies = np.full(len(doc_ids), whole, dtype=np.int64)
+    extra = math.floor((epochs - whole) * len(doc_ids) + 0.5)
+    if extra:
+        salt = f"{EPOCH_SALT}:{seed}:{key}"
+        ranks = np.argsort([hash_fraction(d, salt) for d in doc_ids], kind="stable")
+        copies[ranks[:extra]] += 1
+    return copies
+
+
 def write_token_shards(
     docs: Iterable[tuple[str, str] | tuple[str, str, str]],
     tok: Tokenizer,
     out_dir: Path,
     val_fraction: float,
     batch_docs: int = 512,
+    plans: Mapping[str, SourcePlan] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Encode (id, text) or (id, text, source name) documents into train/val shards under
-    `out_dir`; return counts, overall and per source."""
+    """Encode (id, text) or (id, text, input source name) documents into train/val shards
+    under `out_dir`; return counts, overall and per token source.
+
+    `plans` maps an input source to its token source and epochs (unlisted inputs are their own
+    token source, once). Epochs apply to the train split only, after the hold-out by document
+    id, so no copy of a validation document reaches training. Copies are laid out as passes
+    over the training documents in file order (pass p holds each document with more than p
+    copies), which keeps repeats of one document far apart in the token stream."""
+    plans = plans or {}
     dtype = token_dtype(tok.get_vocab_size())
     bos = tok.token_to_id(BOS)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    lengths: dict[str, list[int]] = {"train": [], "val": []}
+    encoded: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     doc_sources: dict[str, list[int]] = {"train": [], "val": []}
-    text_bytes = {"train": 0, "val": 0}
+    doc_bytes: dict[str, list[int]] = {"train": [], "val": []}
+    # Training documents of each input, as (position in the train split, id): what epochs pick.
+    train_by_input: dict[str, list[tuple[int, str]]] = defaultdict(list)
     source_index: dict[str, int] = {}  # in order of first appearance: the data stage's order
 
     def flush(batch: list[tuple[str, ...]]) -> None:
@@ -121,14 +162,16 @@ def write_token_shards(
         for doc, enc in zip(batch, encodings, strict=True):
             doc_id, text = doc[0], doc[1]
             source = doc[2] if len(doc) > 2 else UNKNOWN_SOURCE
+            plan = plans.get(source, SourcePlan(source))
             split = "val" if hash_fraction(doc_id) < val_fraction else "train"
+            if split == "train":
+                train_by_input[source].append((len(encoded["train"]), doc_id))
             ids = np.empty(len(enc.ids) + 1, dtype=dtype)
             ids[0] = bos
             ids[1:] = enc.ids
-            parts[split].append(ids)
-            lengths[split].append(len(ids))
-            doc_sources[split].append(source_index.setdefault(source, len(source_index)))
-            text_bytes[split] += len(text.encode("utf-8"))
+            encoded[split].append(ids)
+            doc_sources[split].append(source_index.setdefault(plan.token_source, len(source_index)))
+            doc_bytes[split].append(len(text.encode("utf-8")))
 
     batch: list[tuple[str, ...]] = []
     for doc in docs:
@@ -140,25 +183,40 @@ def write_token_shards(
         flush(batch)
 
     if len(source_index) > np.iinfo(SOURCE_DTYPE).max + 1:
-        raise ValueError(f"{len(source_index)} data sources: at most 65536 fit the .src index")
+        raise ValueError(f"{len(source_index)} token sources: at most 65536 fit the .src index")
     names = list(source_index)
+
+    copies = np.ones(len(encoded["train"]), dtype=np.int64)
+    for source, members in train_by_input.items():
+        epochs = plans.get(source, SourcePlan(source)).epochs
+        if epochs != 1.0:
+            positions = np.array([p for p, _ in members], dtype=np.int64)
+            copies[positions] = epoch_copies([d for _, d in members], epochs, seed, source)
+    train_order = np.concatenate(
+        [np.flatnonzero(copies > p) for p in range(int(copies.max(initial=1)))]
+    ).astype(np.int64)
+    before = _per_source(doc_sources["train"], encoded["train"], names)
+    order = {"train": train_order, "val": np.arange(len(encoded["val"]))}
+
     counts: dict[str, Any] = {}
     for split in ("train", "val"):
-        if not parts[split]:
+        if not len(order[split]):
             raise ValueError(
-                f"the {split} split is empty: too few documents for tokenize.val_fraction; "
-                "add data or change the fraction"
+                f"the {split} split is empty: too few documents for tokenize.val_fraction "
+                "(or epochs that keep no document); add data or change the fraction"
             )
-        flat = np.concatenate(parts[split])
-        starts = np.concatenate([[0], np.cumsum(lengths[split])[:-1]]).astype(np.int64)
-        sources = np.asarray(doc_sources[split], dtype=SOURCE_DTYPE)
+        picked = [encoded[split][i] for i in order[split]]
+        lengths = np.array([len(ids) for ids in picked], dtype=np.int64)
+        flat = np.concatenate(picked)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        sources = np.asarray(doc_sources[split], dtype=SOURCE_DTYPE)[order[split]]
         _write_atomic(out_dir / f"{split}.bin", flat)
         _write_atomic(out_dir / f"{split}.idx", starts)
         _write_atomic(out_dir / f"{split}.src", sources)
         counts[f"{split}_tokens"] = len(flat)
         counts[f"{split}_docs"] = len(starts)
-        counts[f"{split}_bytes"] = text_bytes[split]
-        per_tokens = np.bincount(sources, weights=lengths[split], minlength=len(names))
+        counts[f"{split}_bytes"] = int(np.asarray(doc_bytes[split])[order[split]].sum())
+        per_tokens = np.bincount(sources, weights=lengths, minlength=len(names))
         per_docs = np.bincount(sources, minlength=len(names))
         counts[f"{split}_tokens_by_source"] = {
             n: int(c) for n, c in zip(names, per_tokens, strict=True)
@@ -166,15 +224,52 @@ def write_token_shards(
         counts[f"{split}_docs_by_source"] = {
             n: int(c) for n, c in zip(names, per_docs, strict=True)
         }
+    counts["epochs_by_source"] = _epochs_report(names, before, counts, plans)
     meta = {
         "dtype": dtype.name,
         "vocab_size": tok.get_vocab_size(),
         "split": {"salt": SPLIT_SALT, "val_fraction": val_fraction, "key": "document id"},
+        "epochs": {"salt": EPOCH_SALT, "seed": seed, "applies_to": "train"},
         "sources": names,
         **counts,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return counts
+
+
+def _per_source(
+    doc_sources: list[int], encoded: list[np.ndarray], names: list[str]
+) -> dict[str, tuple[int, int]]:
+    """Token source -> (documents, tokens) of one split as encoded, before any epochs."""
+    sources = np.asarray(doc_sources, dtype=np.int64)
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    docs = np.bincount(sources, minlength=len(names))
+    tokens = np.bincount(sources, weights=lengths, minlength=len(names))
+    return {n: (int(d), int(t)) for n, d, t in zip(names, docs, tokens, strict=True)}
+
+
+def _epochs_report(
+    names: list[str],
+    before: dict[str, tuple[int, int]],
+    counts: dict[str, Any],
+    plans: Mapping[str, SourcePlan],
+) -> dict[str, dict[str, Any]]:
+    """Per token source: its inputs' configured epochs, training documents and tokens before
+    and after epochs, and the epochs realised in tokens (inputs of one token source may differ,
+    and fractional epochs pick whole documents of unequal length)."""
+    report = {}
+    for name in names:
+        docs, tokens = before[name]
+        after = counts["train_tokens_by_source"][name]
+        report[name] = {
+            "inputs": {k: p.epochs for k, p in plans.items() if p.token_source == name},
+            "documents": docs,
+            "documents_after": counts["train_docs_by_source"][name],
+            "tokens_before": tokens,
+            "tokens_after": after,
+            "effective_epochs": round(after / tokens, 4) if tokens else 0.0,
+        }
+    return report
 
 
 def window_batch(chunk: torch.Tensor, bos_id: int | None = None) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from frontierlm.console import console, track
 from frontierlm.data.documents import read_shards
@@ -16,6 +17,7 @@ from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.stages import StageContext
 from frontierlm.tokenizer.shards import (
     UNKNOWN_SOURCE,
+    SourcePlan,
     TokenSplit,
     fit_unigram,
     write_token_shards,
@@ -68,7 +70,12 @@ def run_tokenize_stage(ctx: StageContext) -> dict[str, Any]:
         (d.id, d.text, d.meta.get("source", UNKNOWN_SOURCE))
         for d in track(read_shards(ctx.path("data")), "tokenize")
     )
-    counts = write_token_shards(docs, tok, ctx.work_dir, ctx.cfg.tokenize.val_fraction)
+    # The data stage records each document's input; grouping inputs into token sources and
+    # repeating them happens here, so changing either re-encodes without re-curating.
+    plans = {s.name: SourcePlan(s.token_source, s.epochs) for s in ctx.cfg.data.sources}
+    counts = write_token_shards(
+        docs, tok, ctx.work_dir, ctx.cfg.tokenize.val_fraction, plans=plans, seed=ctx.cfg.run.seed
+    )
     train = TokenSplit.open(ctx.work_dir, "train").tokens
     val = TokenSplit.open(ctx.work_dir, "val").tokens
     log_probs = fit_unigram(train, tok.get_vocab_size())
@@ -76,11 +83,30 @@ def run_tokenize_stage(ctx: StageContext) -> dict[str, Any]:
     lengths = torch.tensor(token_byte_lengths(tok))
     whole_val = sequential_windows(val, 1024, 16, max_batches=len(val) // (1024 * 16) + 1)
     unigram = bits_per_byte(UnigramLM(log_probs), whole_val, lengths, torch.device("cpu"))["bpb"]
+    console.print(token_sources_table(counts))
     console.print(
         f"  train {counts['train_tokens']:,} tokens / {counts['train_docs']:,} docs, "
         f"val {counts['val_tokens']:,} tokens; unigram val bpb {unigram:.4f}"
     )
-    for source, n in counts["train_tokens_by_source"].items():
-        share = n / counts["train_tokens"]
-        console.print(f"  {source:<16} {n:>12,} train tokens ({share:.1%})")
     return {**counts, "unigram_val_bpb": unigram}
+
+
+def token_sources_table(counts: dict[str, Any]) -> Table:
+    """Training tokens per token source after epochs, their share, and the epochs behind them."""
+    table = Table(title="token sources (train split)")
+    table.add_column("token source")
+    table.add_column("inputs")
+    for column in ("docs", "tokens", "share", "epochs"):
+        table.add_column(column, justify="right")
+    total = max(counts["train_tokens"], 1)
+    for name, row in counts["epochs_by_source"].items():
+        inputs = ", ".join(k if e == 1.0 else f"{k} x{e:g}" for k, e in row["inputs"].items())
+        table.add_row(
+            name,
+            inputs or "-",
+            f"{row['documents_after']:,}",
+            f"{row['tokens_after']:,}",
+            f"{row['tokens_after'] / total:.1%}",
+            f"{row['effective_epochs']:.2f}",
+        )
+    return table

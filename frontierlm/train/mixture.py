@@ -1,10 +1,11 @@
 """Multi-stage data mixtures: pretraining batches drawn from named token sources by stage.
 
 `pretrain.mixture` lists stages in order, each with a length (steps, a fraction of the run, or a
-token budget; the last may take the rest) and weights over the data sources recorded in the
-token shards (`tokens/train.src`). A stage whose weights are unset takes every source in
-proportion to its training tokens, the natural mix, so a late stage can anneal on the cleanest
-sources after a long stage on everything.
+token budget; the last may take the rest) and weights over the token sources recorded in the
+token shards (`tokens/train.src`: each data source's `mixture` name, else its own name, with its
+`epochs` already applied to the training tokens). A stage whose weights are unset takes every
+source in proportion to its training tokens, the natural mix, so a late stage can anneal on the
+cleanest sources after a long stage on everything.
 
 Every window of a batch is a pure function of the micro-step index:
   - the data step (index // grad_accum) picks the stage; boundaries are in data steps, so a
@@ -132,8 +133,9 @@ class MixtureWindows:
             key = f"pretrain.mixture[{i}].weights.{name}"
             if name not in by_name:
                 raise ValueError(
-                    f"{key}: the training tokens have no source {name!r}; the sources are "
-                    f"{listing} (a source missing here was filtered away whole or not tokenized)"
+                    f"{key}: the training tokens have no token source {name!r}; they are "
+                    f"{listing} (a source missing here was filtered away whole, not tokenized, "
+                    "or given no documents by its epochs)"
                 )
             if weight > 0 and not self.sources[by_name[name]].n_windows:
                 raise ValueError(

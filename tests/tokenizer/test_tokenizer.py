@@ -1,4 +1,6 @@
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,7 +8,14 @@ import torch
 
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.tokenizer.chat import ChatRenderer, Message
-from frontierlm.tokenizer.shards import TokenSplit, fit_unigram, write_token_shards
+from frontierlm.tokenizer.shards import (
+    SourcePlan,
+    TokenSplit,
+    epoch_copies,
+    fit_unigram,
+    hash_fraction,
+    write_token_shards,
+)
 from frontierlm.tokenizer.train import (
     BOS,
     SPECIAL_TOKENS,
@@ -172,3 +181,113 @@ def test_token_shards_record_each_documents_source(small_tokenizer, sample_texts
     old = TokenSplit.open(two, "train")
     assert old.doc_sources is None and old.source_tokens() == {}
     assert len(old.doc_starts) == plain["train_docs"]
+
+
+def _labelled_docs(sample_texts: list[str]) -> list[tuple[str, str, str]]:
+    """The conftest texts as three inputs: Shakespeare, WikiText, GSM8K."""
+    names = ["shakespeare"] * 60 + ["wikipedia"] * 60 + ["gsm8k"] * (len(sample_texts) - 120)
+    return [(f"doc{i}", t, n) for i, (t, n) in enumerate(zip(sample_texts, names, strict=True))]
+
+
+def _train_docs(out: Path, tok) -> list[str]:
+    """The decoded training documents, in file order."""
+    split = TokenSplit.open(out, "train")
+    ends = np.append(split.doc_starts[1:], len(split.tokens))
+    return [
+        tok.decode(np.asarray(split.tokens[a + 1 : b]).tolist())
+        for a, b in zip(split.doc_starts, ends, strict=True)
+    ]
+
+
+def test_epochs_repeat_or_subsample_training_documents_only(
+    small_tokenizer, sample_texts, tmp_path
+):
+    tok, _ = small_tokenizer
+    docs = _labelled_docs(sample_texts)
+
+    def write(name: str, seed: int = 0, **epochs: float) -> tuple[dict, Path]:
+        out = tmp_path / name
+        out.mkdir()
+        plans = {
+            s: SourcePlan(s, epochs.get(s, 1.0)) for s in ("shakespeare", "wikipedia", "gsm8k")
+        }
+        return write_token_shards(docs, tok, out, 0.1, plans=plans, seed=seed), out
+
+    once, once_dir = write("once")
+    # The conftest sample: 55/52/174 training documents, 39 held out by id.
+    assert once["train_docs_by_source"] == {"shakespeare": 55, "wikipedia": 52, "gsm8k": 174}
+    assert once["val_docs"] == 39
+    base = once["train_tokens_by_source"]
+
+    twice, twice_dir = write("twice", wikipedia=2.0, gsm8k=0.5)
+    got = twice["train_tokens_by_source"]
+    # 2.0: exactly double; the other sources untouched; validation byte-identical.
+    assert got["wikipedia"] == 2 * base["wikipedia"]
+    assert got["shakespeare"] == base["shakespeare"]
+    assert twice["train_docs_by_source"] == {"shakespeare": 55, "wikipedia": 104, "gsm8k": 87}
+    for suffix in ("bin", "idx", "src"):
+        assert (twice_dir / f"val.{suffix}").read_bytes() == (
+            once_dir / f"val.{suffix}"
+        ).read_bytes()
+    assert twice["val_tokens_by_source"] == once["val_tokens_by_source"]
+    # A repeated document comes back in the second pass, after every first copy.
+    texts = _train_docs(twice_dir, tok)
+    first_pass, second_pass = texts[: 55 + 52 + 87], texts[55 + 52 + 87 :]
+    wiki = {t for _, t, n in docs if n == "wikipedia"}
+    assert second_pass == [t for t in first_pass if t in wiki]
+    val_texts = {t for i, t, _ in docs if hash_fraction(i) < 0.1}
+    assert not val_texts & set(texts)  # no copy of a held-out document reaches training
+
+    # 0.5: exactly half of the 174 training documents, picked by seed.
+    half = {t for t in texts if t.startswith("Question:")}
+    assert len(half) == 87 and got["gsm8k"] < base["gsm8k"]
+    again, again_dir = write("again", wikipedia=2.0, gsm8k=0.5)
+    assert again == twice
+    assert (again_dir / "train.bin").read_bytes() == (twice_dir / "train.bin").read_bytes()
+    _, other_dir = write("other", seed=1, wikipedia=2.0, gsm8k=0.5)
+    other_half = {t for t in _train_docs(other_dir, tok) if t.startswith("Question:")}
+    assert len(other_half) == 87 and other_half != half
+
+    meta = json.loads((twice_dir / "meta.json").read_text())
+    report = meta["epochs_by_source"]
+    assert report["wikipedia"]["tokens_before"] == base["wikipedia"]
+    assert report["wikipedia"]["tokens_after"] == 2 * base["wikipedia"]
+    assert report["wikipedia"]["effective_epochs"] == 2.0
+    assert report["gsm8k"]["documents"] == 174 and report["gsm8k"]["documents_after"] == 87
+    assert report["gsm8k"]["inputs"] == {"gsm8k": 0.5}
+    assert 0.4 < report["gsm8k"]["effective_epochs"] < 0.6
+
+
+def test_epoch_copies_exact_counts_and_seeded_pick():
+    ids = [f"d{i}" for i in range(10)]
+    assert epoch_copies(ids, 2.0, 0, "a").tolist() == [2] * 10
+    for epochs, total in ((1.5, 15), (0.3, 3), (2.25, 23), (0.04, 0)):
+        copies = epoch_copies(ids, epochs, 0, "a")
+        assert copies.sum() == total and set(copies.tolist()) <= {int(epochs), int(epochs) + 1}
+    pick = epoch_copies(ids, 0.5, 0, "a")
+    assert (pick == epoch_copies(ids, 0.5, 0, "a")).all()
+    # Independent of order: the same documents are picked when the list is reversed.
+    assert (epoch_copies(ids[::-1], 0.5, 0, "a")[::-1] == pick).all()
+    assert any((epoch_copies(ids, 0.5, seed, "a") != pick).any() for seed in range(1, 4))
+
+
+def test_mixture_names_merge_inputs_into_one_token_source(small_tokenizer, sample_texts, tmp_path):
+    tok, _ = small_tokenizer
+    docs = _labelled_docs(sample_texts)
+    plain = write_token_shards(docs, tok, tmp_path, 0.1)
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    plans = {"shakespeare": SourcePlan("prose"), "wikipedia": SourcePlan("prose", 2.0)}
+    merged = write_token_shards(docs, tok, merged_dir, 0.1, plans=plans)
+    before = plain["train_tokens_by_source"]
+    assert merged["train_tokens_by_source"] == {
+        "prose": before["shakespeare"] + 2 * before["wikipedia"],
+        "gsm8k": before["gsm8k"],
+    }
+    split = TokenSplit.open(merged_dir, "train")
+    assert split.source_names == ["prose", "gsm8k"]
+    assert split.source_tokens() == merged["train_tokens_by_source"]
+    prose = merged["epochs_by_source"]["prose"]
+    assert prose["inputs"] == {"shakespeare": 1.0, "wikipedia": 2.0}
+    assert prose["tokens_before"] == before["shakespeare"] + before["wikipedia"]
+    assert prose["documents"] == 107 and prose["documents_after"] == 159

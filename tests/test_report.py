@@ -1,0 +1,112 @@
+"""The report stage from hand-written stage records: the data-steps figure and table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from frontierlm.report import build_report, read_data_steps
+from frontierlm.stages import STAGES
+
+STEPS = [
+    {
+        "step": "length",
+        "in": 1000,
+        "out": 940,
+        "dropped": {"too_short_chars": 45, "empty": 15},
+        "counts": {},
+        "seconds": 0.25,
+    },
+    {
+        "step": "alpha",
+        "in": 940,
+        "out": 900,
+        "dropped": {"mostly_non_text": 30, "bad_ratio": 6, "symbols": 3, "lines": 1},
+        "counts": {},
+        "seconds": 1.5,
+    },
+    {
+        "step": "pii",
+        "in": 900,
+        "out": 900,
+        "dropped": {},
+        "counts": {"email": 12, "ipv4": 2},
+        "seconds": 0.75,
+    },
+]
+
+
+def fake_run(run_dir: Path, steps: list[dict]) -> None:
+    """The minimum of every stage's record that build_report reads, plus data/stats.json."""
+    ev = {
+        "sft_chat_bpb": 1.5,
+        "pretrain_chat_bpb": 2.0,
+        "val_pairs": 10,
+        "align_val_margin": 0.1,
+        "align_val_accuracy": 0.6,
+    }
+    for name in ("pretrain", "sft", "align"):
+        ev |= {f"{name}_text_bpb": 2.0, f"{name}_chat_bpb": 1.8}
+    metrics = {
+        "pretrain": {
+            "val_bpb": 2.0,
+            "unigram_bpb": 3.0,
+            "bpb_reduction_vs_unigram": 1 / 3,
+            "params": 1000,
+            "tokens_seen": 5000,
+        },
+        "sft": {"pretrained_val_bpb": 2.2},
+        "eval": ev,
+    }
+    for name, stage in STAGES.items():
+        if name == "report":
+            continue
+        (run_dir / name).mkdir(parents=True)
+        record = {"key_metric": stage.key_metric, "wall_s": 1.0, "metrics": metrics.get(name, {})}
+        (run_dir / name / "stage.json").write_text(json.dumps(record))
+    for name in ("pretrain", "sft", "align"):
+        rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "val_loss": 2.6, "val_bpb": 2.1}]
+        (run_dir / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "data" / "stats.json").write_text(json.dumps({"steps": steps}))
+
+
+def test_report_plots_and_tabulates_the_data_steps(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    fake_run(run_dir, STEPS)
+    text = build_report(run_dir, out)
+    assert (out / "data_steps.png").stat().st_size > 10_000
+    assert "![data_steps.png](report/data_steps.png)" in text
+    assert "| step | documents in | documents out | top drop reasons | seconds |" in text
+    assert "| length | 1,000 | 940 | too_short_chars 45, empty 15 | 0.25 |" in text
+    # The top three reasons by count, then how many more there are.
+    assert (
+        "| alpha | 940 | 900 | mostly_non_text 30, bad_ratio 6, symbols 3, 1 more | 1.50 |" in text
+    )
+    assert "| pii | 900 | 900 | - | 0.75 |" in text
+
+
+def test_report_survives_stats_without_seconds_or_counts(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    # What the data stage wrote before steps were timed and counted.
+    old = [{k: s[k] for k in ("step", "in", "out", "dropped")} for s in STEPS]
+    fake_run(run_dir, old)
+    text = build_report(run_dir, out)
+    assert (out / "data_steps.png").is_file()
+    assert "| length | 1,000 | 940 | too_short_chars 45, empty 15 | - |" in text
+    assert [s["seconds"] for s in read_data_steps(run_dir)] == [None, None, None]
+    # And a run without stats.json at all has no data section.
+    (run_dir / "data" / "stats.json").unlink()
+    assert "## Data steps" not in build_report(run_dir, out)
+
+
+@pytest.mark.parametrize("steps", [[], [{"step": "length", "in": 0, "out": 0}]])
+def test_report_with_no_or_empty_steps(tmp_path, steps):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    fake_run(run_dir, steps)
+    text = build_report(run_dir, out)
+    assert ("## Data steps" in text) == bool(steps)
