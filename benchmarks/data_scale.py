@@ -48,7 +48,7 @@ def base_documents() -> list[str]:
     import gzip
 
     docs: list[str] = []
-    for name in ("valid.txt", "test.txt"):
+    for name in ("valid.txt",):
         text = (DATA / "wikitext-2" / name).read_text(encoding="utf-8")
         docs += [a for a in text.split("\n = ") if len(a) > 500]
     play = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
@@ -142,12 +142,13 @@ def main() -> None:
     work = ROOT / args.dir
     corpus = work / "corpus"
     t0 = time.perf_counter()
-    if (corpus / "done.json").is_file():
-        made = json.loads((corpus / "done.json").read_text())
+    made_mark = work / "corpus.json"  # beside the corpus: inside, it would be read as input
+    if made_mark.is_file():
+        made = json.loads(made_mark.read_text())
     else:
         docs, size = synthesise(corpus, args.gb, args.files, args.seed)
         made = {"docs": docs, "bytes": size}
-        (corpus / "done.json").write_text(json.dumps(made))
+        made_mark.write_text(json.dumps(made))
     synth_s = time.perf_counter() - t0
     print(f"corpus: {made['docs']:,} documents, {made['bytes'] / 1e9:.2f} GB ({synth_s:.0f}s)")
     cfg = DataConfig(
