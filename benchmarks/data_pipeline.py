@@ -25,7 +25,7 @@ Agreement: a pass-through probe between the stages records which documents enter
 each stage on both sides; per stage, the share of documents reaching it on both sides that get
 the same decision, and the Jaccard similarity of the two MinHash removed sets.
 
-    PYTHONPATH=. python benchmarks/data_pipeline.py [--docs 3000] [--seed 0]
+    PYTHONPATH=. python benchmarks/data_pipeline.py [--docs 2000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def agreement(ours: list[Probe], theirs: list[Probe]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--docs", type=int, default=3000, help="documents after replication")
+    parser.add_argument("--docs", type=int, default=2000, help="documents after replication")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mutated copies")
     parser.add_argument("--refresh", action="store_true", help="extract the web pages again")
     parser.add_argument("--out", default=str(OUT / "data_pipeline.json"))
