@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
-from operator import itemgetter
+from itertools import compress
+from operator import add, itemgetter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -232,10 +233,32 @@ class GopherRepetitionFilter(Step):
             gram, count = max(counts.items(), key=itemgetter(1))
             if (sum(map(len, gram)) + n - 1) * count / n_chars > limit:
                 return f"gopher_top_{n}_gram"
+        # The n-grams for n = 5, 6, ... grow by one word each: the (n+1)-grams are the n-grams
+        # with the next word appended (one C-level concatenation per position instead of a
+        # join of n words), so the 5..10-grams cost about as much as building the 5-grams.
+        grams: list[str] = []
+        grams_n = 0
         for n, limit in self.dup_n_grams:
-            if _repeated_ngram_chars(words, n) / n_chars > limit:
+            if len(words) < n:
+                continue
+            if grams_n and n == grams_n + 1:
+                grams = list(map(add, grams, words[n - 1 :]))
+            else:
+                grams = _joined_ngrams(words, n)
+            grams_n = n
+            if _repeated_chars(grams, n) / n_chars > limit:
                 return f"gopher_dup_{n}_gram"
         return None
+
+
+def _joined_ngrams(words: list[str], n: int) -> list[str]:
+    """Every run of n consecutive words, concatenated without a separator (as datatrove keys
+    them), in order."""
+    grams = list(words)
+    for k in range(1, n):
+        # map() stops at the shorter input: one gram fewer per extra word.
+        grams = list(map(add, grams, words[k:]))
+    return grams
 
 
 def _repeated_ngram_chars(words: list[str], n: int) -> int:
@@ -243,22 +266,36 @@ def _repeated_ngram_chars(words: list[str], n: int) -> int:
     right and jumping past each repeat so that overlapping repeats are not counted twice."""
     if len(words) < n:
         return 0
-    grams = ["".join(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if len(set(grams)) == len(grams):
+    return _repeated_chars(_joined_ngrams(words, n), n)
+
+
+def _repeated_chars(grams: list[str], n: int) -> int:
+    """`_repeated_ngram_chars` given the document's joined n-grams.
+
+    The left-to-right walk adds each visited n-gram to a seen set, or, when it is already
+    there, counts it and skips the next n - 1 positions. An n-gram that occurs once in the
+    document can never be found in the set nor skip anything, so only positions whose n-gram
+    occurs twice or more are walked (found with C-level counting; on web text a few percent of
+    the positions). Whether such a position is skipped depends only on the last counted
+    repeat before it, which the walk tracks as `resume`.
+    """
+    counts = Counter(grams)
+    if len(counts) == len(grams):
         # No n-gram occurs twice: nothing to walk (the common case for clean prose, large n).
         return 0
+    multiple = compress(range(len(grams)), map((1).__lt__, map(counts.__getitem__, grams)))
     seen: set[str] = set()
     repeated = 0
-    i = 0
-    end = len(grams)
-    while i < end:
+    resume = 0  # positions before this one were skipped by the last counted repeat
+    for i in multiple:
+        if i < resume:
+            continue
         gram = grams[i]
         if gram in seen:
             repeated += len(gram)
-            i += n
+            resume = i + n
         else:
             seen.add(gram)
-            i += 1
     return repeated
 
 
