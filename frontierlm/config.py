@@ -297,6 +297,16 @@ class DataConfig(Strict):
     minhash_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="Jaccard similarity at which verify counts a duplicate"
     )
+    # Line/paragraph dedup across documents (frontierlm/data/line_dedup.py). Off by default:
+    # it rewrites documents, so turning it on changes what the quickstart writes.
+    line_dedup: Literal["off", "line", "paragraph"] = Field(
+        "off",
+        description="remove lines (or blank-line-separated paragraphs) already seen in an "
+        "earlier document: boilerplate such as cookie banners, menus and footers",
+    )
+    line_dedup_min_chars: int = Field(
+        30, ge=1, description="only lines/paragraphs of at least this many normalised chars count"
+    )
     # Decontamination against the eval sets shipped in data/ (frontierlm/data/decontam.py).
     # Off by default: 10 of the quickstart's GSM8K *train* problems share 13-grams with test
     # problems, so turning it on changes what the quickstart keeps.

@@ -36,6 +36,7 @@ from frontierlm.data.executor import (
     split_steps,
 )
 from frontierlm.data.filters import AlphaFilter, LengthFilter
+from frontierlm.data.line_dedup import LineDedup
 from frontierlm.data.minhash import MinHashDedup
 from frontierlm.data.pii import PIIRedact
 from frontierlm.data.pipeline import Step, StepStats, run_steps, steps_table
@@ -84,6 +85,17 @@ def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
                 seed=cfg.minhash_seed,
                 verify=cfg.minhash_verify,
                 threshold=cfg.minhash_threshold,
+                work_dir=scratch_dir,
+                spill_docs=cfg.shard_docs,
+            )
+        )
+    if cfg.line_dedup != "off":
+        # After document-level dedup: an exact copy left in would make every line of the
+        # later copy "seen before" and empty it, a worse way of dropping the same document.
+        steps.append(
+            LineDedup(
+                mode=cfg.line_dedup,
+                min_chars=cfg.line_dedup_min_chars,
                 work_dir=scratch_dir,
                 spill_docs=cfg.shard_docs,
             )

@@ -16,8 +16,12 @@ document is a near-duplicate depends on documents further down the stream. Its c
    larger than RAM) and decides nothing yet.
 2. `finish()` runs once, after the upstream stream is exhausted: global work (bucketing,
    clustering).
-3. pass 2: `replay()` yields the same `(index, doc)` pairs in the same order, and
-   `decide(index, doc)` returns None or a drop reason, exactly like `drop_reason`.
+3. pass 2: `replay()` yields the same `(index, doc)` pairs in the same order. For each,
+   `revise(index, doc, counts)` may return new text (None, the default: no change), counted
+   like `rewrite` (`rewritten`, `chars_removed`, the step's own counts); then
+   `decide(index, doc)` sees the revised document and returns None or a drop reason, exactly
+   like `drop_reason`. Revising is how a step edits text by what the whole stream holds (line
+   dedup removes lines seen in earlier documents).
 4. `close()` always runs last (also when the consumer stops early) and removes scratch files.
 
 Counting is the base class's, as for every step: `in` counts pass 1, `out` and the drops pass 2.
@@ -92,11 +96,7 @@ class Step:
     def apply(self, doc: Document, stats: StepStats) -> Document | None:
         """Rewrite then decide one document, counting both; None when it is dropped."""
         stats.docs_in += 1
-        new_text = self.rewrite(doc, stats.counts)
-        if new_text is not None and new_text != doc.text:
-            stats.counts["rewritten"] += 1
-            stats.counts["chars_removed"] += len(doc.text) - len(new_text)
-            doc = replace(doc, text=new_text, meta=doc.meta)
+        doc = _counted_rewrite(stats, doc, self.rewrite(doc, stats.counts))
         return doc if _counted_keep(stats, doc, self.drop_reason(doc)) else None
 
     def process(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
@@ -107,6 +107,17 @@ class Step:
             stats.seconds += clock() - start
             if kept is not None:
                 yield kept
+
+
+def _counted_rewrite(stats: StepStats, doc: Document, new_text: str | None) -> Document:
+    """`doc` with `new_text` (None: unchanged), counting the rewrite on `stats`."""
+    if new_text is None or new_text == doc.text:
+        return doc
+    stats.counts["rewritten"] += 1
+    stats.counts["chars_removed"] += len(doc.text) - len(new_text)
+    # A new Document so cached words/tokens are recomputed; meta is shared, so what the step
+    # recorded while rewriting stays.
+    return replace(doc, text=new_text, meta=doc.meta)
 
 
 def _counted_keep(stats: StepStats, doc: Document, reason: str | None) -> bool:
@@ -132,6 +143,10 @@ class TwoPassStep(Step):
 
     def replay(self) -> Iterator[tuple[int, Document]]:
         raise NotImplementedError
+
+    def revise(self, index: int, doc: Document, counts: Counter[str]) -> str | None:
+        """Pass 2, before `decide`: the document's new text, or None to leave it as it is."""
+        return None
 
     def decide(self, index: int, doc: Document) -> str | None:
         raise NotImplementedError
@@ -159,6 +174,7 @@ class TwoPassStep(Step):
             stats.seconds += clock() - start
             for index, doc in self.replay():
                 start = clock()
+                doc = _counted_rewrite(stats, doc, self.revise(index, doc, stats.counts))
                 keep = _counted_keep(stats, doc, self.decide(index, doc))
                 stats.seconds += clock() - start
                 if keep:
