@@ -13,8 +13,8 @@ data stage (length/alpha filters, exact dedup and MinHash on) in a child process
 Reported: corpus size, documents in/out per step, wall time of each run, the peak memory of the
 whole process tree (sampled every 0.2 s: the main process plus its pool workers, summed), as
 anonymous memory (what the run holds) and as resident pages including the memory-mapped scratch
-files (page cache the kernel can drop), and the tasks reused. Baseline in the same run: the corpus size (the issue's bar is peak <= 4 GiB for
->= 2 GB).
+files (page cache the kernel can drop), and the tasks reused. Baseline in the same run: the
+corpus size (the issue's bar is peak <= 4 GiB for >= 2 GB).
 
     python benchmarks/data_scale.py [--gb 2.0] [--files 64] [--workers 2] [--keep]
 """
