@@ -2,7 +2,7 @@
 
 frontierlm run RECIPE [--section.key=value ...] [--force]
 frontierlm STAGE RECIPE [--section.key=value ...] [--force]
-frontierlm export CKPT OUT | frontierlm train-classifier OUT (tools outside the pipeline)
+frontierlm export CKPT OUT | frontierlm [data] train-classifier OUT (tools outside the pipeline)
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "train-classifier"]:
+        argv = argv[1:]  # also spelled as a tool of the data stage
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     commands = {"export": export_command, "train-classifier": train_classifier_command}

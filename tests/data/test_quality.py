@@ -157,3 +157,6 @@ def test_cli_trains_and_stores_auc(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     meta = json.loads((out / "meta.json").read_text())
     assert meta["bits"] == 16 and meta["heldout_auc"] >= 0.9
     assert main(["train-classifier", str(out), "--positive", "missing.txt"]) == 1
+    again = tmp_path / "clf-again"  # the same tool spelled under the data stage
+    assert main(["data", "train-classifier", str(again), "--bits", "16", "--steps", "60"]) == 0
+    assert (again / "weights.npz").read_bytes() == (out / "weights.npz").read_bytes()
