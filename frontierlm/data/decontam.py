@@ -30,17 +30,15 @@ import numpy as np
 import xxhash
 
 from frontierlm.data.documents import Document
+from frontierlm.data.minhash import U64, mix64
 from frontierlm.data.pipeline import Step
 
 # The shipped evaluation sets live in the repository's data/ directory, not beside the recipe:
 # they are part of the project, like the code that reads them.
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
-U64 = np.uint64
-# splitmix64 finalizer constants and an odd multiplier for the polynomial fold, as in minhash.py:
-# a window's hash must depend on every word and its position.
-_MIX1 = U64(0xBF58476D1CE4E5B9)
-_MIX2 = U64(0x94D049BB133111EB)
+# An odd multiplier for the polynomial fold, mixed by minhash.py's splitmix64 finalizer: a
+# window's hash must depend on every word and its position.
 _FOLD = U64(0x9E3779B97F4A7C15)
 # Letters and digits only: underscores and every punctuation mark or symbol separate words, so
 # "has_close_elements(numbers)" and "has close elements numbers" normalise alike.
@@ -61,15 +59,6 @@ def word_hashes(words: list[str]) -> np.ndarray:
     return np.fromiter(hashes, dtype=np.uint64, count=len(words))
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x ^= x >> U64(30)
-    x *= _MIX1
-    x ^= x >> U64(27)
-    x *= _MIX2
-    x ^= x >> U64(31)
-    return x
-
-
 def ngram_hashes(text: str, n: int) -> np.ndarray:
     """Distinct 64-bit hashes of the word n-grams of `normalized_words(text)`; empty when the
     text has fewer than n words."""
@@ -81,7 +70,7 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     for k in range(n):
         acc *= _FOLD
         acc += h[k : k + count]
-    return np.unique(_mix64(acc))
+    return np.unique(mix64(acc))
 
 
 # ----------------------------------------------------------------------------- eval sets

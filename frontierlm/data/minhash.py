@@ -45,7 +45,7 @@ _FOLD = U64(0x9E3779B97F4A7C15)
 _SHINGLE_CHUNK = 8192
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer, in place on a uint64 array (wrapping arithmetic is intended)."""
     x ^= x >> U64(30)
     x *= _MIX1
@@ -94,14 +94,14 @@ class MinHasher:
         for k in range(n):
             acc *= _FOLD
             acc += h[k : k + count]
-        return np.unique(_mix64(acc))
+        return np.unique(mix64(acc))
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """(num_perm,) uint64: per hash function, the minimum over the shingles."""
         sig = np.full(self.num_perm, MAX_U64, dtype=np.uint64)
         for start in range(0, len(shingles), _SHINGLE_CHUNK):
             block = shingles[start : start + _SHINGLE_CHUNK, None] ^ self._perm_seeds[None, :]
-            np.minimum(sig, _mix64(block).min(axis=0), out=sig)
+            np.minimum(sig, mix64(block).min(axis=0), out=sig)
         return sig
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
@@ -115,7 +115,7 @@ class MinHasher:
         keys = np.broadcast_to(self._band_seeds, (len(signatures), self.bands)).copy()
         for r in range(self.rows):
             keys ^= sigs[:, :, r]
-            _mix64(keys)
+            mix64(keys)
         return keys
 
     def signature_of(self, text: str) -> np.ndarray:
