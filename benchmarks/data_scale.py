@@ -201,14 +201,13 @@ def main() -> None:
     peak = max(first["peak_rss_gib"], second["peak_rss_gib"])
     peak_anon = max(first["peak_anon_gib"], second["peak_anon_gib"])
     print(
-        f"\nfirst run (killed): {first['wall_s']}s, peak {first['peak_rss_gib']} GiB; resumed run: "
-        f"{second['wall_s']}s, peak {second['peak_rss_gib']} GiB, reused {reused} of "
-        f"{stats['executor']['tasks']} tasks ({len(before)} were done at the kill)"
+        f"\nfirst run (killed): {first['wall_s']}s; resumed run: {second['wall_s']}s, reused "
+        f"{reused} of {stats['executor']['tasks']} tasks ({len(before)} were done at the kill)"
     )
-    print(
-        f"peak memory {peak} GiB for {made['bytes'] / 2**30:.2f} GiB of input: ratio "
-        f"{peak / (made['bytes'] / 2**30):.3f}"
-    )
+    gib_in = made["bytes"] / 2**30
+    print(f"{'peak of the process tree':<34}{'GiB':>8}{'/ input GiB':>13}")
+    print(f"{'anonymous (memory held)':<34}{peak_anon:>8.3f}{peak_anon / gib_in:>13.3f}")
+    print(f"{'resident incl. mapped scratch':<34}{peak:>8.3f}{peak / gib_in:>13.3f}")
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "corpus": made,
