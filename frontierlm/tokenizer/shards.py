@@ -22,10 +22,11 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +38,20 @@ SPLIT_SALT = "frontierlm-split-v1"
 EPOCH_SALT = "frontierlm-epochs-v1"
 UNKNOWN_SOURCE = "?"  # documents given without a source (the tokenizer stage's report says "?" too)
 SOURCE_DTYPE = np.dtype(np.uint16)
+T = TypeVar("T")
 
 
 def hash_fraction(key: str, salt: str = SPLIT_SALT) -> float:
     """A uniform number in [0, 1) fixed by `key`: the basis of every held-out split."""
     digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
+
+
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Lists of `n` consecutive items (the last may be shorter): itertools.batched is 3.12+."""
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -19,6 +19,7 @@ from frontierlm.tokenizer.shards import (
     UNKNOWN_SOURCE,
     SourcePlan,
     TokenSplit,
+    batched,
     fit_unigram,
     write_token_shards,
 )
@@ -30,23 +31,30 @@ from frontierlm.tokenizer.train import (
     train_tokenizer,
 )
 
+REPORT_BATCH = 1024  # documents per encode_batch call of the compression report
+
 
 def run_tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.tokenizer
-    docs = list(read_shards(ctx.path("data")))
     t0 = time.perf_counter()
-    texts = capped((d.text for d in docs), cfg.max_train_chars)
-    tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+    # A generator: the trainer counts words chunk by chunk while the shards are read, so the
+    # curated corpus is never held in memory as one list.
+    texts = capped((d.text for d in read_shards(ctx.path("data"))), cfg.max_train_chars)
+    tok = train_tokenizer(
+        texts, cfg.vocab_size, cfg.min_frequency, cfg.pre_tokenizer, cfg.reserved_special_tokens
+    )
     train_s = time.perf_counter() - t0
     save_tokenizer(tok, ctx.work_dir)
 
-    # Compression report: UTF-8 bytes per token on each source's curated text.
+    # Compression report: UTF-8 bytes per token on each source's curated text, a second pass
+    # over the shards encoded a batch at a time.
     per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
-    for doc, enc in zip(docs, encodings, strict=True):
-        counts = per_source[doc.meta.get("source", "?")]
-        counts[0] += len(doc.text.encode("utf-8"))
-        counts[1] += len(enc.ids)
+    for docs in batched(read_shards(ctx.path("data")), REPORT_BATCH):
+        encodings = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
+        for doc, enc in zip(docs, encodings, strict=True):
+            counts = per_source[doc.meta.get("source", "?")]
+            counts[0] += len(doc.text.encode("utf-8"))
+            counts[1] += len(enc.ids)
     report = {
         src: {"bytes": b, "tokens": t, "bytes_per_token": b / max(t, 1)}
         for src, (b, t) in sorted(per_source.items())

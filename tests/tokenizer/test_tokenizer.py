@@ -18,7 +18,8 @@ from frontierlm.tokenizer.shards import (
 )
 from frontierlm.tokenizer.train import (
     BOS,
-    SPECIAL_TOKENS,
+    CORE_SPECIAL_TOKENS,
+    TOOL,
     load_tokenizer,
     token_byte_lengths,
 )
@@ -28,9 +29,11 @@ transformers = pytest.importorskip("transformers")
 
 def test_vocab_and_special_tokens(small_tokenizer):
     tok, path = small_tokenizer
-    assert tok.get_vocab_size() == 1024
-    # Special tokens take the first ids, in order, and never split.
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    # 1024 trained (core specials, bytes, merges), then the tool-role token.
+    assert tok.get_vocab_size() == 1025 and tok.token_to_id(TOOL) == 1024
+    # Core special tokens take the first ids, in order, and never split.
+    core = CORE_SPECIAL_TOKENS
+    assert [tok.token_to_id(t) for t in core] == list(range(len(core)))
     ids = tok.encode("hi <|user|> there<|end|>", add_special_tokens=False).ids
     assert tok.token_to_id("<|user|>") in ids and tok.token_to_id("<|end|>") in ids
     assert load_tokenizer(path).get_vocab().keys() == tok.get_vocab().keys()
@@ -124,7 +127,7 @@ def test_token_shards_and_unigram_baseline(small_tokenizer, sample_texts, tmp_pa
     stored = tok.decode(np.asarray(train.tokens[1:first_end]).tolist())
     assert stored in {t for _, t in docs}
     lengths = np.array(token_byte_lengths(tok))
-    log_probs = fit_unigram(train.tokens, 1024)
+    log_probs = fit_unigram(train.tokens, tok.get_vocab_size())
     assert np.exp(log_probs).sum() == pytest.approx(1.0)
     windows = list(sequential_windows(val.tokens, 32, 4, max_batches=1000))
     bpb = bits_per_byte(UnigramLM(log_probs), windows, torch.tensor(lengths), torch.device("cpu"))[
@@ -291,3 +294,53 @@ def test_mixture_names_merge_inputs_into_one_token_source(small_tokenizer, sampl
     assert prose["inputs"] == {"shakespeare": 1.0, "wikipedia": 2.0}
     assert prose["tokens_before"] == before["shakespeare"] + before["wikipedia"]
     assert prose["documents"] == 107 and prose["documents_after"] == 159
+
+
+def test_pre_tokenizer_splits():
+    from frontierlm.tokenizer.train import new_tokenizer
+
+    text = "XMLHttpRequest don't 12345\n\n  x"
+
+    def pieces(name: str) -> list[str]:
+        pre = new_tokenizer(name).pre_tokenizer
+        # The byte-level step spells a space as "Ġ" and a newline as "Ċ".
+        return [p for p, _ in pre.pre_tokenize_str(text)]
+
+    assert pieces("cl100k") == ["XMLHttpRequest", "Ġdon", "'t", "Ġ", "123", "45", "ĊĊ", "Ġ", "Ġx"]
+    # o200k: case-aware letter runs keep their contraction.
+    assert pieces("o200k")[:4] == ["XMLHttp", "Request", "Ġdon't", "Ġ"]
+    assert pieces("o200k")[4:6] == ["123", "45"]
+    # GPT-2: one piece per digit run, a space glued to it.
+    assert "Ġ12345" in pieces("gpt2")
+    with pytest.raises(ValueError, match="pre_tokenizer"):
+        new_tokenizer("llama")
+
+
+def test_streamed_training_reserved_slots_and_wide_vocab(sample_texts, tmp_path):
+    from frontierlm.tokenizer.train import reserved_token, train_tokenizer
+
+    consumed = []
+
+    def stream():
+        for text in sample_texts:
+            consumed.append(1)
+            yield text
+
+    tok = train_tokenizer(stream(), 600, pre_tokenizer="o200k", reserved_special_tokens=3)
+    assert len(consumed) == len(sample_texts)
+    same = train_tokenizer(list(sample_texts), 600, pre_tokenizer="o200k")
+    assert same.get_vocab() == {
+        k: v for k, v in tok.get_vocab().items() if not k.startswith("<|reserved")
+    }
+    # Appended after the trained vocabulary, special (never split, no bytes), in order.
+    assert [tok.token_to_id(reserved_token(i)) for i in range(3)] == [601, 602, 603]
+    ids = tok.encode(f"a{reserved_token(1)}b", add_special_tokens=False).ids
+    assert 602 in ids and token_byte_lengths(tok)[602] == 0
+    assert tok.decode(ids, skip_special_tokens=False) == f"a{reserved_token(1)}b"
+    # A vocabulary past 65536 ids writes uint32 shards that decode back.
+    wide = train_tokenizer(sample_texts[:50], 600, reserved_special_tokens=70_000)
+    assert wide.get_vocab_size() == 600 + 1 + 70_000
+    write_token_shards([(f"d{i}", t) for i, t in enumerate(sample_texts[:60])], wide, tmp_path, 0.2)
+    train = TokenSplit.open(tmp_path, "train")
+    assert train.tokens.dtype == np.uint32
+    assert wide.decode(np.asarray(train.tokens[1 : train.doc_starts[1]]).tolist()) in sample_texts
