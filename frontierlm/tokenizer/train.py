@@ -134,11 +134,14 @@ def capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
-# A Jinja chat template equivalent to `frontierlm.tokenizer.chat.render`, with
+# A Jinja chat template equivalent to `frontierlm.tokenizer.chat.ChatRenderer.render`, with
 # `{% generation %}` markers so transformers' `return_assistant_tokens_mask` matches our mask.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown chat role ' + message['role']) }}"
+    "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
     "{% else %}"

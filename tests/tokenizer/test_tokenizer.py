@@ -344,3 +344,70 @@ def test_streamed_training_reserved_slots_and_wide_vocab(sample_texts, tmp_path)
     train = TokenSplit.open(tmp_path, "train")
     assert train.tokens.dtype == np.uint32
     assert wide.decode(np.asarray(train.tokens[1 : train.doc_starts[1]]).tolist()) in sample_texts
+
+
+def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_chat_template_matches_on_the_shipped_chats(small_tokenizer):
+    """Every other chosen HH dialogue, 300 rejected ones and 300 GSM8K chats, as SFT and DPO
+    read them, plus tool turns: transformers' template gives our ids and assistant mask. (All
+    12,092 chats of both files match too, checked once; a subset keeps the test to seconds.)"""
+    from frontierlm.config import ChatSource
+    from frontierlm.posttrain.chat_data import load_conversations, load_pairs
+
+    tok, path = small_tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    renderer = ChatRenderer(tok)
+    data = Path(__file__).resolve().parents[2] / "data"
+    hh = str(data / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    gsm = str(data / "gsm8k" / "train.jsonl.gz")
+    chats = load_conversations(ChatSource(name="hh", path=hh, format="hh"))[::2]
+    chats += [
+        [*p.prompt, Message("assistant", p.rejected)]
+        for p in load_pairs(ChatSource(name="hh", path=hh, format="hh", max_examples=300))
+    ]
+    chats += load_conversations(ChatSource(name="gsm", path=gsm, format="qa", max_examples=300))
+    chats.append(
+        [
+            Message("system", "Tools: calc(expr) returns a number."),
+            Message("user", "What is 17 * 23?"),
+            Message("assistant", '{"tool": "calc", "expr": "17 * 23"}'),
+            Message("tool", "391"),
+            Message("assistant", "17 × 23 = 391 😀"),
+        ]
+    )
+    assert len(chats) > 1700
+    for chat in chats:
+        ours = renderer.render(chat)
+        theirs = hf.apply_chat_template(
+            _as_dicts(chat), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert ours.ids == theirs["input_ids"]
+        assert ours.mask == theirs["assistant_masks"]
+    tool_chat = chats[-1]
+    ours = renderer.render(tool_chat)
+    learned = [i for i, m in zip(ours.ids, ours.mask, strict=True) if m]
+    assert tok.decode(learned, skip_special_tokens=False) == (
+        '{"tool": "calc", "expr": "17 * 23"}<|end|>17 × 23 = 391 😀<|end|>'
+    )
+    assert tok.token_to_id(TOOL) in ours.ids
+    with pytest.raises(ValueError, match="chat role"):
+        renderer.render([Message("narrator", "x")])
+    with pytest.raises(Exception, match="unknown chat role"):
+        hf.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
+
+
+def test_tokenizer_without_tool_token_refuses_tool_turns(sample_texts):
+    from tokenizers import trainers
+
+    from frontierlm.tokenizer.train import CORE_SPECIAL_TOKENS, new_tokenizer
+
+    old = new_tokenizer()  # as trained before the tool role: core special tokens only
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CORE_SPECIAL_TOKENS)
+    old.train_from_iterator(sample_texts[:20], trainer=trainer)
+    renderer = ChatRenderer(old)
+    assert renderer.render([Message("user", "hi"), Message("assistant", "yo")]).mask[-1] == 1
+    with pytest.raises(ValueError, match="tool"):
+        renderer.render([Message("tool", "42")])
