@@ -411,3 +411,46 @@ def test_tokenizer_without_tool_token_refuses_tool_turns(sample_texts):
     assert renderer.render([Message("user", "hi"), Message("assistant", "yo")]).mask[-1] == 1
     with pytest.raises(ValueError, match="tool"):
         renderer.render([Message("tool", "42")])
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["cl100k", "o200k", "gpt2"])
+def test_tiktoken_export_matches(small_tokenizer, sample_texts, tmp_path, pre_tokenizer):
+    tiktoken = pytest.importorskip("tiktoken")
+    from frontierlm.tokenizer.export import export_tiktoken, to_tiktoken
+    from frontierlm.tokenizer.train import train_tokenizer
+
+    if pre_tokenizer == "cl100k":  # through the command line
+        from frontierlm.cli import main
+
+        tok, path = small_tokenizer
+        assert main(["export-tokenizer", str(path), str(tmp_path)]) == 0
+    else:
+        tok = train_tokenizer(sample_texts, 1024, pre_tokenizer=pre_tokenizer)
+        export_tiktoken(tok, tmp_path)
+    enc = to_tiktoken(tmp_path)  # from the written files, as a user would load them
+    assert isinstance(enc, tiktoken.Encoding) and enc.n_vocab == tok.get_vocab_size()
+    texts = [
+        *sample_texts,
+        "naïve café — 日本語 😀👍🏽\n\tdef f(x):\n        return x**2  # 12345",
+        "XMLHttpRequest don't WE'LL  \r\n\r\n  x/y/z",
+    ]
+    ours = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert enc.encode_ordinary_batch(texts) == ours
+    chat = "<|bos|><|user|>hi<|end|><|tool|>42<|end|>"
+    assert enc.encode(chat, allowed_special="all") == tok.encode(chat).ids
+    assert enc.decode(ours[-2]) == texts[-2]
+
+
+def test_tiktoken_export_refuses_what_does_not_map(small_tokenizer):
+    from tokenizers import Tokenizer, normalizers
+
+    from frontierlm.tokenizer.export import tiktoken_spec
+
+    tok = Tokenizer.from_str(small_tokenizer[0].to_str())
+    tok.normalizer = normalizers.NFC()
+    with pytest.raises(ValueError, match="normaliser"):
+        tiktoken_spec(tok)
+    tok.normalizer = None
+    tok.pre_tokenizer = None
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        tiktoken_spec(tok)
