@@ -454,3 +454,54 @@ def test_tiktoken_export_refuses_what_does_not_map(small_tokenizer):
     tok.pre_tokenizer = None
     with pytest.raises(ValueError, match="pre-tokenizer"):
         tiktoken_spec(tok)
+
+
+def test_tokenize_resumes_per_shard_and_matches_one_pass(
+    small_tokenizer, sample_texts, tmp_path, monkeypatch
+):
+    """Shards encoded before a kill are kept; the result equals encoding everything at once."""
+    from frontierlm.data.documents import Document, write_shards
+    from frontierlm.tokenizer import stage
+    from frontierlm.tokenizer.shards import assemble_token_shards
+
+    tok, _ = small_tokenizer
+    docs = _labelled_docs(sample_texts)
+    (tmp_path / "data").mkdir()
+    shards = write_shards(
+        (Document(i, t, {"source": n}) for i, t, n in docs), tmp_path / "data", shard_docs=70
+    )
+    assert len(shards) == 5
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    plans = {"wikipedia": SourcePlan("wikipedia", 2.0)}
+    expected = write_token_shards(docs, tok, whole, 0.1, plans=plans)
+
+    calls: list[str] = []
+    real = stage.encode_part
+
+    def dying(docs, tok, meta, **kw):
+        calls.append(meta.name)
+        if len(calls) == 3:  # killed while writing the third shard's tokens
+            meta.with_suffix(".bin.tmp").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return real(docs, tok, meta, **kw)
+
+    monkeypatch.setattr(stage, "encode_part", dying)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stage.encode_shards(shards, tok, out / "parts")
+    assert sorted(p.name for p in (out / "parts").glob("*.json")) == [
+        "shard-00000.json",
+        "shard-00001.json",
+    ]
+    calls.clear()
+    monkeypatch.setattr(stage, "encode_part", real)
+    monkeypatch.setattr(
+        stage, "encode_part", lambda *a, **kw: calls.append(a[2].name) or real(*a, **kw)
+    )
+    parts = stage.encode_shards(shards, tok, out / "parts")
+    assert calls == ["shard-00002.json", "shard-00003.json", "shard-00004.json"]
+    counts = assemble_token_shards(parts, tok, out, 0.1, plans=plans)
+    assert counts == expected
+    for name in ("train.bin", "train.idx", "train.src", "val.bin", "val.idx", "val.src"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes()
