@@ -23,18 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-
-def byte_symbols() -> dict[str, int]:
-    """The printable symbol ByteLevel spells each byte with -> the byte (GPT-2's table):
-    printable Latin-1 bytes stand for themselves, the other 68 take code points 256 and up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {chr(b): b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
+from frontierlm.tokenizer.codec import byte_symbols
 
 
 @dataclass

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from frontierlm.tokenizer.codec import ByteCodec, to_bytes
 from frontierlm.tokenizer.train import BOS
 
 SPLIT_SALT = "frontierlm-split-v1"
@@ -218,8 +219,9 @@ def encode_part(
     whole part or none."""
     dtype = token_dtype(tok.get_vocab_size())
     bos = tok.token_to_id(BOS)
-    # Without offsets, which token shards do not need: the same ids, less work.
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    # Valid text goes through encode_batch in one parallel call; text carrying undecodable
+    # bytes (lone surrogates) through the byte path of ByteCodec, still lossless.
+    codec = ByteCodec(tok)
     bin_path = meta_path.with_suffix(".bin")
     tmp = bin_path.with_suffix(".bin.tmp")
     ids: list[str] = []
@@ -228,8 +230,7 @@ def encode_part(
     n_bytes: list[int] = []
     with tmp.open("wb") as f:
         for batch in _prefetch(_text_batches(docs, batch_chars)):
-            encodings = encode([d[1] for d in batch], add_special_tokens=False)
-            per_doc = [e.ids for e in encodings]
+            per_doc = codec.encode_batch([d[1] for d in batch])
             doc_len = np.fromiter((len(x) + 1 for x in per_doc), np.int64, len(per_doc))
             flat = np.empty(int(doc_len.sum()), dtype=dtype)
             is_bos = np.zeros(len(flat), dtype=bool)
@@ -241,7 +242,7 @@ def encode_part(
             for doc in batch:
                 ids.append(doc[0])
                 sources.append(doc[2] if len(doc) > 2 else UNKNOWN_SOURCE)
-                n_bytes.append(len(doc[1].encode("utf-8")))
+                n_bytes.append(len(to_bytes(doc[1])))
             if on_batch is not None:
                 on_batch(len(flat))
     os.replace(tmp, bin_path)

@@ -505,3 +505,63 @@ def test_tokenize_resumes_per_shard_and_matches_one_pass(
     assert counts == expected
     for name in ("train.bin", "train.idx", "train.src", "val.bin", "val.idx", "val.src"):
         assert (out / name).read_bytes() == (whole / name).read_bytes()
+
+
+def _shipped_documents() -> list[str]:
+    """Text of every kind the project ships: prose, wiki, math, code, non-English web text."""
+    import gzip
+
+    data = Path(__file__).resolve().parents[2] / "data"
+    with gzip.open(data / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        code = [(r := json.loads(line))["prompt"] + r["canonical_solution"] for line in f]
+    with (data / "web" / "cc_en_head-0091.jsonl").open() as f:
+        web = [json.loads(line)["text"] for line in f]
+    return code + web
+
+
+def test_roundtrip_every_document_valid_or_not(small_tokenizer, sample_texts, tmp_path):
+    from frontierlm.tokenizer.codec import ByteCodec
+
+    tok, _ = small_tokenizer
+    codec = ByteCodec(tok)
+    docs = [*sample_texts, *_shipped_documents()]
+    assert len(docs) > 400
+    for text, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False), strict=True):
+        assert tok.decode(enc.ids) == text
+        assert codec.encode_text(text) == enc.ids  # valid text: the tokenizer's own ids
+        assert codec.decode_text(enc.ids) == text
+
+    # Emojis (with skin tone and ZWJ joins) are several byte tokens in a 1k vocabulary: no
+    # single token decodes to valid UTF-8, the sequence does.
+    emoji = "family 👨‍👩‍👧 thumbs 👍🏽 flag 🇺🇦!"
+    ids = tok.encode(emoji, add_special_tokens=False).ids
+    thumb = codec.encode_bytes("👍".encode())
+    assert len(thumb) > 1 and all(codec.decode_bytes([i]) != "👍".encode() for i in thumb)
+    assert tok.decode(ids) == emoji and codec.decode_text(ids) == emoji
+
+    # Invalid UTF-8: a stray continuation byte, 0xFF, an overlong "/", an encoded surrogate and
+    # a sequence cut short at the end. Each invalid byte becomes its byte token.
+    raw = b"ok \x80 caf\xc3\xa9 \xff\xc0\xaf \xed\xa0\x80 \xf0\x9f\x98"
+    ids = codec.encode_bytes(raw)
+    assert codec.decode_bytes(ids) == raw
+    escaped = raw.decode("utf-8", "surrogateescape")  # how Python carries such bytes in a str
+    assert codec.encode_text(escaped) == ids and codec.decode_text(ids) == escaped
+    # A lone surrogate from a JSON "\ud800" escape is kept as its three surrogatepass bytes.
+    lone = "a\ud800b"
+    assert codec.decode_bytes(codec.encode_text(lone)).decode("utf-8", "surrogatepass") == lone
+
+    # Token shards take such documents too, and count their real bytes.
+    shard_docs = [(f"d{i}", t) for i, t in enumerate([escaped, *sample_texts[:40]])]
+    counts = write_token_shards(shard_docs, tok, tmp_path, val_fraction=0.2)
+    stored = []
+    for name in ("train", "val"):
+        split = TokenSplit.open(tmp_path, name)
+        ends = np.append(split.doc_starts[1:], len(split.tokens))
+        stored += [
+            codec.decode_bytes(np.asarray(split.tokens[a + 1 : b]).tolist())
+            for a, b in zip(split.doc_starts, ends, strict=True)
+        ]
+    assert sorted(stored) == sorted([raw, *(t.encode() for t in sample_texts[:40])])
+    assert counts["train_bytes"] + counts["val_bytes"] == len(raw) + sum(
+        len(t.encode()) for t in sample_texts[:40]
+    )
