@@ -153,7 +153,7 @@ def compression(tok_dir: Path, sets: dict[str, list[str]]) -> dict[str, dict[str
     return report
 
 
-def throughput(tok_dir: Path, texts: list[str], repeats: int = 2) -> dict[str, float]:
+def throughput(tok_dir: Path, texts: list[str], repeats: int = 3) -> dict[str, float]:
     from frontierlm.tokenizer.export import to_tiktoken
     from frontierlm.tokenizer.shards import ENCODE_BATCH_CHARS, encode_part
     from frontierlm.tokenizer.train import load_tokenizer

@@ -434,11 +434,20 @@ def test_tiktoken_export_matches(small_tokenizer, sample_texts, tmp_path, pre_to
         "naïve café — 日本語 😀👍🏽\n\tdef f(x):\n        return x**2  # 12345",
         "XMLHttpRequest don't WE'LL  \r\n\r\n  x/y/z",
     ]
+    if pre_tokenizer != "gpt2":
+        # Every code point outside the surrogates, in contexts that exercise each branch of the
+        # regex: the two regex engines (onig, fancy-regex) agree on every Unicode class, not
+        # only the sample's. (Python's `regex` module does not: newer letters differ.)
+        chars = [chr(c) for c in range(1, 0x30000) if not 0xD800 <= c < 0xE000]
+        texts += [
+            "".join(f"a{c}1 {c}{c}\n{c}'s B{c}" for c in chars[i : i + 64])
+            for i in range(0, len(chars), 64)
+        ]
     ours = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     assert enc.encode_ordinary_batch(texts) == ours
     chat = "<|bos|><|user|>hi<|end|><|tool|>42<|end|>"
     assert enc.encode(chat, allowed_special="all") == tok.encode(chat).ids
-    assert enc.decode(ours[-2]) == texts[-2]
+    assert enc.decode(ours[300]) == texts[300]
 
 
 def test_tiktoken_export_refuses_what_does_not_map(small_tokenizer):
