@@ -2,7 +2,8 @@
 
 frontierlm run RECIPE [--section.key=value ...] [--force]
 frontierlm STAGE RECIPE [--section.key=value ...] [--force]
-frontierlm export CKPT OUT | frontierlm [data] train-classifier OUT (tools outside the pipeline)
+frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
+frontierlm [data] train-classifier OUT (tools outside the pipeline)
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--tokenizer", help="tokenizer directory to include (default: the run's tokenizer/)"
     )
+    export_tok = sub.add_parser(
+        "export-tokenizer",
+        help="write a trained tokenizer in tiktoken's format (byte-level BPE only)",
+        description="frontierlm export-tokenizer runs/quickstart/tokenizer OUT: writes "
+        "OUT/tokenizer.tiktoken (mergeable ranks) and OUT/tiktoken.json (split pattern, special "
+        "tokens); tiktoken then encodes exactly as the tokenizer does",
+    )
+    export_tok.add_argument("tokenizer", help="tokenizer directory or tokenizer.json")
+    export_tok.add_argument("out", help="output directory")
+    export_tok.add_argument("--to", choices=["tiktoken"], default="tiktoken")
+    export_tok.add_argument("--name", default="frontierlm", help="the tiktoken Encoding's name")
     train_clf = sub.add_parser(
         "train-classifier",
         help="train the quality classifier (reference text vs random web) for data.quality_model",
@@ -98,6 +110,21 @@ def train_classifier_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_tokenizer_command(args: argparse.Namespace) -> int:
+    from frontierlm.tokenizer.export import export_tiktoken
+    from frontierlm.tokenizer.train import load_tokenizer
+
+    out = Path(args.out)
+    spec = export_tiktoken(load_tokenizer(Path(args.tokenizer)), out, args.name)
+    console.print(
+        f"[green]✓ exported[/] {args.tokenizer} -> {out}/tokenizer.tiktoken + tiktoken.json "
+        f"({len(spec.mergeable_ranks):,} ranks, {len(spec.special_tokens)} special tokens); "
+        "load with frontierlm.tokenizer.export.to_tiktoken(Path(OUT)) or "
+        "tiktoken.load.load_tiktoken_bpe"
+    )
+    return 0
+
+
 def export_command(args: argparse.Namespace) -> int:
     from frontierlm.model import load
     from frontierlm.model.hf import export_hf
@@ -122,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]  # also spelled as a tool of the data stage
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    commands = {"export": export_command, "train-classifier": train_classifier_command}
+    commands = {
+        "export": export_command,
+        "export-tokenizer": export_tokenizer_command,
+        "train-classifier": train_classifier_command,
+    }
     if args.command in commands:
         if rest:
             parser.error(f"unrecognised arguments {rest}")

@@ -412,9 +412,22 @@ class DataConfig(Strict):
 
 
 class TokenizerConfig(Strict):
-    vocab_size: int = Field(4096, ge=512, le=1 << 20)
+    """Byte-level BPE (frontierlm/tokenizer/train.py). `vocab_size` counts the core special
+    tokens, the 256 bytes and the merges; the tool-role token and `reserved_special_tokens`
+    slots are appended after them. 4k-256k is the range measured (benchmarks/tokenizer.py);
+    smaller vocabularies are for tiny test recipes."""
+
+    vocab_size: int = Field(4096, ge=512, le=1 << 18)
     min_frequency: int = Field(2, ge=1)
     max_train_chars: int = Field(50_000_000, ge=1, description="cap on text fed to the trainer")
+    pre_tokenizer: Literal["cl100k", "o200k", "gpt2"] = Field(
+        "cl100k",
+        description="split regex before BPE: GPT-4's (cl100k), GPT-4o's (o200k, case-aware "
+        "letter runs) or GPT-2's (whole digit runs; the baseline)",
+    )
+    reserved_special_tokens: int = Field(
+        0, ge=0, le=1 << 16, description="<|reserved_i|> slots appended after the vocabulary"
+    )
 
 
 class TokenizeConfig(Strict):

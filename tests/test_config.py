@@ -171,3 +171,14 @@ def test_mixture_and_epochs_rerun_tokenize_but_not_data():
     assert hashed(plain, "tokenize") != hashed(grouped, "tokenize")
     reseeded = load_config(QUICKSTART, ["--run.seed=7"])
     assert hashed(plain, "tokenize") != hashed(reseeded, "tokenize")
+
+
+def test_tokenizer_vocab_range_and_pre_tokenizer():
+    from frontierlm.config import TokenizerConfig
+
+    assert TokenizerConfig().pre_tokenizer == "cl100k"
+    assert TokenizerConfig(vocab_size=1 << 18, pre_tokenizer="o200k").vocab_size == 262144
+    for bad in ({"vocab_size": (1 << 18) + 1}, {"pre_tokenizer": "llama"}, {"vocab_size": 256}):
+        with pytest.raises(ValueError):
+            TokenizerConfig(**bad)
+    assert TokenizerConfig(reserved_special_tokens=256).reserved_special_tokens == 256

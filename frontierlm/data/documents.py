@@ -195,13 +195,18 @@ def shard_paths(directory: Path) -> list[Path]:
 def read_shards(directory: Path) -> Iterator[Document]:
     """Documents from the shards in `directory`, in shard order then line (row) order."""
     for path in shard_paths(directory):
-        if path.name.endswith(SHARD_SUFFIXES["parquet"]):
-            yield from _read_parquet_shard(path)
-            continue
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                yield Document(record["id"], record["text"], record["meta"])
+        yield from read_shard(path)
+
+
+def read_shard(path: Path) -> Iterator[Document]:
+    """The documents of one shard written by `write_shards`, in order."""
+    if path.name.endswith(SHARD_SUFFIXES["parquet"]):
+        yield from _read_parquet_shard(path)
+        return
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            yield Document(record["id"], record["text"], record["meta"])
 
 
 def _read_parquet_shard(path: Path) -> Iterator[Document]:

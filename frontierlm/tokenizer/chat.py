@@ -1,9 +1,12 @@
 """Chat rendering: messages -> token ids and a loss mask that is 1 on assistant tokens only.
 
 The format is the Jinja `CHAT_TEMPLATE` saved with the tokenizer:
-  <|bos|><|user|>question<|end|><|assistant|>answer<|end|>...
-Each piece is encoded on its own; special tokens always split the text, so this equals encoding
-the whole rendered string (tests check it against transformers' `apply_chat_template`).
+  <|bos|><|system|>rules<|end|><|user|>question<|end|><|assistant|>call<|end|>
+  <|tool|>result<|end|><|assistant|>answer<|end|>
+Roles are system, user, assistant and tool (a tool's output fed back to the model; the call is
+assistant text, so it is learned, and the result is not). Each piece is encoded on its own;
+special tokens always split the text, so this equals encoding the whole rendered string (tests
+check it against transformers' `apply_chat_template` on the shipped HH and GSM8K chats).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from frontierlm.tokenizer.train import ASSISTANT, BOS, END, SYSTEM, USER
+from frontierlm.tokenizer.train import ASSISTANT, BOS, END, SYSTEM, TOOL, USER
 
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL}
 
 
 @dataclass
@@ -35,6 +38,8 @@ class ChatRenderer:
         self.tok = tok
         self.bos = tok.token_to_id(BOS)
         self.end = tok.token_to_id(END)
+        # Tokenizers trained before the tool role existed lack its token; they render the
+        # other roles as before and refuse tool messages.
         self.role_ids = {role: tok.token_to_id(t) for role, t in ROLE_TOKENS.items()}
 
     def encode_text(self, text: str) -> list[int]:
@@ -48,11 +53,15 @@ class ChatRenderer:
     ) -> RenderedChat:
         """Token ids and loss mask; `last_turn_only` masks earlier assistant turns (they are
         context, as in preference pairs whose dialogues differ only in the final reply)."""
-        ids = [self.bos]
+        ids: list[int] = [self.bos]
         mask = [0]
         for i, msg in enumerate(messages):
-            if msg.role not in self.role_ids:
-                raise ValueError(f"unknown chat role {msg.role!r}; allowed: {list(self.role_ids)}")
+            if self.role_ids.get(msg.role) is None:
+                known = [r for r, i in self.role_ids.items() if i is not None]
+                raise ValueError(
+                    f"chat role {msg.role!r} has no token in this tokenizer; allowed: {known} "
+                    "(retrain the tokenizer stage for the tool role)"
+                )
             body = [*self.encode_text(msg.content), self.end]
             is_last = i == len(messages) - 1
             learn = int(msg.role == "assistant" and (is_last or not last_turn_only))

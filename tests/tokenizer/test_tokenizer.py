@@ -18,7 +18,8 @@ from frontierlm.tokenizer.shards import (
 )
 from frontierlm.tokenizer.train import (
     BOS,
-    SPECIAL_TOKENS,
+    CORE_SPECIAL_TOKENS,
+    TOOL,
     load_tokenizer,
     token_byte_lengths,
 )
@@ -28,9 +29,11 @@ transformers = pytest.importorskip("transformers")
 
 def test_vocab_and_special_tokens(small_tokenizer):
     tok, path = small_tokenizer
-    assert tok.get_vocab_size() == 1024
-    # Special tokens take the first ids, in order, and never split.
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    # 1024 trained (core specials, bytes, merges), then the tool-role token.
+    assert tok.get_vocab_size() == 1025 and tok.token_to_id(TOOL) == 1024
+    # Core special tokens take the first ids, in order, and never split.
+    core = CORE_SPECIAL_TOKENS
+    assert [tok.token_to_id(t) for t in core] == list(range(len(core)))
     ids = tok.encode("hi <|user|> there<|end|>", add_special_tokens=False).ids
     assert tok.token_to_id("<|user|>") in ids and tok.token_to_id("<|end|>") in ids
     assert load_tokenizer(path).get_vocab().keys() == tok.get_vocab().keys()
@@ -124,7 +127,7 @@ def test_token_shards_and_unigram_baseline(small_tokenizer, sample_texts, tmp_pa
     stored = tok.decode(np.asarray(train.tokens[1:first_end]).tolist())
     assert stored in {t for _, t in docs}
     lengths = np.array(token_byte_lengths(tok))
-    log_probs = fit_unigram(train.tokens, 1024)
+    log_probs = fit_unigram(train.tokens, tok.get_vocab_size())
     assert np.exp(log_probs).sum() == pytest.approx(1.0)
     windows = list(sequential_windows(val.tokens, 32, 4, max_batches=1000))
     bpb = bits_per_byte(UnigramLM(log_probs), windows, torch.tensor(lengths), torch.device("cpu"))[
@@ -291,3 +294,283 @@ def test_mixture_names_merge_inputs_into_one_token_source(small_tokenizer, sampl
     assert prose["inputs"] == {"shakespeare": 1.0, "wikipedia": 2.0}
     assert prose["tokens_before"] == before["shakespeare"] + before["wikipedia"]
     assert prose["documents"] == 107 and prose["documents_after"] == 159
+
+
+def test_pre_tokenizer_splits():
+    from frontierlm.tokenizer.train import new_tokenizer
+
+    text = "XMLHttpRequest don't 12345\n\n  x"
+
+    def pieces(name: str) -> list[str]:
+        pre = new_tokenizer(name).pre_tokenizer
+        # The byte-level step spells a space as "Ġ" and a newline as "Ċ".
+        return [p for p, _ in pre.pre_tokenize_str(text)]
+
+    assert pieces("cl100k") == ["XMLHttpRequest", "Ġdon", "'t", "Ġ", "123", "45", "ĊĊ", "Ġ", "Ġx"]
+    # o200k: case-aware letter runs keep their contraction.
+    assert pieces("o200k")[:4] == ["XMLHttp", "Request", "Ġdon't", "Ġ"]
+    assert pieces("o200k")[4:6] == ["123", "45"]
+    # GPT-2: one piece per digit run, a space glued to it.
+    assert "Ġ12345" in pieces("gpt2")
+    with pytest.raises(ValueError, match="pre_tokenizer"):
+        new_tokenizer("llama")
+
+
+def test_streamed_training_reserved_slots_and_wide_vocab(sample_texts, tmp_path):
+    from frontierlm.tokenizer.train import reserved_token, train_tokenizer
+
+    consumed = []
+
+    def stream():
+        for text in sample_texts:
+            consumed.append(1)
+            yield text
+
+    tok = train_tokenizer(stream(), 600, pre_tokenizer="o200k", reserved_special_tokens=3)
+    assert len(consumed) == len(sample_texts)
+    same = train_tokenizer(list(sample_texts), 600, pre_tokenizer="o200k")
+    assert same.get_vocab() == {
+        k: v for k, v in tok.get_vocab().items() if not k.startswith("<|reserved")
+    }
+    # Appended after the trained vocabulary, special (never split, no bytes), in order.
+    assert [tok.token_to_id(reserved_token(i)) for i in range(3)] == [601, 602, 603]
+    ids = tok.encode(f"a{reserved_token(1)}b", add_special_tokens=False).ids
+    assert 602 in ids and token_byte_lengths(tok)[602] == 0
+    assert tok.decode(ids, skip_special_tokens=False) == f"a{reserved_token(1)}b"
+    # A vocabulary past 65536 ids writes uint32 shards that decode back.
+    wide = train_tokenizer(sample_texts[:50], 600, reserved_special_tokens=70_000)
+    assert wide.get_vocab_size() == 600 + 1 + 70_000
+    write_token_shards([(f"d{i}", t) for i, t in enumerate(sample_texts[:60])], wide, tmp_path, 0.2)
+    train = TokenSplit.open(tmp_path, "train")
+    assert train.tokens.dtype == np.uint32
+    assert wide.decode(np.asarray(train.tokens[1 : train.doc_starts[1]]).tolist()) in sample_texts
+
+
+def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_chat_template_matches_on_the_shipped_chats(small_tokenizer):
+    """Every other chosen HH dialogue, 300 rejected ones and 300 GSM8K chats, as SFT and DPO
+    read them, plus tool turns: transformers' template gives our ids and assistant mask. (All
+    12,092 chats of both files match too, checked once; a subset keeps the test to seconds.)"""
+    from frontierlm.config import ChatSource
+    from frontierlm.posttrain.chat_data import load_conversations, load_pairs
+
+    tok, path = small_tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    renderer = ChatRenderer(tok)
+    data = Path(__file__).resolve().parents[2] / "data"
+    hh = str(data / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    gsm = str(data / "gsm8k" / "train.jsonl.gz")
+    chats = load_conversations(ChatSource(name="hh", path=hh, format="hh"))[::2]
+    chats += [
+        [*p.prompt, Message("assistant", p.rejected)]
+        for p in load_pairs(ChatSource(name="hh", path=hh, format="hh", max_examples=300))
+    ]
+    chats += load_conversations(ChatSource(name="gsm", path=gsm, format="qa", max_examples=300))
+    chats.append(
+        [
+            Message("system", "Tools: calc(expr) returns a number."),
+            Message("user", "What is 17 * 23?"),
+            Message("assistant", '{"tool": "calc", "expr": "17 * 23"}'),
+            Message("tool", "391"),
+            Message("assistant", "17 × 23 = 391 😀"),
+        ]
+    )
+    assert len(chats) > 1700
+    for chat in chats:
+        ours = renderer.render(chat)
+        theirs = hf.apply_chat_template(
+            _as_dicts(chat), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert ours.ids == theirs["input_ids"]
+        assert ours.mask == theirs["assistant_masks"]
+    tool_chat = chats[-1]
+    ours = renderer.render(tool_chat)
+    learned = [i for i, m in zip(ours.ids, ours.mask, strict=True) if m]
+    assert tok.decode(learned, skip_special_tokens=False) == (
+        '{"tool": "calc", "expr": "17 * 23"}<|end|>17 × 23 = 391 😀<|end|>'
+    )
+    assert tok.token_to_id(TOOL) in ours.ids
+    with pytest.raises(ValueError, match="chat role"):
+        renderer.render([Message("narrator", "x")])
+    with pytest.raises(Exception, match="unknown chat role"):
+        hf.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
+
+
+def test_tokenizer_without_tool_token_refuses_tool_turns(sample_texts):
+    from tokenizers import trainers
+
+    from frontierlm.tokenizer.train import CORE_SPECIAL_TOKENS, new_tokenizer
+
+    old = new_tokenizer()  # as trained before the tool role: core special tokens only
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CORE_SPECIAL_TOKENS)
+    old.train_from_iterator(sample_texts[:20], trainer=trainer)
+    renderer = ChatRenderer(old)
+    assert renderer.render([Message("user", "hi"), Message("assistant", "yo")]).mask[-1] == 1
+    with pytest.raises(ValueError, match="tool"):
+        renderer.render([Message("tool", "42")])
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["cl100k", "o200k", "gpt2"])
+def test_tiktoken_export_matches(small_tokenizer, sample_texts, tmp_path, pre_tokenizer):
+    tiktoken = pytest.importorskip("tiktoken")
+    from frontierlm.tokenizer.export import export_tiktoken, to_tiktoken
+    from frontierlm.tokenizer.train import train_tokenizer
+
+    if pre_tokenizer == "cl100k":  # through the command line
+        from frontierlm.cli import main
+
+        tok, path = small_tokenizer
+        assert main(["export-tokenizer", str(path), str(tmp_path)]) == 0
+    else:
+        tok = train_tokenizer(sample_texts, 1024, pre_tokenizer=pre_tokenizer)
+        export_tiktoken(tok, tmp_path)
+    enc = to_tiktoken(tmp_path)  # from the written files, as a user would load them
+    assert isinstance(enc, tiktoken.Encoding) and enc.n_vocab == tok.get_vocab_size()
+    texts = [
+        *sample_texts,
+        "naïve café — 日本語 😀👍🏽\n\tdef f(x):\n        return x**2  # 12345",
+        "XMLHttpRequest don't WE'LL  \r\n\r\n  x/y/z",
+    ]
+    if pre_tokenizer != "gpt2":
+        # Every code point outside the surrogates, in contexts that exercise each branch of the
+        # regex: the two regex engines (onig, fancy-regex) agree on every Unicode class, not
+        # only the sample's. (Python's `regex` module does not: newer letters differ.)
+        chars = [chr(c) for c in range(1, 0x30000) if not 0xD800 <= c < 0xE000]
+        texts += [
+            "".join(f"a{c}1 {c}{c}\n{c}'s B{c}" for c in chars[i : i + 64])
+            for i in range(0, len(chars), 64)
+        ]
+    ours = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert enc.encode_ordinary_batch(texts) == ours
+    chat = "<|bos|><|user|>hi<|end|><|tool|>42<|end|>"
+    assert enc.encode(chat, allowed_special="all") == tok.encode(chat).ids
+    assert enc.decode(ours[300]) == texts[300]
+
+
+def test_tiktoken_export_refuses_what_does_not_map(small_tokenizer):
+    from tokenizers import Tokenizer, normalizers
+
+    from frontierlm.tokenizer.export import tiktoken_spec
+
+    tok = Tokenizer.from_str(small_tokenizer[0].to_str())
+    tok.normalizer = normalizers.NFC()
+    with pytest.raises(ValueError, match="normaliser"):
+        tiktoken_spec(tok)
+    tok.normalizer = None
+    tok.pre_tokenizer = None
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        tiktoken_spec(tok)
+
+
+def test_tokenize_resumes_per_shard_and_matches_one_pass(
+    small_tokenizer, sample_texts, tmp_path, monkeypatch
+):
+    """Shards encoded before a kill are kept; the result equals encoding everything at once."""
+    from frontierlm.data.documents import Document, write_shards
+    from frontierlm.tokenizer import stage
+    from frontierlm.tokenizer.shards import assemble_token_shards
+
+    tok, _ = small_tokenizer
+    docs = _labelled_docs(sample_texts)
+    (tmp_path / "data").mkdir()
+    shards = write_shards(
+        (Document(i, t, {"source": n}) for i, t, n in docs), tmp_path / "data", shard_docs=70
+    )
+    assert len(shards) == 5
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    plans = {"wikipedia": SourcePlan("wikipedia", 2.0)}
+    expected = write_token_shards(docs, tok, whole, 0.1, plans=plans)
+
+    calls: list[str] = []
+    real = stage.encode_part
+
+    def dying(docs, tok, meta, **kw):
+        calls.append(meta.name)
+        if len(calls) == 3:  # killed while writing the third shard's tokens
+            meta.with_suffix(".bin.tmp").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return real(docs, tok, meta, **kw)
+
+    monkeypatch.setattr(stage, "encode_part", dying)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        stage.encode_shards(shards, tok, out / "parts")
+    assert sorted(p.name for p in (out / "parts").glob("*.json")) == [
+        "shard-00000.json",
+        "shard-00001.json",
+    ]
+    calls.clear()
+    monkeypatch.setattr(stage, "encode_part", real)
+    monkeypatch.setattr(
+        stage, "encode_part", lambda *a, **kw: calls.append(a[2].name) or real(*a, **kw)
+    )
+    parts = stage.encode_shards(shards, tok, out / "parts")
+    assert calls == ["shard-00002.json", "shard-00003.json", "shard-00004.json"]
+    counts = assemble_token_shards(parts, tok, out, 0.1, plans=plans)
+    assert counts == expected
+    for name in ("train.bin", "train.idx", "train.src", "val.bin", "val.idx", "val.src"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes()
+
+
+def _shipped_documents() -> list[str]:
+    """Text of every kind the project ships: prose, wiki, math, code, non-English web text."""
+    import gzip
+
+    data = Path(__file__).resolve().parents[2] / "data"
+    with gzip.open(data / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        code = [(r := json.loads(line))["prompt"] + r["canonical_solution"] for line in f]
+    with (data / "web" / "cc_en_head-0091.jsonl").open() as f:
+        web = [json.loads(line)["text"] for line in f]
+    return code + web
+
+
+def test_roundtrip_every_document_valid_or_not(small_tokenizer, sample_texts, tmp_path):
+    from frontierlm.tokenizer.codec import ByteCodec
+
+    tok, _ = small_tokenizer
+    codec = ByteCodec(tok)
+    docs = [*sample_texts, *_shipped_documents()]
+    assert len(docs) > 400
+    for text, enc in zip(docs, tok.encode_batch(docs, add_special_tokens=False), strict=True):
+        assert tok.decode(enc.ids) == text
+        assert codec.encode_text(text) == enc.ids  # valid text: the tokenizer's own ids
+        assert codec.decode_text(enc.ids) == text
+
+    # Emojis (with skin tone and ZWJ joins) are several byte tokens in a 1k vocabulary: no
+    # single token decodes to valid UTF-8, the sequence does.
+    emoji = "family 👨‍👩‍👧 thumbs 👍🏽 flag 🇺🇦!"
+    ids = tok.encode(emoji, add_special_tokens=False).ids
+    thumb = codec.encode_bytes("👍".encode())
+    assert len(thumb) > 1 and all(codec.decode_bytes([i]) != "👍".encode() for i in thumb)
+    assert tok.decode(ids) == emoji and codec.decode_text(ids) == emoji
+
+    # Invalid UTF-8: a stray continuation byte, 0xFF, an overlong "/", an encoded surrogate and
+    # a sequence cut short at the end. Each invalid byte becomes its byte token.
+    raw = b"ok \x80 caf\xc3\xa9 \xff\xc0\xaf \xed\xa0\x80 \xf0\x9f\x98"
+    ids = codec.encode_bytes(raw)
+    assert codec.decode_bytes(ids) == raw
+    escaped = raw.decode("utf-8", "surrogateescape")  # how Python carries such bytes in a str
+    assert codec.encode_text(escaped) == ids and codec.decode_text(ids) == escaped
+    # A lone surrogate from a JSON "\ud800" escape is kept as its three surrogatepass bytes.
+    lone = "a\ud800b"
+    assert codec.decode_bytes(codec.encode_text(lone)).decode("utf-8", "surrogatepass") == lone
+
+    # Token shards take such documents too, and count their real bytes.
+    shard_docs = [(f"d{i}", t) for i, t in enumerate([escaped, *sample_texts[:40]])]
+    counts = write_token_shards(shard_docs, tok, tmp_path, val_fraction=0.2)
+    stored = []
+    for name in ("train", "val"):
+        split = TokenSplit.open(tmp_path, name)
+        ends = np.append(split.doc_starts[1:], len(split.tokens))
+        stored += [
+            codec.decode_bytes(np.asarray(split.tokens[a + 1 : b]).tolist())
+            for a, b in zip(split.doc_starts, ends, strict=True)
+        ]
+    assert sorted(stored) == sorted([raw, *(t.encode() for t in sample_texts[:40])])
+    assert counts["train_bytes"] + counts["val_bytes"] == len(raw) + sum(
+        len(t.encode()) for t in sample_texts[:40]
+    )
