@@ -13,13 +13,21 @@ per byte, so here:
     `surrogateescape`, so decode_text(encode_text(x)) == x for every valid or escaped x.
 Valid UTF-8 text gives exactly the ids of `Tokenizer.encode` (tests check it), so token shards
 of ordinary text do not change.
+
+Batches of valid text go through tiktoken when the vocabulary exports to it (export.py: the same
+ids, checked on every code point): its encoder runs ~3x faster than `tokenizers`' on the same
+vocabulary and cores. Texts that spell a special token (`tokenizers` turns the spelling into the
+special id, tiktoken's ordinary encoding does not) stay on `tokenizers`, so the ids never depend
+on which engine ran.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -43,8 +51,15 @@ def byte_symbols() -> dict[str, int]:
 class ByteCodec:
     """Byte-exact encode/decode around one tokenizer (tables built once)."""
 
-    def __init__(self, tok: Tokenizer) -> None:
+    def __init__(self, tok: Tokenizer, engine: str = "auto") -> None:
+        """`engine`: "auto" (tiktoken when the vocabulary exports to it and tiktoken is
+        installed, else `tokenizers`) or "tokenizers"."""
         self.tok = tok
+        self.fast = _tiktoken_encoding(tok) if engine == "auto" else None
+        specials = [t.content for t in tok.get_added_tokens_decoder().values()]
+        self._special_text = (
+            re.compile("|".join(map(re.escape, specials))) if specials else re.compile("(?!)")
+        )
         symbols = byte_symbols()
         vocab = tok.get_vocab()
         self.byte_ids = [0] * 256
@@ -87,9 +102,18 @@ class ByteCodec:
                 ids[i] = self.encode_text(text)
             else:
                 valid.append(i)
+        slow = valid
+        if self.fast is not None:
+            plain = [i for i in valid if not self._special_text.search(texts[i])]
+            slow = [i for i in valid if self._special_text.search(texts[i])]
+            encoded = self.fast.encode_ordinary_batch(
+                [texts[i] for i in plain], num_threads=os.cpu_count() or 1
+            )
+            for i, one in zip(plain, encoded, strict=True):
+                ids[i] = one
         encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         for i, enc in zip(
-            valid, encode([texts[i] for i in valid], add_special_tokens=False), strict=True
+            slow, encode([texts[i] for i in slow], add_special_tokens=False), strict=True
         ):
             ids[i] = enc.ids
         return [x if x is not None else [] for x in ids]
@@ -99,6 +123,16 @@ class ByteCodec:
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", "surrogateescape")
+
+
+def _tiktoken_encoding(tok: Tokenizer) -> Any | None:
+    """tiktoken's Encoding of the same vocabulary, or None where it cannot be exact."""
+    try:
+        from frontierlm.tokenizer.export import to_tiktoken
+
+        return to_tiktoken(tok)
+    except (ImportError, ValueError):
+        return None
 
 
 def _has_surrogate(text: str) -> bool:

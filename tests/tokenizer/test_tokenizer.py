@@ -574,3 +574,23 @@ def test_roundtrip_every_document_valid_or_not(small_tokenizer, sample_texts, tm
     assert counts["train_bytes"] + counts["val_bytes"] == len(raw) + sum(
         len(t.encode()) for t in sample_texts[:40]
     )
+
+
+def test_tiktoken_engine_gives_the_tokenizers_ids(small_tokenizer, sample_texts):
+    from frontierlm.tokenizer.codec import ByteCodec
+
+    tok, _ = small_tokenizer
+    fast, slow = ByteCodec(tok), ByteCodec(tok, engine="tokenizers")
+    assert fast.fast is not None and slow.fast is None
+    docs = [
+        *sample_texts,
+        *_shipped_documents(),
+        "a literal <|user|> marker and <|endoftext|>-like text",  # spells a special token
+        "ok \udc80 escaped byte",  # undecodable byte carried in a str
+        "",
+    ]
+    expected = slow.encode_batch(docs)
+    assert fast.encode_batch(docs) == expected
+    # The special-token spelling keeps tokenizers' special id whichever engine runs.
+    user_id = tok.token_to_id("<|user|>")
+    assert user_id in expected[-3]
