@@ -4,6 +4,7 @@ frontierlm run RECIPE [--section.key=value ...] [--force]
 frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
+frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -79,6 +80,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tokenizer_report_parser() -> argparse.ArgumentParser:
+    """`frontierlm tokenizer report`: its own parser, since `frontierlm tokenizer RECIPE` is
+    the stage and argparse cannot tell a recipe path from the word `report`."""
+    from frontierlm.tokenizer.report import DEFAULT_BASELINE_CHARS, DEFAULT_D_MODEL, DEFAULT_PARAMS
+
+    parser = argparse.ArgumentParser(
+        prog="frontierlm tokenizer report",
+        description="bytes/token and tokens/word of trained tokenizers on held-out English, "
+        "code, math and non-English text, against a GPT-2-split BPE of the same vocab size "
+        "(or --against), with the training FLOPs per byte each one implies",
+    )
+    parser.add_argument("tokenizers", nargs="+", metavar="TOKENIZER_DIR")
+    parser.add_argument(
+        "--against",
+        metavar="DIR_OR_NAME",
+        help="baseline tokenizer directory (or tiktoken encoding name) instead of training "
+        "GPT-2-split baselines",
+    )
+    parser.add_argument(
+        "--out", default="runs/tokenizer-report", help="directory for report.json + report.png"
+    )
+    parser.add_argument(
+        "--d-model",
+        type=int,
+        default=DEFAULT_D_MODEL,
+        help="model width for the 2 * d_model * vocab embedding + head parameters",
+    )
+    parser.add_argument(
+        "--params", type=float, default=DEFAULT_PARAMS, help="N in 6N FLOPs per token"
+    )
+    parser.add_argument(
+        "--baseline-chars",
+        type=int,
+        default=DEFAULT_BASELINE_CHARS,
+        help="cap on the text a GPT-2-split baseline trains on",
+    )
+    return parser
+
+
+def tokenizer_report_command(argv: list[str]) -> int:
+    from frontierlm.tokenizer.report import build_report, print_report, write_report
+
+    args = tokenizer_report_parser().parse_args(argv)
+    try:
+        report = build_report(
+            args.tokenizers,
+            args.against,
+            d_model=args.d_model,
+            params=args.params,
+            baseline_chars=args.baseline_chars,
+            log=lambda msg: console.print(f"  {msg}"),
+        )
+        paths = write_report(report, Path(args.out))
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error in tokenizer report:[/] {err}")
+        return 1
+    print_report(report, paths)
+    return 0
+
+
 def train_classifier_command(args: argparse.Namespace) -> int:
     from frontierlm.data.quality import (
         DEFAULT_NEGATIVES,
@@ -145,6 +206,8 @@ def export_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["tokenizer", "report"]:
+        return tokenizer_report_command(argv[2:])
     if argv[:2] == ["data", "train-classifier"]:
         argv = argv[1:]  # also spelled as a tool of the data stage
     parser = build_parser()
