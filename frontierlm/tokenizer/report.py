@@ -50,6 +50,8 @@ ALL_FOREIGN_FILES = (
     "commoncrawl-sample-0001.warc.gz",
     "whirlwind.warc.wet.gz",
 )
+# Column labels short enough for the FLOPs table to fit 80 columns.
+SHORT = {"english": "en", "non-english": "non-en"}
 BASELINE_SPLIT = "gpt2"
 DEFAULT_D_MODEL = 2048
 DEFAULT_PARAMS = 1e9
@@ -357,51 +359,55 @@ def _plot(report: Report, path: Path) -> None:
 
 
 def print_report(report: Report, paths: Iterable[Path] = ()) -> None:
+    """Two tables sized for an 80-column terminal (rich folds a long name rather than cut a
+    number column): compression per domain, then compute per byte and embedding cost."""
     from rich.table import Table
 
     from frontierlm.console import console
 
     domains = [d for d in DOMAINS if d in report.held_out_bytes]
     table = Table(title="bytes/token (tokens/word) on held-out text")
-    table.add_column("tokenizer")
-    table.add_column("kind")
+    table.add_column("tokenizer", overflow="fold")
     table.add_column("vocab", justify="right")
     for d in domains:
-        table.add_column(f"{d} ({report.held_out_bytes[d] / 1e3:,.0f} KB)", justify="right")
+        table.add_column(f"{d}\n{report.held_out_bytes[d] / 1e3:,.0f} KB", justify="right")
     for s in report.subjects:
         cells = [
-            f"{s.compression[d]['bytes_per_token']:.3f} ({s.compression[d]['tokens_per_word']:.2f})"
+            f"{s.compression[d]['bytes_per_token']:.3f}\n({s.compression[d]['tokens_per_word']:.2f})"
             for d in domains
         ]
-        table.add_row(s.name, s.kind, f"{s.vocab_size:,}", *cells)
+        label = s.name if s.kind == "tokenizer" else f"{s.name} ({s.kind})"
+        table.add_row(label, f"{s.vocab_size:,}", *cells)
     console.print(table)
 
+    ref = report.flops[0]["reference"] if report.flops else ""
     flops = Table(
-        title=f"training compute per byte vs the smallest vocab (6N/bytes-per-token; "
-        f"N = {report.params:.3g}, d_model = {report.d_model})"
+        title=f"training FLOPs per byte = 6N / (bytes/token), as a share of {ref}'s "
+        f"(N = {report.params:.3g}); embedding + head = 2 x d_model ({report.d_model}) x vocab"
     )
-    flops.add_column("tokenizer")
+    flops.add_column("tokenizer", overflow="fold")
     flops.add_column("vocab", justify="right")
     for d in domains:
-        flops.add_column(f"{d} FLOPs/byte (x ref)", justify="right")
-    flops.add_column("emb+head params (extra)", justify="right")
+        flops.add_column(SHORT.get(d, d), justify="right")
+    flops.add_column("emb+head", justify="right")
     for row in report.flops:
-        cells = [
-            f"{row['flops_per_byte'][d]:.3g} ({row['compute_vs_reference'][d]:.3f}x)"
-            for d in domains
-        ]
-        extra = row["extra_embedding_head_params"]
         flops.add_row(
             row["name"],
             f"{row['vocab_size']:,}",
-            *cells,
-            f"{row['embedding_head_params'] / 1e6:,.1f}M (+{extra / 1e6:,.1f}M)",
+            *(f"{row['compute_vs_reference'][d]:.3f}x" for d in domains),
+            f"{row['embedding_head_params'] / 1e6:,.1f}M",
         )
     console.print(flops)
     console.print(
-        "  x ref < 1: that share of the smallest vocab's training FLOPs per byte of text; the "
-        "embedding and output head grow by 2 * d_model * vocab parameters (the head's matmul "
-        "is part of N's 6N per token)."
+        "  < 1x: the share of the smallest vocab's training compute per byte of text; the "
+        "embedding and output head hold 2 x d_model x vocab parameters."
     )
+    for row in report.flops:
+        english = row["flops_per_byte"].get("english")
+        per_byte = f"{english:.3g} FLOPs per English byte, " if english is not None else ""
+        console.print(
+            f"  {row['name']}: {per_byte}"
+            f"+{row['extra_embedding_head_params'] / 1e6:,.1f}M embedding/head parameters"
+        )
     for p in paths:
         console.print(f"  wrote {p}")
