@@ -89,10 +89,12 @@ class SourceStats:
 # ----------------------------------------------------------------------------- shards
 
 
-class _JsonlShard:
-    def __init__(self, f: BinaryIO) -> None:
+class JsonlShard:
+    """Gzipped JSONL documents written to an open binary file (a shard, or a task's output)."""
+
+    def __init__(self, f: BinaryIO, level: int = 6) -> None:
         # mtime=0 and no embedded file name: identical documents give identical bytes.
-        self._gz = gzip.GzipFile("", "wb", 6, f, mtime=0)
+        self._gz = gzip.GzipFile("", "wb", level, f, mtime=0)
 
     def add(self, doc: Document) -> None:
         record = {"id": doc.id, "text": doc.text, "meta": doc.meta}
@@ -151,7 +153,7 @@ def write_shards(
     """
     out_dir = Path(out_dir)
     suffix = SHARD_SUFFIXES[shard_format]
-    shard_class = _ParquetShard if shard_format == "parquet" else _JsonlShard
+    shard_class = _ParquetShard if shard_format == "parquet" else JsonlShard
     paths: list[Path] = []
     it = iter(docs)
     doc = next(it, None)
