@@ -84,3 +84,20 @@ def test_words_are_split_once() -> None:
     d = doc("a b  c")
     assert d.words is d.words
     assert d.words == ["a", "b", "c"]
+
+
+def test_count_letters_equals_isalpha_on_any_text(repo_data) -> None:
+    from frontierlm.data.filters import count_letters
+
+    tricky = [
+        "",
+        "plain ASCII, digits 123 and _underscores_ @ [ ` { \x7f",
+        "ÀÉ ñ café",  # Latin-1 letters: bytes >= 128 in UTF-8
+        "½²³ ǅ Ⅻ ٣",  # numbers that are not letters, a titlecase letter, a Roman numeral
+        "x\u0301y 日本語テキスト 🙂",  # combining mark, CJK, emoji
+        "a\udc80b\ud800c",  # lone surrogates carried in a str
+    ]
+    shakespeare = (repo_data / "tinyshakespeare/input.txt").read_text(encoding="utf-8")
+    pieces = [shakespeare[i : i + 5000] for i in range(0, len(shakespeare), 5000)]
+    for text in tricky + pieces:
+        assert count_letters(text) == sum(map(str.isalpha, text)), text[:40]
