@@ -34,6 +34,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -42,12 +43,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data"))
+from datatrove_reference import datatrove_url_filter
+
 from frontierlm.config import C4Config, DataConfig, DataSource
 from frontierlm.data import build_steps
 from frontierlm.data.documents import Document, SourceStats
 from frontierlm.data.pipeline import StepStats
 from frontierlm.data.readers import read_source
-from frontierlm.data.web_filters import _shipped_list
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "web"
@@ -229,12 +232,10 @@ def run_datatrove(path: Path, work: Path) -> tuple[float, list[Probe], int]:
         FineWebQualityFilter,
         GopherQualityFilter,
         GopherRepetitionFilter,
-        URLFilter,
     )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
-    from tldextract import TLDExtract
     from xxhash import xxh64_intdigest
 
     config = MinhashConfig(
@@ -243,15 +244,7 @@ def run_datatrove(path: Path, work: Path) -> tuple[float, list[Probe], int]:
         hashes_per_bucket=ROWS,
         hash_config=HashConfig(precision=64, hash_fc="xxhash"),
     )
-    url = URLFilter(
-        use_integrated_lists=False,
-        extra_domains=_shipped_list("url_domains.txt"),
-        banned_words=_shipped_list("url_banned_words.txt"),
-        banned_subwords=_shipped_list("url_banned_subwords.txt"),
-        soft_banned_words=_shipped_list("url_soft_banned_words.txt"),
-    )
-    # The public-suffix snapshot inside tldextract; no download.
-    url.tldextractor = TLDExtract(suffix_list_urls=())
+    url = datatrove_url_filter()
     filters = [
         url,
         GopherRepetitionFilter(),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def temp_path(final: Path) -> Path:
@@ -32,6 +35,20 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at `final` complete or not at all: written beside it under a
+    temp name, renamed on success, removed when the writing fails."""
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from frontierlm.atomic import temp_path
+from frontierlm.atomic import atomic_file
 
 MAX_MESSAGES = 100
 SHARD_SUFFIXES = {"jsonl": ".jsonl.gz", "parquet": ".parquet"}
@@ -159,28 +158,22 @@ def write_shards(
     doc = next(it, None)
     while doc is not None:
         path = out_dir / f"shard-{len(paths):05d}{suffix}"
-        tmp = temp_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                shard = shard_class(f)
-                n_docs = n_bytes = 0
-                try:
-                    while doc is not None:
-                        shard.add(doc)
-                        n_docs += 1
-                        n_bytes += len(doc.text.encode("utf-8")) if shard_bytes else 0
-                        doc = next(it, None)
-                        if (n_bytes >= shard_bytes) if shard_bytes else (n_docs >= shard_docs):
-                            break
-                finally:
-                    # Also on failure: a writer left open would write into the closed file
-                    # when garbage collected.
-                    shard.close()
-        except BaseException:
-            # A failing upstream step must not leave half a shard behind.
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        # A failing upstream step leaves no half shard behind (atomic_file).
+        with atomic_file(path) as f:
+            shard = shard_class(f)
+            n_docs = n_bytes = 0
+            try:
+                while doc is not None:
+                    shard.add(doc)
+                    n_docs += 1
+                    n_bytes += len(doc.text.encode("utf-8")) if shard_bytes else 0
+                    doc = next(it, None)
+                    if (n_bytes >= shard_bytes) if shard_bytes else (n_docs >= shard_docs):
+                        break
+            finally:
+                # Also on failure: a writer left open would write into the closed file
+                # when garbage collected.
+                shard.close()
         paths.append(path)
     for stale in set(shard_paths(out_dir)) - set(paths):
         stale.unlink()

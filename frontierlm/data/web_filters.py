@@ -105,7 +105,7 @@ def _normalize_word(word: str) -> str:
 
 
 @cache
-def _shipped_list(name: str) -> frozenset[str]:
+def shipped_list(name: str) -> frozenset[str]:
     """One word or domain per line from frontierlm/data/lists/; '#' starts a comment line."""
     text = resources.files("frontierlm.data").joinpath("lists", name).read_text("utf-8")
     return frozenset(
@@ -130,21 +130,21 @@ class URLFilter(Step):
         extra_soft_banned_words: Iterable[str] = (),
     ) -> None:
         self.soft_word_threshold = soft_word_threshold
-        self.domains = _shipped_list("url_domains.txt") | {d.lower() for d in extra_domains}
+        self.domains = shipped_list("url_domains.txt") | {d.lower() for d in extra_domains}
         # Words are compared in normalised form (letters and digits, lower case).
         self.banned_words = frozenset(
-            map(_normalize_word, _shipped_list("url_banned_words.txt") | set(extra_banned_words))
+            map(_normalize_word, shipped_list("url_banned_words.txt") | set(extra_banned_words))
         )
         self.soft_banned_words = frozenset(
             map(
                 _normalize_word,
-                _shipped_list("url_soft_banned_words.txt") | set(extra_soft_banned_words),
+                shipped_list("url_soft_banned_words.txt") | set(extra_soft_banned_words),
             )
         )
         subwords = sorted(
             map(
                 _normalize_word,
-                _shipped_list("url_banned_subwords.txt") | set(extra_banned_subwords),
+                shipped_list("url_banned_subwords.txt") | set(extra_banned_subwords),
             )
         )
         # One alternation scans the URL once, however long the list.

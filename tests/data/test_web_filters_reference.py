@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from datatrove_reference import datatrove_url_filter
 
 from frontierlm.config import DataSource
 from frontierlm.data.documents import Document, SourceStats
@@ -26,7 +27,6 @@ from frontierlm.data.web_filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
     URLFilter,
-    _shipped_list,
 )
 
 pytestmark = pytest.mark.slow
@@ -132,19 +132,7 @@ def test_fineweb_agrees(web_docs: list[Document]) -> None:
 def test_url_filter_agrees(web_docs: list[Document]) -> None:
     """datatrove's URLFilter given our lists (its own bundled lists off), on the corpus URLs plus
     hand-made ones that hit each rule."""
-    pytest.importorskip("tldextract")
-    from datatrove.pipeline.filters import URLFilter as Theirs
-    from tldextract import TLDExtract
-
-    theirs = Theirs(
-        use_integrated_lists=False,
-        extra_domains=_shipped_list("url_domains.txt"),
-        banned_words=_shipped_list("url_banned_words.txt"),
-        banned_subwords=_shipped_list("url_banned_subwords.txt"),
-        soft_banned_words=_shipped_list("url_soft_banned_words.txt"),
-    )
-    # The public-suffix snapshot inside tldextract; no download.
-    theirs.tldextractor = TLDExtract(suffix_list_urls=())
+    theirs = datatrove_url_filter()
     urls = [d.meta["url"] for d in web_docs if d.meta.get("url")]
     urls += [
         "https://pornhub.com/a",
