@@ -8,7 +8,7 @@ KV-cache engine (issue 8) must equal token for token, and it keeps the same sign
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +36,12 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     tokenizer: Any = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
-    """Sample a completion for each prompt. `tokenizer` (anything with `decode(ids)` and
-    `encode(text).ids`) is needed only for `params.stop_strings`; a completion that produces a
-    stop string is cut before it."""
+    """Sample a completion for each prompt. `tokenizer` (anything with `decode(ids)`) is needed
+    only for `params.stop_strings`; a completion that produces a stop string is cut before it.
+    `on_token(prompt_index, token_id)` is called for each token as it is accepted (streaming;
+    tokens that turn out to belong to a stop string are reported before the cut)."""
     if params.stop_strings and tokenizer is None:
         raise ValueError("sampling: stop_strings need a tokenizer to decode the output")
     device = next(model.parameters()).device
@@ -50,7 +52,7 @@ def generate(
     was_training = model.training
     model.eval()
     results = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError("sampling: a prompt needs at least one token")
         ids, logprobs, reason = list(prompt), [], "length"
@@ -66,6 +68,8 @@ def generate(
             logprobs.append(float(logits[0].log_softmax(-1)[token]))
             ids.append(token)
             seen[0, token] = True
+            if on_token is not None:
+                on_token(index, token)
             if params.stop_strings:
                 new = ids[len(prompt) :]
                 if _stop_string_cut(tokenizer.decode(new), params.stop_strings) is not None:

@@ -1,0 +1,44 @@
+"""Verifiable rewards: answer extraction and exact-match checking for GSM8K-style answers.
+
+Shared by RL (reward functions), evaluation (exact match) and synthetic data (the verifier), so
+all three judge an answer the same way. A GSM8K reference ends with `#### 72`; a model's answer
+is read from its own `#### ...` line when it writes one, else (`fallback="last_number"`) from the
+last number in the text, as lm-evaluation-harness's flexible-extract filter does.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,000' -> '1000', '3.50' -> '3.5', '-0' -> '0'; None when `text` is not a number."""
+    try:
+        value = Decimal(text.replace(",", "").strip().rstrip("."))
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def extract_answer(text: str, fallback: str = "none") -> str | None:
+    """The normalised final answer of `text`: the number after the first `####`, else (with
+    `fallback="last_number"`) the last number in the text, else None."""
+    if match := FINAL_ANSWER.search(text):
+        return normalize_number(match.group(1))
+    if fallback == "last_number" and (numbers := NUMBER.findall(text)):
+        return normalize_number(numbers[-1])
+    if fallback not in ("none", "last_number"):
+        raise ValueError(f"fallback must be 'none' or 'last_number', not {fallback!r}")
+    return None
+
+
+def exact_match(completion: str, reference: str, fallback: str = "none") -> bool:
+    """True when the completion's final answer equals the reference's (`#### N` or a bare N)."""
+    expected = extract_answer(reference) or normalize_number(reference)
+    return expected is not None and extract_answer(completion, fallback) == expected
