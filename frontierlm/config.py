@@ -850,6 +850,13 @@ class LoopConfig(Strict):
     fp8_backward: Literal["e5m2", "e4m3"] = Field(
         "e5m2", description="fp8 format of the output gradients in the backward pass"
     )
+    chunked_ce: bool = Field(
+        True,
+        description="token losses from hidden states and the head weight one chunk of tokens at "
+        "a time, never holding the [tokens, vocab] logits (train/losses.py; >= 4x less memory "
+        "at a 128k vocabulary, not slower on CPU); off: from the full logits (also when z_loss "
+        "is on, which needs them)",
+    )
 
     @model_validator(mode="after")
     def _warmup(self) -> LoopConfig:
@@ -993,16 +1000,47 @@ class ChatSource(Strict):
 
 class SFTConfig(LoopConfig):
     steps: int = Field(150, ge=1)
+    # Fine-tuning moves a trained model a little: a third of pretraining's default peak.
     lr: float = Field(3e-4, gt=0)
     sources: list[ChatSource] = Field(default_factory=list, min_length=1)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    packing: bool = Field(
+        False,
+        description="pack several chats into each seq_len row (first-fit), each attending only "
+        "within itself (document masking); fewer padding tokens per step",
+    )
 
 
 class AlignConfig(LoopConfig):
     steps: int = Field(100, ge=1)
     lr: float = Field(5e-5, gt=0)
-    method: Literal["dpo"] = "dpo"
-    beta: float = Field(0.1, gt=0)
+    loss_type: Literal[
+        "sigmoid", "ipo", "robust", "hinge", "apo_zero", "apo_down", "bco_pair", "nca_pair",
+        "sppo_hard", "kto", "orpo", "simpo",
+    ] = Field(
+        "sigmoid",
+        description="TRL 1.16's names and formulas (posttrain/preference.py): sigmoid = DPO, ipo, "
+        "robust, hinge, apo_zero, apo_down, bco_pair, nca_pair, sppo_hard against the SFT model; "
+        "kto on unpaired chosen (desirable) and rejected (undesirable) replies; orpo and simpo "
+        "without a reference model",
+    )  # fmt: skip
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="TRL's beta: DPO family and KTO 0.1; ORPO's lambda 0.1; SimPO 2.0-2.5",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid: conservative DPO; robust: assumed label noise"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable ones")
+    precompute_ref: bool = Field(
+        True,
+        description="reference log-probs of every pair computed once before training and cached "
+        "in the stage directory, then the reference model is freed; off: a frozen copy runs "
+        "beside the policy at every step",
+    )
     sources: list[ChatSource] = Field(default_factory=list, min_length=1)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
 

@@ -98,11 +98,11 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "align",
-            "frontierlm.posttrain.preference:run_align_stage",
+            "frontierlm.posttrain.align:run_align_stage",
             ("run", "align"),
             ("tokenizer", "sft"),
-            "DPO against the frozen SFT model",
-            "val_margin",
+            "preference optimisation (align.loss_type) of the SFT model",
+            "val_rewards/accuracies",
             distributed=True,
         ),
         Stage(

@@ -2,7 +2,8 @@
 
 text bpb    held-out pretraining documents (tokenize stage's val split)
 chat bpb    assistant tokens of held-out SFT chats
-DPO margin  mean implicit reward margin on held-out preference pairs, SFT model as reference
+preference  on held-out preference pairs: the aligned model's mean implicit reward margin and
+            accuracy (SFT model as reference), and both models' log-prob accuracy
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from frontierlm.console import console, track
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.inference.generate import greedy
+from frontierlm.posttrain.align import compare_on_pairs, split_pairs
 from frontierlm.posttrain.batches import fixed_batches, pad_batch
-from frontierlm.posttrain.preference import dpo_eval_fn, split_pairs
 from frontierlm.posttrain.sft import sft_examples
 from frontierlm.stages import StageContext
 from frontierlm.tokenizer.chat import ChatRenderer, Message
@@ -45,7 +46,7 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
     seq_len, batch_size = cfg.pretrain.seq_len, cfg.pretrain.batch_size
     _, val_chats = sft_examples(cfg.sft, renderer)
     chat_batches = [pad_batch(c, pad_id) for c in fixed_batches(val_chats, cfg.sft.batch_size)]
-    _, val_pairs = split_pairs(cfg.align, renderer)
+    _, val_pairs = split_pairs(cfg.align, renderer, cfg.run.seed)
     models = {
         name: load_model_dir(ctx.path(name) / "model", device).eval() for name in MODEL_STAGES
     }
@@ -77,12 +78,16 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
             out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
             samples.append(f"- user: {prompt}\n  assistant: {out}\n")
 
-    dpo = dpo_eval_fn(cfg.align, models["sft"], val_pairs, pad_id)(models["align"])
-    results["align_val_margin"] = dpo["margin"]
-    results["align_val_accuracy"] = dpo["accuracy"]
+    pref = compare_on_pairs(cfg.align, models["align"], models["sft"], val_pairs, pad_id)
+    results["align_val_margin"] = pref["margin"]
+    results["align_val_accuracy"] = pref["ref_accuracy"]
+    results["align_val_logp_accuracy"] = pref["logp_accuracy"]
+    results["sft_val_logp_accuracy"] = pref["sft_logp_accuracy"]
     results["val_pairs"] = len(val_pairs)
     console.print(
-        f"  align     held-out DPO margin {dpo['margin']:+.4f}, accuracy {dpo['accuracy']:.3f}"
+        f"  align     held-out implicit reward margin {pref['margin']:+.4f}, accuracy "
+        f"{pref['ref_accuracy']:.3f}; log-prob accuracy {pref['logp_accuracy']:.3f} "
+        f"(SFT model {pref['sft_logp_accuracy']:.3f})"
     )
     (ctx.work_dir / "results.json").write_text(json.dumps(results, indent=2))
     (ctx.work_dir / "samples.md").write_text("".join(samples))

@@ -18,6 +18,7 @@ from frontierlm.model.mlp import SwiGLU
 from frontierlm.model.moe import MoE
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import rope_tables
+from frontierlm.train.losses import chunked_cross_entropy
 
 
 class Block(nn.Module):
@@ -84,9 +85,31 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(param)
 
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab). With `doc_ids` (batch, seq),
-        tokens attend only within their document."""
+        tokens attend only within their document. With `targets` (batch, seq): the per-token
+        cross-entropy instead (float32, 0 where the target is -100), computed chunk by chunk
+        from the hidden states without materialising the logits (train/losses.py). It stays
+        inside forward so DDP/FSDP wrappers see the head weight used."""
+        hidden = self.hidden_states(input_ids, doc_ids)
+        if targets is not None:
+            return chunked_cross_entropy(
+                hidden, self.lm_head.weight, targets, self.cfg.final_softcap
+            )
+        logits = self.lm_head(hidden)
+        if self.cfg.final_softcap is not None:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final-norm hidden states (batch, seq, d_model) the output head reads."""
         seq = input_ids.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(
@@ -110,10 +133,7 @@ class Transformer(nn.Module):
         ):
             # A NoPE layer gets no rotary tables: its attention sees content only.
             x = layer(x, cos if rope else None, sin if rope else None, masks[window])
-        logits = self.lm_head(self.norm(x))
-        if cfg.final_softcap is not None:
-            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        return logits
+        return self.norm(x)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

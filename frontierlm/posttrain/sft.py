@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,7 +11,13 @@ from torch import nn
 from frontierlm.config import SFTConfig
 from frontierlm.console import console
 from frontierlm.eval.bpb import bits_per_byte
-from frontierlm.posttrain.batches import fit_window, fixed_batches, pad_batch
+from frontierlm.posttrain.batches import (
+    fit_window,
+    fixed_batches,
+    pack_chats,
+    packed_batch,
+    pad_batch,
+)
 from frontierlm.posttrain.chat_data import load_conversations
 from frontierlm.stages import StageContext
 from frontierlm.tokenizer.chat import ChatRenderer, RenderedChat
@@ -18,7 +25,7 @@ from frontierlm.tokenizer.shards import hash_fraction
 from frontierlm.tokenizer.train import PAD, load_tokenizer, token_byte_lengths
 from frontierlm.train.checkpoint import load_model_dir
 from frontierlm.train.loop import Batch, TrainTask, train
-from frontierlm.train.losses import masked_mean, token_cross_entropy
+from frontierlm.train.losses import masked_mean, model_token_losses
 from frontierlm.train.sampler import EpochSampler
 
 
@@ -51,8 +58,11 @@ def chat_bpb_fn(
     return evaluate
 
 
-def masked_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    losses = token_cross_entropy(model(batch["input_ids"]), batch["targets"])
+def masked_lm_loss(
+    model: nn.Module, batch: Batch, chunked: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over the assistant tokens of the batch (packed or not)."""
+    losses = model_token_losses(model, batch, chunked)
     return masked_mean(losses, batch["loss_mask"]), {}
 
 
@@ -63,13 +73,25 @@ def run_sft_stage(ctx: StageContext) -> dict[str, Any]:
     pad_id = tok.token_to_id(PAD)
     train_set, val_set = sft_examples(cfg, renderer)
     console.print(f"  {len(train_set):,} training chats, {len(val_set):,} held out")
-    sampler = EpochSampler(len(train_set), cfg.batch_size, ctx.cfg.run.seed)
+    if cfg.packing:
+        rows = pack_chats(train_set, cfg.seq_len + 1)
+        console.print(f"  packed into {len(rows):,} rows of {cfg.seq_len + 1} tokens")
+
+        def make_batch(chosen: list[int]) -> Batch:
+            return packed_batch([rows[j] for j in chosen], pad_id)
+    else:
+        rows = train_set
+
+        def make_batch(chosen: list[int]) -> Batch:
+            return pad_batch([train_set[j] for j in chosen], pad_id)
+
+    sampler = EpochSampler(len(rows), cfg.batch_size, ctx.cfg.run.seed)
     byte_lengths = torch.tensor(token_byte_lengths(tok))
     model = load_model_dir(ctx.path("pretrain") / "model", ctx.device)
     task = TrainTask(
         name="sft",
-        batch=lambda i: pad_batch([train_set[j] for j in sampler(i)], pad_id),
-        loss=masked_lm_loss,
+        batch=lambda i: make_batch(sampler(i)),
+        loss=functools.partial(masked_lm_loss, chunked=cfg.chunked_ce),
         evaluate=chat_bpb_fn(val_set, pad_id, cfg.batch_size, byte_lengths, ctx.device),
     )
     model.eval()
@@ -81,4 +103,5 @@ def run_sft_stage(ctx: StageContext) -> dict[str, Any]:
         "pretrained_val_bpb": before["bpb"],
         "train_chats": len(train_set),
         "val_chats": len(val_set),
+        "train_rows": len(rows),
     }

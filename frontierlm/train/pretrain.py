@@ -15,7 +15,7 @@ from frontierlm.stages import StageContext
 from frontierlm.tokenizer.shards import TokenSplit, window_batch
 from frontierlm.tokenizer.train import BOS, load_tokenizer, token_byte_lengths
 from frontierlm.train.loop import Batch, TrainTask, train
-from frontierlm.train.losses import token_cross_entropy, z_loss
+from frontierlm.train.losses import model_token_losses, token_cross_entropy, z_loss
 from frontierlm.train.mixture import MixtureWindows
 from frontierlm.train.sampler import EpochSampler
 
@@ -48,16 +48,17 @@ class ShuffledWindows:
 
 
 def lm_loss(
-    model: nn.Module, batch: Batch, z_weight: float = 0.0
+    model: nn.Module, batch: Batch, z_weight: float = 0.0, chunked: bool = True
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy, plus `z_weight` times the z-loss when asked."""
-    logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-    loss = token_cross_entropy(logits, batch["targets"]).mean()
+    """Next-token cross-entropy, plus `z_weight` times the z-loss when asked. `chunked`: the
+    chunked loss that never holds the logits (the z-loss needs them: then the plain one)."""
     # The data-mixture stage (train/mixture.py) goes into metrics.jsonl with the loss, so a
     # change in the curve can be read against the stage boundary.
     parts = {"mixture_stage": float(batch["mixture_stage"][0])} if "mixture_stage" in batch else {}
     if not z_weight:
-        return loss, parts
+        return model_token_losses(model, batch, chunked).mean(), parts
+    logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+    loss = token_cross_entropy(logits, batch["targets"]).mean()
     z = z_loss(logits)
     return loss + z_weight * z, {**parts, "ce": loss.item(), "z_loss": z.item()}
 
@@ -103,7 +104,7 @@ def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
     task = TrainTask(
         name="pretrain",
         batch=windows,
-        loss=functools.partial(lm_loss, z_weight=loop.z_loss),
+        loss=functools.partial(lm_loss, z_weight=loop.z_loss, chunked=loop.chunked_ce),
         evaluate=val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id),
     )
     metrics = train(model, loop, task, ctx.work_dir, device, cfg.run)

@@ -1,17 +1,15 @@
-"""SFT masking, HH parsing, windows and the DPO loss."""
-
-import math
+"""SFT masking and packing, HH parsing, windows, and the align stage's training step."""
 
 import pytest
 import torch
 
 from frontierlm.config import ModelConfig
 from frontierlm.model import Transformer
-from frontierlm.posttrain.batches import fit_window, pad_batch
+from frontierlm.posttrain.batches import fit_window, pack_chats, packed_batch, pad_batch
 from frontierlm.posttrain.chat_data import parse_hh
-from frontierlm.posttrain.preference import dpo_loss, pair_batch, sequence_logps
 from frontierlm.posttrain.sft import masked_lm_loss
 from frontierlm.tokenizer.chat import ChatRenderer, Message, RenderedChat
+from frontierlm.train.losses import model_token_losses
 
 
 def test_parse_hh_turns():
@@ -65,44 +63,104 @@ def test_sft_loss_ignores_prompt_tokens(small_tokenizer):
     assert loss.item() == pytest.approx(-picked[mask].mean().item(), rel=1e-5)
 
 
-def test_dpo_loss_against_direct_formula():
-    torch.manual_seed(1)
-    policy = torch.randn(6) * 5 - 40  # 3 chosen then 3 rejected sequence log-probs
-    ref = torch.randn(6) * 5 - 40
-    loss, margins = dpo_loss(policy, ref, beta=0.1)
-    for i in range(3):
-        expected = 0.1 * ((policy[i] - ref[i]) - (policy[i + 3] - ref[i + 3]))
-        assert margins[i].item() == pytest.approx(expected.item(), rel=1e-6)
-    direct = sum(math.log1p(math.exp(-m)) for m in margins.tolist()) / 3
-    assert loss.item() == pytest.approx(direct, rel=1e-6)
-    # Identical policy and reference: margin 0, loss log 2.
-    loss0, margins0 = dpo_loss(ref, ref, beta=0.1)
-    assert margins0.abs().max() == 0 and loss0.item() == pytest.approx(math.log(2))
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=96, **kw), 1024)
 
 
-def test_dpo_step_raises_the_margin(small_tokenizer):
+def test_packed_rows_score_like_separate_chats(small_tokenizer):
+    """Document masking makes a packed row score each chat exactly as alone (RoPE is
+    relative, so a chat's offset in the row does not matter), and the loss stays on the
+    assistant tokens."""
     tok, _ = small_tokenizer
-    torch.manual_seed(0)
-    policy = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 1024)
-    reference = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), 1024)
-    reference.load_state_dict(policy.state_dict())
     renderer = ChatRenderer(tok)
-    prompt = [Message("user", "Is it ok to insult people?")]
-    pairs = [
-        (
-            renderer.render([*prompt, Message("assistant", "No, be kind.")], last_turn_only=True),
-            renderer.render([*prompt, Message("assistant", "Yes, go ahead.")], last_turn_only=True),
-        )
-    ]
-    batch = pair_batch(pairs, tok.token_to_id("<|pad|>"))
-    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    margins = []
-    for _ in range(3):
-        with torch.no_grad():
-            ref = sequence_logps(reference, batch)
-        loss, margin = dpo_loss(sequence_logps(policy, batch), ref, beta=0.1)
-        margins.append(margin.item())
+    pad = tok.token_to_id("<|pad|>")
+    chats = [
+        renderer.render([Message("user", q), Message("assistant", a)])
+        for q, a in [("What is 2 + 3?", "5"), ("Name a colour.", "Blue, like the sky."),
+                     ("Say hi", "Hi!"), ("Count to three", "1, 2, 3")]
+    ]  # fmt: skip
+    rows = pack_chats(chats, capacity=64)
+    assert len(rows) < len(chats) and sum(len(r) for r in rows) == len(chats)
+    assert all(sum(len(c.ids) for c in row) <= 64 for row in rows)
+    model = tiny_model()
+    packed = packed_batch(rows, pad)
+    assert packed["doc_ids"].shape == packed["input_ids"].shape
+    packed_losses = model_token_losses(model, packed)[packed["loss_mask"].bool()]
+    alone = [c for row in rows for c in row]  # the same chats in packed order
+    single = pad_batch(alone, pad)
+    single_losses = model_token_losses(model, single)[single["loss_mask"].bool()]
+    torch.testing.assert_close(packed_losses, single_losses, atol=1e-5, rtol=1e-5)
+    # Without the document mask the later chats see the earlier ones: different losses.
+    leaky = model_token_losses(model, {k: v for k, v in packed.items() if k != "doc_ids"})
+    assert not torch.allclose(leaky[packed["loss_mask"].bool()], packed_losses, atol=1e-3)
+
+
+def toy_splits(tok, loss_type):
+    from frontierlm.posttrain.align import AlignSplit
+
+    renderer = ChatRenderer(tok)
+    prompts = ["Is it ok to insult people?", "Should I steal a car?", "Can you help me lie?"]
+    good = ["No, be kind.", "No, that is a crime.", "I would rather not."]
+    bad = ["Yes, go ahead.", "Sure, here is how.", "Yes, lie away."]
+
+    def render(p, r):
+        return renderer.render([Message("user", p), Message("assistant", r)], last_turn_only=True)
+
+    chosen = [render(p, g) for p, g in zip(prompts, good, strict=True)]
+    rejected = [render(p, b) for p, b in zip(prompts, bad, strict=True)]
+    kl = []
+    if loss_type == "kto":  # each prompt with another example's reply
+        replies = good + bad
+        kl = [render((prompts * 2)[j], replies[(j + 1) % 6]) for j in range(6)]
+    return AlignSplit(chosen, rejected, kl)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "kto", "orpo", "simpo"])
+def test_align_steps_prefer_the_chosen_replies(small_tokenizer, loss_type):
+    """A few optimizer steps of each loss raise the held-out implicit-reward accuracy's
+    underlying margin; precomputed reference log-probs give the same loss as a live
+    reference model."""
+    from frontierlm.config import AlignConfig
+    from frontierlm.posttrain.align import align_task, held_out_fn, reference_logps
+
+    tok, _ = small_tokenizer
+    pad = tok.token_to_id("<|pad|>")
+    source = {"name": "x", "path": "x", "format": "hh"}
+    cfg = AlignConfig(
+        steps=4, batch_size=3, loss_type=loss_type, sources=[source],
+        beta=2.0 if loss_type == "simpo" else 0.5, simpo_gamma=0.2,
+    )  # fmt: skip
+    split = toy_splits(tok, loss_type)
+    policy = tiny_model(seed=1)
+    reference = tiny_model(seed=1).requires_grad_(False)
+    device = torch.device("cpu")
+    ref = reference_logps(cfg, reference, split, pad, device, "train")
+    live = align_task(cfg, split, split, None, ref, reference, pad, seed=0)
+    cached = align_task(cfg, split, split, ref, ref, None, pad, seed=0)
+    batch = cached.batch(0)
+    a, _stats_a = live.loss(policy, batch | {})
+    b, _stats_b = cached.loss(policy, batch)
+    assert a.item() == pytest.approx(b.item(), abs=1e-5)
+    evaluate = held_out_fn(cfg, split, ref, pad)
+    before = evaluate(policy)
+    if loss_type not in ("orpo", "simpo"):
+        assert before["ref_accuracy"] == 0.0  # policy == reference: every margin is 0
+        assert abs(before["rewards/margins"]) < 1e-5
+    opt = torch.optim.SGD(policy.parameters(), lr=0.3)
+    for step in range(4):
+        loss, _stats = cached.loss(policy, cached.batch(step))
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert margins[0] == 0.0 and margins[2] > margins[1] > 0.0
+    after = evaluate(policy)
+    assert after["rewards/margins"] > before["rewards/margins"]
+    assert after["loss"] < before["loss"]
+    assert set(after) >= {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logp_accuracy",
+    }
+    if loss_type == "kto":
+        assert "kl" in after
