@@ -70,6 +70,51 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     return ["training_curves.png", "validation_bpb.png"]
 
 
+def plot_align(run_dir: Path, out: Path) -> str | None:
+    """The align stage's metrics: its loss's rewards (chosen, rejected), their margin, and the
+    held-out pair accuracies against the SFT model's (dashed), plus KTO's KL estimate."""
+    records = MetricsLog(run_dir / "align" / "metrics.jsonl").read()
+    if not records or "rewards/chosen" not in records[0]:
+        return None  # an align stage from before these metrics
+    evals = [r for r in records if "val_rewards/chosen" in r]
+    has_kl = "kl" in records[0]
+    panels = 4 if has_kl else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6))
+    steps = [r["step"] for r in records]
+    eval_steps = [r["step"] for r in evals]
+
+    def curve(ax, key, label, **style):
+        ax.plot(steps, [r[key] for r in records], lw=1, alpha=0.6, label=f"train {label}")
+        ax.plot(eval_steps, [r[f"val_{key}"] for r in evals], "o-", label=f"val {label}", **style)
+
+    rewards, margins, accuracy = axes[:3]
+    curve(rewards, "rewards/chosen", "chosen")
+    curve(rewards, "rewards/rejected", "rejected")
+    rewards.set_title("rewards")
+    curve(margins, "rewards/margins", "margin")
+    margins.axhline(0, color="gray", lw=0.8)
+    margins.set_title("reward margin (chosen - rejected)")
+    curve(accuracy, "rewards/accuracies", "reward accuracy")
+    for key, label in (("logp_accuracy", "log-prob"), ("ref_accuracy", "vs SFT ref")):
+        if evals and f"val_{key}" in evals[0]:
+            accuracy.plot(
+                eval_steps, [r[f"val_{key}"] for r in evals], "s-", label=f"val {label} accuracy"
+            )
+    stage = read_record(run_dir / "align")["metrics"]
+    if "sft_logp_accuracy" in stage:
+        accuracy.axhline(
+            stage["sft_logp_accuracy"], color="gray", ls="--", label="SFT log-prob accuracy"
+        )
+    accuracy.set_title(f"held-out pairs ({stage.get('loss_type', 'sigmoid')})")
+    if has_kl:
+        curve(axes[3], "kl", "KL")
+        axes[3].set_title("KTO reference point (batch KL)")
+    for ax in axes:
+        _style(ax)
+    _save(fig, out / "align_metrics.png")
+    return "align_metrics.png"
+
+
 def read_data_steps(run_dir: Path) -> list[dict[str, Any]]:
     """The data stage's per-step stats; `seconds` and `counts` default for stats.json files
     written before steps recorded them (None: not measured, which is not 0 seconds)."""
@@ -164,6 +209,7 @@ def data_section(run_dir: Path, out: Path) -> list[str]:
 def build_report(run_dir: Path, out: Path) -> str:
     records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
+    loss_type = records["align"]["metrics"].get("loss_type", "sigmoid")
     lines = [
         f"# FrontierLM run `{run_dir.name}`",
         "",
@@ -189,8 +235,18 @@ def build_report(run_dir: Path, out: Path) -> str:
         f"| SFT held-out chat bpb vs pretrained model | {ev['sft_chat_bpb']:.4f} | "
         f"{ev['pretrain_chat_bpb']:.4f} | "
         f"{100 * (1 - ev['sft_chat_bpb'] / ev['pretrain_chat_bpb']):.1f}% lower |",
-        f"| DPO mean implicit reward margin, held-out pairs (n={ev['val_pairs']}) | "
-        f"{ev['align_val_margin']:+.4f} | 0 (SFT) | accuracy {ev['align_val_accuracy']:.3f} |",
+        f"| align ({loss_type}) mean implicit reward margin, held-out pairs "
+        f"(n={ev['val_pairs']}) | {ev['align_val_margin']:+.4f} | 0 (SFT) | "
+        f"accuracy {ev['align_val_accuracy']:.3f} |",
+        *(
+            [
+                f"| held-out pairs with log p(chosen) > log p(rejected) | "
+                f"{ev['align_val_logp_accuracy']:.3f} | {ev['sft_val_logp_accuracy']:.3f} (SFT) "
+                f"| {ev['align_val_logp_accuracy'] - ev['sft_val_logp_accuracy']:+.3f} |"
+            ]
+            if "sft_val_logp_accuracy" in ev
+            else []
+        ),
         "",
         "## Bits per byte of every model",
         "",
@@ -206,6 +262,8 @@ def build_report(run_dir: Path, out: Path) -> str:
         *data_section(run_dir, out),
     ]
     for png in plot_curves(run_dir, out):
+        lines.append(f"![{png}](report/{png})")
+    if png := plot_align(run_dir, out):
         lines.append(f"![{png}](report/{png})")
     lines += [
         "",

@@ -110,3 +110,38 @@ def test_report_with_no_or_empty_steps(tmp_path, steps):
     fake_run(run_dir, steps)
     text = build_report(run_dir, out)
     assert ("## Data steps" in text) == bool(steps)
+
+
+def test_report_plots_the_align_metrics(tmp_path):
+    """KTO-style align metrics (rewards, margins, accuracies, KL) make the align figure, and
+    the held-out log-prob accuracy row compares against the SFT model."""
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    fake_run(run_dir, STEPS)
+    rows = []
+    for step in (1, 2, 3, 4):
+        row = {"step": step, "loss": 0.5 - 0.05 * step, "kl": 0.01 * step}
+        row |= {"rewards/chosen": 0.1 * step, "rewards/rejected": -0.1 * step}
+        row |= {"rewards/margins": 0.2 * step, "rewards/accuracies": 0.5 + 0.1 * step}
+        if step % 2 == 0:
+            row |= {f"val_{k}": v for k, v in row.items() if k not in ("step",)}
+            row |= {"val_logp_accuracy": 0.55, "val_ref_accuracy": 0.6, "val_bpb": 2.0}
+        rows.append(row)
+    (run_dir / "align" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = json.loads((run_dir / "align" / "stage.json").read_text())
+    record["metrics"] = {"loss_type": "kto", "sft_logp_accuracy": 0.5}
+    (run_dir / "align" / "stage.json").write_text(json.dumps(record))
+    ev_record = json.loads((run_dir / "eval" / "stage.json").read_text())
+    ev_record["metrics"] |= {"align_val_logp_accuracy": 0.55, "sft_val_logp_accuracy": 0.5}
+    (run_dir / "eval" / "stage.json").write_text(json.dumps(ev_record))
+    text = build_report(run_dir, out)
+    assert (out / "align_metrics.png").stat().st_size > 10_000
+    assert "![align_metrics.png](report/align_metrics.png)" in text
+    assert "| align (kto) mean implicit reward margin" in text
+    assert (
+        "| held-out pairs with log p(chosen) > log p(rejected) | 0.550 | 0.500 (SFT) | +0.050 |"
+        in text
+    )
+    # An align stage from before these metrics: no figure, no failure.
+    fake_run(tmp_path / "old", STEPS)
+    assert "align_metrics.png" not in build_report(tmp_path / "old", out)
