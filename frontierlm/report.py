@@ -84,8 +84,12 @@ def plot_align(run_dir: Path, out: Path) -> str | None:
     eval_steps = [r["step"] for r in evals]
 
     def curve(ax, key, label, **style):
-        ax.plot(steps, [r[key] for r in records], lw=1, alpha=0.6, label=f"train {label}")
-        ax.plot(eval_steps, [r[f"val_{key}"] for r in evals], "o-", label=f"val {label}", **style)
+        # KTO's training batches are unpaired: no reward accuracy there, only held out.
+        if key in records[0]:
+            ax.plot(steps, [r.get(key) for r in records], lw=1, alpha=0.6, label=f"train {label}")
+        if evals and f"val_{key}" in evals[0]:
+            values = [r[f"val_{key}"] for r in evals]
+            ax.plot(eval_steps, values, "o-", label=f"val {label}", **style)
 
     rewards, margins, accuracy = axes[:3]
     curve(rewards, "rewards/chosen", "chosen")

@@ -122,9 +122,10 @@ def test_report_plots_the_align_metrics(tmp_path):
     for step in (1, 2, 3, 4):
         row = {"step": step, "loss": 0.5 - 0.05 * step, "kl": 0.01 * step}
         row |= {"rewards/chosen": 0.1 * step, "rewards/rejected": -0.1 * step}
-        row |= {"rewards/margins": 0.2 * step, "rewards/accuracies": 0.5 + 0.1 * step}
+        row |= {"rewards/margins": 0.2 * step}
         if step % 2 == 0:
             row |= {f"val_{k}": v for k, v in row.items() if k not in ("step",)}
+            row["val_rewards/accuracies"] = 0.5 + 0.1 * step  # KTO: held-out pairs only
             row |= {"val_logp_accuracy": 0.55, "val_ref_accuracy": 0.6, "val_bpb": 2.0}
         rows.append(row)
     (run_dir / "align" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -168,7 +168,7 @@ def visited_examples(cfg: AlignConfig, split: AlignSplit, seed: int) -> dict[str
 
 # Batches beyond `steps` whose reference log-probs are precomputed too: a skipped step moves
 # the data on by one batch.
-REFERENCE_SPARE_STEPS = 32
+REFERENCE_SPARE_STEPS = 8
 
 
 def cached_reference_logps(
