@@ -114,7 +114,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if want_h:
                     grad_h[start:end] = grad @ w
                 if want_w:
-                    grad_w += (grad.t() @ h[start:end]).float()
+                    # In-place add upcasts elementwise: no float32 copy of the product.
+                    grad_w.add_(grad.t() @ h[start:end])
         return (
             grad_h.to(hidden.dtype) if want_h else None,
             grad_w.to(weight.dtype) if want_w else None,
