@@ -5,6 +5,8 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm plan [--flops C | --gpu-hours H | --dollars USD] [--params N | --recipe R] [--tokens D]
+frontierlm sweep RECIPE --sizes 64x2,128x3 --tokens 0.2M,0.4M  (then: plan --law sweep.json)
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     export_tok.add_argument("out", help="output directory")
     export_tok.add_argument("--to", choices=["tiktoken"], default="tiktoken")
     export_tok.add_argument("--name", default="frontierlm", help="the tiktoken Encoding's name")
+    from frontierlm.plan.planner import add_plan_arguments
+
+    plan = sub.add_parser(
+        "plan",
+        help="scaling-law and cost arithmetic: any two of compute, parameters, tokens give the "
+        "third; compute-optimal N and D, batch size and lr, GPU-hours, days, energy, dollars",
+        description="frontierlm plan --flops 5.76e23 | --params 405e9 --tokens 15.6e12 | "
+        "--gpu-hours 1e6 --gpu H100 --mfu 0.4 | --dollars 1e7 --price 2.5 [--law sweep.json]",
+    )
+    add_plan_arguments(plan)
     train_clf = sub.add_parser(
         "train-classifier",
         help="train the quality classifier (reference text vs random web) for data.quality_model",
@@ -204,6 +216,12 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from frontierlm.plan.planner import plan_command as run_plan
+
+    return run_plan(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["tokenizer", "report"]:
@@ -216,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         "export": export_command,
         "export-tokenizer": export_tokenizer_command,
         "train-classifier": train_classifier_command,
+        "plan": plan_command,
     }
     if args.command in commands:
         if rest:
             parser.error(f"unrecognised arguments {rest}")
         try:
             return commands[args.command](args)
-        except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        except (FileNotFoundError, ValueError, NotImplementedError, ConfigError) as err:
             console.print(f"[red]error in {args.command}:[/] {err}")
             return 1
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]
