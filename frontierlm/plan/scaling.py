@@ -45,10 +45,20 @@ class ScalingLaw:
         a = beta / (alpha + beta), b = alpha / (alpha + beta)."""
         if compute <= 0:
             raise ValueError(f"compute must be positive, got {compute}")
+        if not self.has_optimum:
+            raise ValueError(
+                f"the law {self.name!r} has alpha={self.alpha:.3g}, beta={self.beta:.3g}: loss "
+                "does not fall with both N and D, so no compute-optimal split exists (the runs "
+                "do not constrain it; sweep a wider range of sizes and tokens)"
+            )
         s = self.alpha + self.beta
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
         n = g * (compute / 6.0) ** (self.beta / s)
         return n, compute / 6.0 / n
+
+    @property
+    def has_optimum(self) -> bool:
+        return self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0
 
     def to_json(self) -> dict:
         return asdict(self)
