@@ -38,7 +38,7 @@ def test_bill_arithmetic():
 
 
 def test_bad_hardware_is_named():
-    with pytest.raises(ValueError, match="unknown GPU 'V100'.*H100"):
+    with pytest.raises(ValueError, match=r"unknown GPU 'V100'.*H100"):
         gpu("V100")
     with pytest.raises(ValueError, match="--mfu"):
         Hardware(gpu=gpu("H100"), mfu=1.5)

@@ -10,17 +10,39 @@ from frontierlm.plan.flops import config_for_params, count_model, dense_config
 CONFIGS = {
     "dense-tied-gqa": dict(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2),
     "dense-untied-switches": dict(
-        d_model=64, n_layers=2, n_heads=4, tie_embeddings=False, qk_norm=True, attn_gate=True,
-        norm="sandwich", attn_head_dim=24, ffn_hidden=100,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        tie_embeddings=False,
+        qk_norm=True,
+        attn_gate=True,
+        norm="sandwich",
+        attn_head_dim=24,
+        ffn_hidden=100,
     ),
     "moe-shared-first-dense": dict(
-        d_model=64, n_layers=4, n_heads=4, moe_experts=8, moe_top_k=2, moe_shared_experts=1,
-        moe_first_dense=1, moe_expert_hidden=48,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        moe_experts=8,
+        moe_top_k=2,
+        moe_shared_experts=1,
+        moe_first_dense=1,
+        moe_expert_hidden=48,
     ),
     "mla-moe": dict(
-        d_model=64, n_layers=2, n_heads=4, attention="mla", mla_kv_lora_rank=32,
-        mla_qk_nope_head_dim=16, mla_qk_rope_head_dim=8, mla_v_head_dim=12, mla_q_lora_rank=24,
-        moe_experts=4, moe_top_k=1, tie_embeddings=False,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        attention="mla",
+        mla_kv_lora_rank=32,
+        mla_qk_nope_head_dim=16,
+        mla_qk_rope_head_dim=8,
+        mla_v_head_dim=12,
+        mla_q_lora_rank=24,
+        moe_experts=4,
+        moe_top_k=1,
+        tie_embeddings=False,
     ),
 }
 
@@ -57,8 +79,13 @@ def test_llama3_sizes():
     assert count_model(dense_config(4096, 32), 128256).params == 8_030_261_248
     assert count_model(dense_config(8192, 80), 128256).params == 70_553_706_496
     cfg = ModelConfig(
-        d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_hidden=53248,
-        tie_embeddings=False, max_seq_len=8192,
+        d_model=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        ffn_hidden=53248,
+        tie_embeddings=False,
+        max_seq_len=8192,
     )
     count = count_model(cfg, 128256)
     assert count.params == 405_853_388_800
