@@ -43,17 +43,19 @@ class TextStream:
     def feed(self, token: int) -> str:
         """Add one generated token; return the text that became certain."""
         self.ids.append(token)
-        bound = self._earliest_stop_start(self._decode(self.ids))
-        delta_text = self.emitted
-        while self.safe_tokens < len(self.ids):
-            candidate = self._decode(self.ids[: self.safe_tokens + 1])
-            if len(candidate) > bound or candidate.endswith("\ufffd"):
-                break
-            self.safe_tokens += 1
-            delta_text = candidate
-        delta = delta_text[len(self.emitted) :] if delta_text.startswith(self.emitted) else ""
-        self.emitted += delta
-        return delta
+        text = self._decode(self.ids)
+        # Bytes at the end that do not yet form a character may still become one.
+        bound = min(self._earliest_stop_start(text), len(text.rstrip("\ufffd")))
+        # The most tokens whose text is settled: a prefix of the text so far (an earlier
+        # partial character completed later decodes differently alone) within the bound.
+        for k in range(len(self.ids), self.safe_tokens, -1):
+            candidate = self._decode(self.ids[:k])
+            if len(candidate) <= bound and text.startswith(candidate):
+                self.safe_tokens = k
+                delta = candidate[len(self.emitted) :]
+                self.emitted = candidate
+                return delta
+        return ""
 
     def finish(self, final_ids: Sequence[int]) -> str:
         """The completion's final tokens (as `generate` returned them): the text not yet
