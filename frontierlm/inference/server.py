@@ -252,6 +252,12 @@ def create_app(served: InferenceModel, window_s: float = 0.01, max_batch: int = 
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(error_body(err.message, err.param, err.kind), status_code=err.status)
 
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        # An engine failure (out of memory, a bug) reaches the client as an OpenAI error.
+        message = f"generation failed: {type(err).__name__}: {err}"
+        return JSONResponse(error_body(message, None, "server_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]

@@ -97,3 +97,22 @@ def test_a_killed_worker_raises_instead_of_hanging(pool):
         pool.generate(PROMPTS, params)
     with pytest.raises(PoolError, match="closed"):
         pool.generate(PROMPTS, params)
+
+
+@pytest.mark.slow
+def test_generate_command_with_a_pool_of_workers(served, tiny_run, tmp_path):
+    """`frontierlm generate --workers 2`: two worker processes load the model from its
+    directory (with the tokenizer for stop strings) and give the one-process output."""
+    import json
+
+    from frontierlm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    texts = ["ROMEO:", "JULIET:", "To be", "First Citizen:", "KING"]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    common = ["--file", str(prompts), "--temperature", "0", "--max-new-tokens", "8", "--stop", "e"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["generate", str(tiny_run), *common, "--out", str(one)]) == 0
+    assert main(["generate", str(tiny_run), *common, "--out", str(two), "--workers", "2"]) == 0
+    assert one.read_text() == two.read_text()
+    assert any(json.loads(line)["finish_reason"] == "stop" for line in one.read_text().splitlines())

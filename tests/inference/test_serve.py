@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -197,3 +198,27 @@ def test_bad_requests_are_openai_errors_naming_the_field(client, served, server)
         client.chat.completions.create(model="gpt-4o", messages=CHAT)
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model=served.name, prompt="hi", echo=True)
+
+
+def test_an_engine_failure_is_an_openai_error_not_a_hang(client, served, server):
+    batcher = server[1].state.server.batcher
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    batcher.generate_fn = broken
+    try:
+        with pytest.raises(openai.InternalServerError, match="out of memory"):
+            client.chat.completions.create(model=served.name, messages=CHAT, max_tokens=4)
+        with httpx.stream(
+            "POST",
+            f"{server[0]}/completions",
+            json={"model": served.name, "prompt": "hi", "stream": True},
+            timeout=30,
+        ) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert "out of memory" in json.loads(lines[-2][len("data: ") :])["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        batcher.generate_fn = generate
+    assert client.completions.create(model=served.name, prompt="hi", max_tokens=2).choices
