@@ -56,6 +56,7 @@ class Batcher:
         self.model, self.tokenizer = model, tokenizer
         self.window_s, self.max_batch = window_s, max_batch
         self.generate_fn = generate_fn
+        self.context = model.cfg.max_seq_len
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.batches: list[int] = []  # prompts per engine call, for tests and logs
         self.thread = threading.Thread(target=self._loop, name="frontierlm-batcher", daemon=True)
@@ -91,14 +92,25 @@ class Batcher:
             first = self.requests.get()
             if first is None:
                 return
-            groups: dict[Any, list[Request]] = {}
+            groups: list[tuple[Any, list[Request]]] = []
             for request in self._collect(first):
                 key: Any = dataclasses.replace(request.params, max_new_tokens=0)
                 if request.params.seed is not None:
                     key = id(request)
-                groups.setdefault(key, []).append(request)
-            for group in groups.values():
+                for group_key, group in groups:
+                    if group_key == key and self._fits([*group, request]):
+                        group.append(request)
+                        break
+                else:
+                    groups.append((key, [request]))
+            for _, group in groups:
                 self._run(group)
+
+    def _fits(self, group: list[Request]) -> bool:
+        """Whether the batch run to the group's largest token limit stays inside the context
+        window for its longest prompt (each request was cut to fit on its own)."""
+        longest = max(len(p) for r in group for p in r.prompts)
+        return longest + max(r.params.max_new_tokens for r in group) <= self.context
 
     def _run(self, group: list[Request]) -> None:
         owners: list[tuple[Request, int]] = [(r, i) for r in group for i in range(len(r.prompts))]
