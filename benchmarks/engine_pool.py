@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a tiny model and few prompts (CPU)")
     parser.add_argument("--workers", type=int, default=None, help="default: one per GPU")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--d-model", type=int, default=768)
