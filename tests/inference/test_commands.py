@@ -109,3 +109,27 @@ def test_text_stream_emits_only_final_text(served, seed):
             assert tok.decode(final).startswith("".join(pieces))
         pieces.append(stream.finish(final))
         assert "".join(pieces) == tok.decode(final)
+
+
+def test_loading_from_a_model_dir_or_a_stage_dir_finds_the_runs_tokenizer(
+    served, tiny_run, tmp_path, make_random_model
+):
+    from frontierlm.inference.loader import load_inference_model
+    from frontierlm.tokenizer.train import END
+
+    direct = load_inference_model(tiny_run / "model")
+    assert direct.name == served.name == "run0/sft"
+    assert direct.tokenizer.to_str() == served.tokenizer.to_str()
+    assert direct.chat_stop_ids[0] == served.tokenizer.token_to_id(END)
+    ids = served.chat_ids([{"role": "user", "content": "hi"}])
+    assert ids[0] == served.bos and ids[-1] == served.tokenizer.token_to_id("<|assistant|>")
+    # A model whose vocabulary is smaller than the tokenizer's is refused, naming both.
+    from frontierlm.train.checkpoint import save_model_dir
+
+    save_model_dir(tmp_path / "small", make_random_model(vocab_size=300, d_model=32, n_layers=1))
+    with pytest.raises(
+        ValueError, match=r"\(1025 tokens\) does not fit the model .* \(vocab 300\)"
+    ):
+        load_inference_model(tmp_path / "small", tokenizer=tiny_run.parent / "tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
+        load_inference_model(tmp_path / "small")
