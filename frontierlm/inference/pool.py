@@ -139,7 +139,10 @@ class EnginePool:
         self.chunk_size = chunk_size
         self.tokenizer = tokenizer
         if isinstance(model, str | Path):
-            spec: dict[str, Any] = {"path": str(model)}
+            path = Path(model)
+            if not (path / "config.json").is_file() and not (path / "model/config.json").is_file():
+                raise FileNotFoundError(f"pool: no model at {path} (no config.json)")
+            spec: dict[str, Any] = {"path": str(path)}
         else:
             spec = {
                 "config": model.cfg.model_dump(),

@@ -116,3 +116,16 @@ def test_generate_command_with_a_pool_of_workers(served, tiny_run, tmp_path):
     assert main(["generate", str(tiny_run), *common, "--out", str(two), "--workers", "2"]) == 0
     assert one.read_text() == two.read_text()
     assert any(json.loads(line)["finish_reason"] == "stop" for line in one.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_load_the_model_names_itself(tiny_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_run / "model", broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(PoolError, match=r"pool worker 0 \(cpu\) could not load the model"):
+        EnginePool(broken, devices=["cpu"])
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        EnginePool(tmp_path / "missing", devices=["cpu"])
