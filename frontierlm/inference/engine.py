@@ -218,29 +218,38 @@ class Engine:
         tokenizer: Any,
         on_token: OnToken | None,
     ) -> list[Completion]:
+        """Prefill waiting prompts into free slots, decode all slots a step at a time.
+
+        The host runs one step behind the device: step t is launched (its input tokens are
+        step t-1's samples, already on the device) before step t-1's tokens are read back and
+        checked for stops, so the device never waits for the host's bookkeeping. A sequence
+        that ended at step t-1 thus gets one wasted step t, whose token is discarded."""
         model, device = self.model, self.device
-        max_len = model.cfg.max_seq_len
+        max_len = min(model.cfg.max_seq_len, self.cache.length)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
-        penalised = params.repetition_penalty != 1.0
         seen = None
-        if penalised:
+        if params.repetition_penalty != 1.0:
             seen = torch.zeros(self.slots, model.vocab_size, dtype=torch.bool, device=device)
         stop_ids = set(params.stop_ids)
         waiting = deque(range(len(prompts)))
         running: list[_Sequence | None] = [None] * self.slots
-        position = [0] * self.slots  # of each slot's last accepted token (the next input)
+        next_position = [0] * self.slots  # where each slot's next decode input goes
         results: list[Completion | None] = [None] * len(prompts)
+        pinned = device.type == "cuda"
 
-        def sample(logits: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], list[float]]:
+        def sample(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            """Tokens and their log-probabilities as one (2, rows) float64 tensor (token ids
+            are exact in it), on the device; the sampled tokens become the next step's input."""
             rows_seen = None if seen is None else seen[rows]
             tokens = sample_next(logits, params, generator, rows_seen)
-            logprobs = logits.float().log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+            # log p = logit - logsumexp: no (rows, vocab) log-softmax tensor is written.
+            logprobs = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
             self.tokens[rows] = tokens
             if seen is not None:
                 seen[rows, tokens] = True
-            return tokens.tolist(), logprobs.tolist()
+            return torch.stack([tokens.double(), logprobs.double()])
 
         def finish(slot: int, reason: str) -> None:
             seq = running[slot]
@@ -251,51 +260,77 @@ class Engine:
             running[slot] = None
             # An idle slot still runs in the (static-shape) step: position 0 keeps its attention
             # row non-empty, and its output is ignored.
-            position[slot] = 0
+            next_position[slot] = 0
 
-        def accept(slots: list[int], tokens: list[int], logprobs: list[float]) -> None:
-            for slot, token, logprob in zip(slots, tokens, logprobs, strict=True):
-                seq = running[slot]
-                if token in stop_ids:
-                    finish(slot, "stop")
-                    continue
-                seq.ids.append(token)
-                seq.logprobs.append(logprob)
-                if on_token is not None:
-                    on_token(seq.index, token)
-                if params.stop_strings and (
-                    _stop_string_cut(tokenizer.decode(seq.ids), params.stop_strings) is not None
-                ):
-                    finish(slot, "stop")
-                elif len(seq.ids) >= params.max_new_tokens or len(seq.prompt) + len(seq.ids) >= min(
-                    max_len, self.cache.length
-                ):
-                    finish(slot, "length")
-                else:
-                    position[slot] = len(seq.prompt) + len(seq.ids) - 1
+        def accept(slot: int, token: int, logprob: float) -> None:
+            seq = running[slot]
+            if token in stop_ids:
+                finish(slot, "stop")
+                return
+            seq.ids.append(token)
+            seq.logprobs.append(logprob)
+            if on_token is not None:
+                on_token(seq.index, token)
+            if params.stop_strings and (
+                _stop_string_cut(tokenizer.decode(seq.ids), params.stop_strings) is not None
+            ):
+                finish(slot, "stop")
+            elif len(seq.ids) >= params.max_new_tokens or len(seq.prompt) + len(seq.ids) >= max_len:
+                finish(slot, "length")
 
-        while waiting or any(s is not None for s in running):
+        def read(pending: tuple[list[tuple[int, _Sequence]], torch.Tensor, Any]) -> None:
+            """Accept a launched step's tokens for the sequences still in the slots it ran."""
+            owners, values, event = pending
+            if event is not None:
+                event.synchronize()
+            tokens, logprobs = values.tolist()
+            for slot, seq in owners:
+                if running[slot] is seq:
+                    accept(slot, int(tokens[slot]), logprobs[slot])
+
+        pending = None
+        while True:
             free = [slot for slot, seq in enumerate(running) if seq is None]
             if free and waiting:
+                if pending is not None:  # the slots' state must be current to refill them
+                    read(pending)
+                    pending = None
+                    continue
                 admitted = free[: len(waiting)]
                 for slot in admitted:
                     index = waiting.popleft()
                     running[slot] = _Sequence(index, _context(prompts[index], max_len))
+                    next_position[slot] = len(running[slot].prompt)
                 rows = torch.tensor(admitted, device=device)
                 batch = [running[slot].prompt for slot in admitted]
                 if seen is not None:
                     seen[rows] = False
                     for slot, prompt in zip(admitted, batch, strict=True):
                         seen[slot, prompt] = True
-                logits = self._prefill(batch, rows).float()
-                accept(admitted, *sample(logits, rows))
-            active = [slot for slot, seq in enumerate(running) if seq is not None]
-            if not active:
+                tokens, logprobs = sample(self._prefill(batch, rows).float(), rows).tolist()
+                for slot, token, logprob in zip(admitted, tokens, logprobs, strict=True):
+                    accept(slot, int(token), logprob)
                 continue
-            self.positions.copy_(torch.tensor(position))
-            logits = self._decode(max(position[slot] for slot in active) + 1)
-            tokens, logprobs = sample(logits, self.cache.rows)
-            accept(active, [tokens[s] for s in active], [logprobs[s] for s in active])
+            owners = [(slot, seq) for slot, seq in enumerate(running) if seq is not None]
+            if not owners:
+                if pending is None:
+                    break
+                read(pending)
+                pending = None
+                continue
+            self.positions.copy_(torch.tensor(next_position))
+            logits = self._decode(max(next_position[slot] for slot, _ in owners) + 1)
+            for slot, _ in owners:
+                next_position[slot] += 1
+            values, event = sample(logits, self.cache.rows), None
+            if pinned:
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                values = host.copy_(values, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            if pending is not None:
+                read(pending)  # while the device runs the step just launched
+            pending = (owners, values, event)
         return results
 
     def _prefill(self, batch: list[list[int]], slots: torch.Tensor) -> torch.Tensor:
