@@ -130,6 +130,12 @@ class _Sequence:
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def release(model: torch.nn.Module) -> None:
+    """Free the KV cache and graphs `generate` keeps for `model` (e.g. before training on the
+    same GPU); the next `generate` call builds them again."""
+    _ENGINES.pop(model, None)
+
+
 class Engine:
     """A model's KV cache, static decode buffers and captured decode graphs; kept between
     `generate` calls on the same model (graph capture and compilation are paid once)."""

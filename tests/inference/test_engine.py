@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from frontierlm.inference import engine
 from frontierlm.inference.engine import generate, generate_reference
 from frontierlm.inference.sampling import SamplingParams
 from frontierlm.model.kv_cache import KVCache
@@ -157,3 +158,15 @@ def test_bad_input_is_named(make_random_model):
     with pytest.raises(ValueError, match="max_batch=0"):
         generate(model, [[1]], SamplingParams(), max_batch=0)
     assert generate(model, [[1, 2]], SamplingParams(max_new_tokens=0))[0].ids == []
+
+
+def test_engine_is_kept_between_calls_and_released(make_random_model):
+    model = make_random_model(**CONFIGS["gqa"])
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    first = generate(model, [[1, 2], [3]], params)
+    kept = engine._ENGINES[model]
+    assert generate(model, [[1, 2], [3]], params) == first and engine._ENGINES[model] is kept
+    generate(model, [[1, 2], [3], [4]], params)  # three slots: a new engine
+    assert engine._ENGINES[model] is not kept
+    engine.release(model)
+    assert model not in engine._ENGINES
