@@ -127,6 +127,17 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
 
 
+def _decode_step(
+    model: torch.nn.Module,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    key_index: torch.Tensor,
+) -> torch.Tensor:
+    """What a CUDA graph captures (and torch.compile compiles): one step's float32 logits."""
+    return model.decode(tokens, cache, positions, key_index).float()
+
+
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -166,7 +177,10 @@ class Engine:
         cuda_graphs: bool,
         compile: bool,
     ) -> None:
-        self.model, self.slots = model, slots
+        # A weak reference: the engines dict is keyed weakly by the model, which a strong one
+        # from its value would keep alive forever.
+        self._model = weakref.ref(model)
+        self.slots = slots
         self.device = model.lm_head.weight.device
         self.key: tuple = ()
         self.cache = KVCache(model.cfg, slots, length, dtype, self.device)
@@ -175,19 +189,19 @@ class Engine:
         self.key_index = torch.arange(length, device=self.device)
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.step = self._step
-        if compile:
-            self.step = torch.compile(self._step)
+        self.step = torch.compile(_decode_step) if compile else _decode_step
 
-    def _step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, key_index: torch.Tensor
-    ) -> torch.Tensor:
-        return self.model.decode(tokens, self.cache, positions, key_index).float()
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
+
+    def _run_step(self, key_index: torch.Tensor) -> torch.Tensor:
+        return self.step(self.model, self.cache, self.tokens, self.positions, key_index)
 
     def _decode(self, kv_len: int) -> torch.Tensor:
         """Next-token logits (slots, vocab) for the tokens and positions in the static buffers."""
         if not self.cuda_graphs:
-            return self.step(self.tokens, self.positions, self.key_index[:kv_len])
+            return self._run_step(self.key_index[:kv_len])
         span = min(-(-kv_len // GRAPH_SPAN_STEP) * GRAPH_SPAN_STEP, self.cache.length)
         if span not in self.graphs:
             self.graphs[span] = self._capture(span)
@@ -204,7 +218,7 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step(self.tokens, self.positions, key_index)
+                self._run_step(key_index)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         autocast = torch.is_autocast_enabled("cuda")
@@ -214,7 +228,7 @@ class Engine:
             torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False),
             torch.cuda.graph(graph),
         ):
-            logits = self.step(self.tokens, self.positions, key_index)
+            logits = self._run_step(key_index)
         return graph, logits
 
     def run(

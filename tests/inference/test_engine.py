@@ -170,3 +170,15 @@ def test_engine_is_kept_between_calls_and_released(make_random_model):
     assert engine._ENGINES[model] is not kept
     engine.release(model)
     assert model not in engine._ENGINES
+
+
+def test_kept_engine_does_not_keep_the_model_alive(make_random_model):
+    import gc
+    import weakref
+
+    model = make_random_model(**CONFIGS["gqa"])
+    generate(model, [[1, 2]], SamplingParams(max_new_tokens=2, temperature=0))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
