@@ -34,6 +34,8 @@ OnToken = Callable[[int, int], None]
 # Attention spans of CUDA-graph decode steps are rounded up to a multiple of this, so a step
 # reads about as much cache as the sequences have filled and few graphs are captured.
 GRAPH_SPAN_STEP = 128
+# On GPU, prompt batches are right-padded to a multiple of this many tokens.
+PREFILL_WIDTH_STEP = 64
 # Cache lengths are rounded up to a multiple of this, so engines are reused across calls.
 CACHE_LENGTH_STEP = 64
 
@@ -355,6 +357,9 @@ class Engine:
 
     def _prefill(self, batch: list[list[int]], slots: torch.Tensor) -> torch.Tensor:
         width = max(len(p) for p in batch)
+        if self.device.type == "cuda":
+            # Few distinct shapes: FlexAttention (windowed/softcapped layers) compiles per shape.
+            width = min(-(-width // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP, self.cache.length)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for row, prompt in enumerate(batch):
             ids[row, : len(prompt)] = torch.tensor(prompt)
