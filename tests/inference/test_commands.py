@@ -133,3 +133,19 @@ def test_loading_from_a_model_dir_or_a_stage_dir_finds_the_runs_tokenizer(
         load_inference_model(tmp_path / "small", tokenizer=tiny_run.parent / "tokenizer")
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
         load_inference_model(tmp_path / "small")
+
+
+def test_chat_forgets_the_oldest_turns_when_the_context_fills(
+    served, tiny_run, monkeypatch, capsys
+):
+    long_message = "the king " * 25
+    first_prompt = served.chat_ids([{"role": "user", "content": long_message}])
+    assert 60 < len(first_prompt) < 100  # two such turns overflow the 128-token context
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_message}\n{long_message}\n"))
+    assert main(["chat", str(tiny_run), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    notice = "(oldest turn forgotten: the context window is full)"
+    assert out.count(notice) == 1
+    alone, _ = greedy_text(served, first_prompt, True, 6)
+    # The second reply saw only the second message: the same text as the first reply.
+    assert out.endswith(f"> {long_message}\n{alone}\n> {long_message}\n{notice}\n{alone}\n")
