@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--name", default="bench-sweep")
     parser.add_argument("--tiny", action="store_true", help="micro recipe, 2 sizes x 2 budgets")
     parser.add_argument("--fresh", action="store_true", help="delete earlier sweep points first")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # extra: recipe overrides, e.g. --run.threads=2
+    if not any(x.startswith("--run.threads=") for x in extra):
+        # One torch thread: on this shared 2-core machine at load ~20, a d=64 step took 1.07 s
+        # with 1 thread and 5.5 s with torch's default 2 (threads spinning for a busy core).
+        extra.append("--run.threads=1")
     if args.tiny:
         args.recipe, args.sizes, args.tokens = "recipes/micro.toml", "32x1,64x2", "10k,20k"
         args.name = "bench-sweep-tiny"
@@ -46,6 +50,7 @@ def main() -> None:
         f"--sizes={args.sizes}",
         f"--tokens={args.tokens}",
         f"--run.name={args.name}",
+        *extra,
     )
     wall = time.perf_counter() - t0
     result = json.loads((run_dir / "sweep" / "sweep.json").read_text())
@@ -62,7 +67,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": vars(args),
+        "command": vars(args) | {"overrides": extra},
         "wall_s": wall,
         "runs": len(result["points"]),
         "load_before": load_before,

@@ -7,6 +7,7 @@ frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
 frontierlm plan [--flops C | --gpu-hours H | --dollars USD] [--params N | --recipe R] [--tokens D]
 frontierlm sweep RECIPE --sizes 64x2,128x3 --tokens 0.2M,0.4M  (then: plan --law sweep.json)
+frontierlm generate|chat|serve MODEL [...] (sampling from a model, inference/commands.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from frontierlm.config import ConfigError, load_config
 from frontierlm.console import console
+from frontierlm.inference import commands as inference_commands
 from frontierlm.stages import STAGES, run_pipeline, run_stage
 from frontierlm.train.parallel import launched_world_size, shutdown_distributed
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--flops", help="compute budgets per run instead of --tokens, e.g. 1e12,4e12"
     )
     sweep.add_argument("--force", action="store_true", help="retrain points already done")
+    inference_commands.add_parsers(sub)
     train_clf = sub.add_parser(
         "train-classifier",
         help="train the quality classifier (reference text vs random web) for data.quality_model",
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "export-tokenizer": export_tokenizer_command,
         "train-classifier": train_classifier_command,
         "plan": plan_command,
+        **inference_commands.COMMANDS,
     }
     if args.command == "sweep":
         return sweep_command(args, rest)
