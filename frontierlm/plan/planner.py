@@ -181,6 +181,9 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     if law is not None:
         laws["law"] = law
     for key, each in laws.items():
+        if not each.has_optimum:
+            notes.append(f"{args.law}: alpha or beta is not positive, so it gives no optimum")
+            continue
         row = _optimum_row(each.name if key != "law" else f"fitted law ({args.law})", each)
         row["params"], row["tokens"] = each.optimal(compute)
         row["loss"] = float(each.loss(row["params"], row["tokens"]))
@@ -240,7 +243,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _optimum_row(name: str, law: ScalingLaw | None) -> dict[str, Any]:
-    return {"name": name, "source": law.source if law else "Hoffmann et al. 2022, table 3"}
+    source = law.source if law else "Chinchilla (Hoffmann et al. 2022): 70B on 1.4T tokens"
+    return {"name": name, "source": source}
 
 
 def recipe_snippet(

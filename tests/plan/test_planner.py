@@ -81,3 +81,13 @@ def test_bad_arguments_are_named(args, message, capsys):
     assert main(["plan", *args]) == 1
     captured = capsys.readouterr()
     assert message in (captured.out + captured.err).replace("\n", " ")
+
+
+def test_law_without_optimum_is_named(tmp_path, capsys):
+    law = {"E": 2.0, "A": 1.0, "B": 1.0, "alpha": -0.01, "beta": 0.02}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"law": law}))
+    p = plan(tmp_path, "--flops", "1e21", "--law", str(path), "--optimum", "epoch")
+    assert "law" not in p["optima"] and "gives no optimum" in " ".join(p["notes"])
+    assert main(["plan", "--flops", "1e21", "--law", str(path)]) == 1
+    assert "no compute-optimal split" in capsys.readouterr().err.replace("\n", " ")

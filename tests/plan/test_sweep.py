@@ -99,7 +99,9 @@ def test_micro_sweep_end_to_end(tmp_path):
 
     out = tmp_path / "runs"
     args = ["sweep", "recipes/micro.toml", "--sizes", "32x1,64x2", "--tokens", "8k,16k"]
-    assert main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2"]) == 0
+    assert (
+        main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]) == 0
+    )
     result = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
     assert len(result["points"]) == 4
     sizes = {p["d_model"]: p["active_params"] for p in result["points"]}
@@ -111,6 +113,8 @@ def test_micro_sweep_end_to_end(tmp_path):
         assert link.is_symlink() and link.resolve() == (out / "micro" / "tokenize").resolve()
     assert (out / "micro" / "sweep" / "sweep.png").is_file()
     # Run again: every point is current and skipped; the law is refitted to the same numbers.
-    assert main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2"]) == 0
+    assert (
+        main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]) == 0
+    )
     again = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
     assert [p["val_loss"] for p in again["points"]] == [p["val_loss"] for p in result["points"]]
