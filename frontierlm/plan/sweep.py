@@ -132,6 +132,12 @@ def run_sweep(
 
     if (tokens is None) == (flops is None):
         raise ValueError("give --tokens or --flops (one of them)")
+    runs = len(sizes) * len(tokens or flops)
+    if runs < 5:
+        raise ValueError(
+            f"{len(sizes)} sizes x {len(tokens or flops)} budgets = {runs} runs; the law has 5 "
+            "parameters (E, A, B, alpha, beta), so the fit needs at least 5 runs"
+        )
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     for stage in UPSTREAM:

@@ -28,6 +28,15 @@ def test_parse_grid():
         parse_amounts("lots", "--tokens")
 
 
+def test_too_few_runs_stop_before_training(tmp_path):
+    from frontierlm.plan.sweep import run_sweep
+
+    cfg = load_config("recipes/micro.toml", [f"--run.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="at least 5 runs"):
+        run_sweep(cfg, [(32, 1), (64, 2)], tokens=[8e3, 16e3])
+    assert not (tmp_path / "micro").exists()
+
+
 def test_point_config(tmp_path):
     cfg = load_config("recipes/quickstart.toml")  # d_model 192 / 3 heads: heads of 64
     point = point_config(cfg, 128, 2, 0.5e6, tmp_path)
@@ -94,20 +103,20 @@ def test_unconstrained_fit_is_reported_not_hidden(tmp_path):
 
 @pytest.mark.slow
 def test_micro_sweep_end_to_end(tmp_path):
-    """Four real pretraining runs on the micro recipe's data, one shared upstream."""
+    """Six real pretraining runs on the micro recipe's data, one shared upstream."""
     from frontierlm.cli import main
 
     out = tmp_path / "runs"
-    args = ["sweep", "recipes/micro.toml", "--sizes", "32x1,64x2", "--tokens", "8k,16k"]
+    args = ["sweep", "recipes/micro.toml", "--sizes", "32x1,64x2", "--tokens", "8k,16k,24k"]
     assert (
         main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]) == 0
     )
     result = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
-    assert len(result["points"]) == 4
+    assert len(result["points"]) == 6
     sizes = {p["d_model"]: p["active_params"] for p in result["points"]}
     assert sizes[64] > sizes[32]
     for p in result["points"]:
-        assert p["tokens"] == pytest.approx(8e3 if p["name"].endswith("8192") else 16e3, rel=0.1)
+        assert p["tokens"] == pytest.approx(float(p["name"].split("-t")[1]), rel=0.05)
         assert np.isfinite(p["val_loss"])
         link = out / "micro" / "sweep" / "points" / p["name"] / "tokenize"
         assert link.is_symlink() and link.resolve() == (out / "micro" / "tokenize").resolve()
