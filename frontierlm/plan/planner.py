@@ -192,6 +192,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     if model is None:
         shape = config_for_params(n, args.vocab, args.seq_len)
         model = (shape.cfg, args.vocab, args.seq_len)
+        if abs(shape.count.params / n - 1) > 0.1:
+            notes.append(
+                f"the nearest dense shape with a {args.vocab}-token vocabulary has "
+                f"{shape.count.params:.3g} parameters, not {n:.3g} (--vocab sets the embeddings)"
+            )
     cfg, vocab, seq_len = model
     count = count_model(cfg, vocab)
     batch_tokens, lr = deepseek_batch_lr(compute)
