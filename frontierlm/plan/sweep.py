@@ -265,6 +265,10 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
         c = 6 * p["active_params"] * p["tokens"]
         shade = 0.0 if hi == lo else (np.log(c) - lo) / (hi - lo)
         right.scatter(p["active_params"], p["val_loss"], color=cmap(shade * 0.85), edgecolor="k")
+    losses = [p["val_loss"] for p in points]
+    span = max(losses) - min(losses) or 0.1
+    # A degenerate fit (an exponent running off) would stretch the axis to nothing.
+    right.set_ylim(min(losses) - 0.5 * span, max(losses) + 0.5 * span)
     right.set_xscale("log")
     right.set_xlabel("parameters N")
     right.set_ylabel("validation loss (nats/token)")
@@ -276,6 +280,23 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fit_warning(law: ScalingLaw) -> str:
+    """A sentence when the runs do not pin the law down, else ''."""
+    if not law.has_optimum:
+        return (
+            "The fit has a non-positive exponent: these runs do not constrain the law (too "
+            "small a range of sizes or tokens, or runs too short to learn)."
+        )
+    loose = [name for name, x in (("N", law.alpha), ("D", law.beta)) if x > 2.0]
+    if loose:
+        return (
+            f"The {' and '.join(loose)} term is not identified: its exponent ran past 2 (the "
+            "edge of Hoffmann et al.'s starting grid), i.e. within these runs the loss hardly "
+            f"depends on {' or '.join(loose)}; longer runs or a wider range would separate it."
+        )
+    return ""
 
 
 def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[str]:
@@ -306,10 +327,7 @@ def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[
     lines += [
         "",
         f"RMS log residual of the fit: {rms:.4f}." if rms is not None else "",
-        ""
-        if law.has_optimum
-        else "The fit has a non-positive exponent: these runs do not constrain the law "
-        "(too small a range of sizes or tokens, or runs too short to learn).",
+        fit_warning(law),
         "",
         "| run | N | D | FLOPs | val loss | val bpb | fit | wall s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -99,6 +99,10 @@ def test_unconstrained_fit_is_reported_not_hidden(tmp_path):
     result["law"] = flat.to_json()
     plot_sweep(result, tmp_path / "sweep.png")  # no optimum to mark, still a plot
     assert "non-positive exponent" in "\n".join(sweep_section(result))
+    runaway = ScalingLaw(E=0.0, A=3e103, B=25.0, alpha=18.1, beta=0.115)
+    result["law"] = runaway.to_json()
+    plot_sweep(result, tmp_path / "sweep.png")
+    assert "The N term is not identified" in "\n".join(sweep_section(result))
 
 
 @pytest.mark.slow
