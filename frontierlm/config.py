@@ -32,6 +32,19 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------- run
 
 
+class OffloadConfig(Strict):
+    """Checkpoints copied to S3-compatible storage (train/offload.py); off while bucket is unset.
+    Credentials come from the environment / ~/.aws as boto3 reads them, never from the recipe."""
+
+    bucket: str | None = Field(None, description="bucket name; None = no offload")
+    endpoint_url: str | None = Field(
+        None, description="S3 API endpoint (MinIO, R2, ...); None = AWS S3"
+    )
+    prefix: str = Field("frontierlm", description="key prefix; keys are PREFIX/RUN/STAGE/step_N/")
+    region: str | None = Field(None, description="region name, where the store needs one")
+    retries: int = Field(5, ge=1, description="boto3 attempts per request")
+
+
 class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="run directory name")
     out_dir: str = Field("runs", description="parent of the run directory")
@@ -50,6 +63,7 @@ class RunConfig(Strict):
         description="the accelerator's dense bf16 peak, for MFU; unset: looked up by GPU name "
         "(train/metrics.py), no MFU where unknown (CPUs)",
     )
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -850,6 +864,13 @@ class LoopConfig(Strict):
     fp8_backward: Literal["e5m2", "e4m3"] = Field(
         "e5m2", description="fp8 format of the output gradients in the backward pass"
     )
+    qk_clip: float | None = Field(
+        None,
+        gt=0,
+        description="QK-clip threshold tau (Kimi K2's MuonClip, train/qk_clip.py): after each "
+        "optimizer step, heads whose largest attention logit exceeded tau have W_q/W_k scaled "
+        "down to bring it to tau; the max logit per layer is logged. None = off; Kimi K2 used 100",
+    )
 
     @model_validator(mode="after")
     def _warmup(self) -> LoopConfig:
@@ -1043,6 +1064,16 @@ class RecipeConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _qk_clip_needs_no_norm(self) -> RecipeConfig:
+        for stage in ("pretrain", "sft", "align"):
+            if getattr(self, stage).qk_clip is not None and self.model.qk_norm:
+                raise ValueError(
+                    f"{stage}.qk_clip is set with model.qk_norm = true: the norm undoes any "
+                    "rescaling of W_q/W_k (and already bounds the logits); unset one of them"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _mixture_sources(self) -> RecipeConfig:
         # Caught here, before any stage runs; the pretrain stage checks again against the
         # sources that survived into the token shards (a source can be filtered away whole).
@@ -1082,6 +1113,8 @@ class RecipeConfig(Strict):
         for source in dump["data"]["sources"]:
             source.pop("mixture")
             source.pop("epochs")
+        # Where checkpoints are copied changes no result: not part of any fingerprint.
+        dump["run"].pop("offload")
         dump["token_sources"] = self.token_sources_json()
         return json.dumps({n: dump[n] for n in names}, sort_keys=True)
 

@@ -15,6 +15,7 @@ sharded (see checkpoint.py) and resume on any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from frontierlm.train.checkpoint import (
 )
 from frontierlm.train.fp8 import convert_to_float8
 from frontierlm.train.metrics import MetricsLog, peak_flops
+from frontierlm.train.offload import CheckpointStore, Offloader, pull_latest
 from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import (
     all_mean,
@@ -52,6 +54,7 @@ from frontierlm.train.parallel import (
     world,
 )
 from frontierlm.train.prefetch import Prefetcher
+from frontierlm.train.qk_clip import QKClip
 from frontierlm.train.schedule import lr_at, peak_lr
 from frontierlm.train.stability import LayerStats, SpikeGuard
 
@@ -109,7 +112,15 @@ def train(
     # the model's own questions (MoE losses and loads) and is what checkpoints hold.
     trained = parallelize(model, run.parallel, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
+    qk_clip = QKClip(model, cfg.qk_clip) if cfg.qk_clip is not None else None
     step, data_offset = 0, 0
+    offloader = None
+    if run.offload.bucket is not None:
+        store = CheckpointStore(run.offload, run.name, task.name)
+        if main:  # an empty local disk resumes from the newest complete stored checkpoint
+            pull_latest(store, ckpt_root)
+            offloader = Offloader(store, ckpt_root, cfg.keep_checkpoints)
+        barrier()
     if checkpoints := list_checkpoints(ckpt_root):
         state = load_checkpoint(checkpoints[-1], model, optimizer)
         step, data_offset = int(state["step"]), int(state["extra"].get("data_offset", 0))
@@ -135,7 +146,8 @@ def train(
         lambda index: rank_rows(task.batch(index), task.name), cfg.prefetch, pin_memory=on_gpu
     )
 
-    with batches, progress_bar() as bar:
+    # A crash still lets the checkpoints already written reach the store.
+    with batches, progress_bar() as bar, offloader or contextlib.nullcontext():
         job = bar.add_task(task.name, total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -148,6 +160,8 @@ def train(
             totals: dict[str, float | torch.Tensor] = {}
             tokens = 0
             data_step = step + data_offset
+            if qk_clip is not None:
+                qk_clip.begin_step()
             for micro in range(cfg.grad_accum):
                 rows = batches(data_step * cfg.grad_accum + micro)
                 batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
@@ -225,6 +239,7 @@ def train(
             done = step + 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            clip_stats = qk_clip.after_step() if qk_clip is not None else {}
             guard.accept(totals["loss"], grad_norm)
             skips_in_a_row = 0
             # The expert loads of the whole global batch, as one process would have counted
@@ -240,6 +255,7 @@ def train(
                 "tokens_per_s": tokens / elapsed,
                 **totals,
                 **expert_stats,
+                **clip_stats,
             }
             if peak is not None:
                 record["mfu"] = tokens * flops_per_token / elapsed / peak
@@ -260,8 +276,16 @@ def train(
             every = cfg.checkpoint_every
             if every and (done % every == 0 or done == cfg.steps):
                 extra = {"task": task.name, "data_offset": data_offset}
-                save_checkpoint(ckpt_root, done, model, optimizer, extra, cfg.keep_checkpoints)
+                # With offload, local pruning waits for each upload (the offloader prunes).
+                keep = cfg.keep_checkpoints if offloader is None else 1 << 30
+                saved = save_checkpoint(ckpt_root, done, model, optimizer, extra, keep)
+                if offloader is not None:
+                    offloader.submit(saved)
             step = done
+    if qk_clip is not None:
+        qk_clip.remove()
+    if offloader is not None:
+        offloader.close()  # every checkpoint stored (or the reason why not) before the end
     if export:
         save_model_dir(work_dir / "model", model)
     barrier()  # rank 0's last record is on disk for every process to read
@@ -275,7 +299,16 @@ def train(
 
 
 # Step bookkeeping and speed, left out of the metrics a stage reports at the end.
-_PER_STEP = {"step", "lr", "grad_norm", "step_s", "tokens_per_s", "mfu", "peak_memory_gib"}
+_PER_STEP = {
+    "step",
+    "lr",
+    "grad_norm",
+    "step_s",
+    "tokens_per_s",
+    "mfu",
+    "peak_memory_gib",
+    "qk_clipped_heads",
+}
 
 
 def _as_floats(values: list[float | torch.Tensor]) -> list[float]:
