@@ -5,6 +5,7 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm doctor [--path DIR] [thresholds]   (preflight; under torchrun also all-reduce)
 """
 
 from __future__ import annotations
@@ -206,6 +207,10 @@ def export_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:
+        from frontierlm.doctor import main as doctor
+
+        return doctor(argv[1:])
     if argv[:2] == ["tokenizer", "report"]:
         return tokenizer_report_command(argv[2:])
     if argv[:2] == ["data", "train-classifier"]:
