@@ -5,6 +5,7 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm data utility RUN [--from A] [--to B] [--mixture-out FILE]
 frontierlm doctor [--path DIR] [thresholds]   (preflight; under torchrun also all-reduce)
 """
 
@@ -141,6 +142,44 @@ def tokenizer_report_command(argv: list[str]) -> int:
     return 0
 
 
+def utility_command(argv: list[str]) -> int:
+    """`frontierlm data utility RUN`: its own parser, as `tokenizer report` (see there)."""
+    from frontierlm.eval.utility import mixture_toml, print_report, utility_report
+
+    parser = argparse.ArgumentParser(
+        prog="frontierlm data utility",
+        description="rank a pretraining run's token sources and documents by how much the "
+        "training between two of its models lowered their loss (see frontierlm/eval/utility.py)",
+    )
+    parser.add_argument("run", help="run directory, e.g. runs/quickstart")
+    parser.add_argument(
+        "--from",
+        dest="frm",
+        default="oldest",
+        help="init | oldest | latest | final | STEP | DIR (default: the oldest kept checkpoint)",
+    )
+    parser.add_argument("--to", default="final", help="as --from (default: the final model)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=400_000, help="score evenly spaced windows up to this"
+    )
+    parser.add_argument("--json", help="write the table (and per-document ranks) here")
+    parser.add_argument("--mixture-out", help="write a [[pretrain.mixture]] recipe fragment here")
+    parser.add_argument("--recipe", help="the fragment's base recipe (with --mixture-out)")
+    args = parser.parse_args(argv)
+    try:
+        report = utility_report(Path(args.run), args.frm, args.to, args.max_tokens)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error in data utility:[/] {err}")
+        return 1
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.mixture_out:
+        Path(args.mixture_out).write_text(mixture_toml(report, args.recipe))
+        console.print(f"  mixture fragment -> {args.mixture_out}")
+    return 0
+
+
 def train_classifier_command(args: argparse.Namespace) -> int:
     from frontierlm.data.quality import (
         DEFAULT_NEGATIVES,
@@ -211,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         from frontierlm.doctor import main as doctor
 
         return doctor(argv[1:])
+    if argv[:2] == ["data", "utility"]:
+        return utility_command(argv[2:])
     if argv[:2] == ["tokenizer", "report"]:
         return tokenizer_report_command(argv[2:])
     if argv[:2] == ["data", "train-classifier"]:

@@ -146,6 +146,7 @@ def utility_report(
     to: str = "final",
     max_tokens: int | None = 400_000,
     top_docs: int = 10,
+    min_doc_tokens: int = 32,
 ) -> dict[str, Any]:
     config = run_dir / "config.json"
     if not config.is_file():
@@ -162,8 +163,11 @@ def utility_report(
         (model_from, model_to), split, loop.seq_len, loop.batch_size, max_tokens, bos_id
     )
     sources = source_table(split, doc)
-    scored = doc.tokens > 0
-    per_doc_reduction = np.where(scored, (doc.loss_from - doc.loss_to) / np.maximum(doc.tokens, 1), 0)
+    # Documents with too few scored tokens give noisy means: ranked only from min_doc_tokens.
+    scored = doc.tokens >= min(min_doc_tokens, max(1, int(doc.tokens.max())))
+    per_doc_reduction = np.where(
+        scored, (doc.loss_from - doc.loss_to) / np.maximum(doc.tokens, 1), 0
+    )
     order = np.argsort(-per_doc_reduction[scored])
     doc_index = np.flatnonzero(scored)[order]
     names = split.source_names
