@@ -161,6 +161,31 @@ def data_section(run_dir: Path, out: Path) -> list[str]:
     return ["## Data steps", "", *data_steps_table(steps), "", f"![{png}](report/{png})", ""]
 
 
+def safety_section(run_dir: Path) -> list[str]:
+    """The scores `frontierlm safety RUN` wrote, when it was run."""
+    path = run_dir / "safety" / "results.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    hierarchy, refusal = results["instruction_hierarchy"], results["refusal"]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        return f"| {name} | {r['rate']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['n']} |"
+
+    lines = [
+        f"## Safety (`frontierlm safety`, model `{results.get('model', '?')}`)",
+        "",
+        "| evaluation | score | 95% CI (Wilson) | n |",
+        "| --- | ---: | --- | ---: |",
+        row("instruction hierarchy: followed the higher-privileged instruction", hierarchy),
+        *[row(f"&nbsp;&nbsp;{pair}", r) for pair, r in hierarchy["by_pair"].items()],
+        row("refusal of HH red-team requests, rule judge", refusal["rule_judge"]),
+    ]
+    if "model_judge" in refusal:
+        lines.append(row("refusal, model judge", refusal["model_judge"]))
+    return [*lines, "", "Samples: `safety/samples.md`.", ""]
+
+
 def build_report(run_dir: Path, out: Path) -> str:
     records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
@@ -205,6 +230,7 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         *data_section(run_dir, out),
     ]
+    lines += safety_section(run_dir)
     for png in plot_curves(run_dir, out):
         lines.append(f"![{png}](report/{png})")
     lines += [
