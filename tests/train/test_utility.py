@@ -94,7 +94,10 @@ def test_sources_add_up_and_rank_the_learnable_one_first(run_dir):
     assert report["loss_to"] == pytest.approx(report["logged_train_loss"], rel=0.1)
     weights = mixture_weights(report)
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
-    assert weights["pattern"] > weights["noise"]
+    # Each source weighted by the loss it took off in all (tokens x reduction per token).
+    took_off = {n: r["tokens"] * r["reduction"] for n, r in by_name.items()}
+    ratio = took_off["pattern"] / took_off["noise"]
+    assert weights["pattern"] / weights["noise"] == pytest.approx(ratio, rel=1e-3)
     # Documents: the top ones are pattern documents, the bottom ones noise.
     assert {d["source"] for d in report["top_documents"][:5]} == {"pattern"}
     assert {d["source"] for d in report["bottom_documents"][:5]} == {"noise"}
