@@ -162,7 +162,11 @@ def data_section(run_dir: Path, out: Path) -> list[str]:
 
 
 def build_report(run_dir: Path, out: Path) -> str:
-    records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
+    records = {
+        name: read_record(run_dir / name)
+        for name, stage in STAGES.items()
+        if name != "report" and stage.in_pipeline
+    }
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
     lines = [
         f"# FrontierLM run `{run_dir.name}`",
