@@ -40,12 +40,13 @@ def split_fragments(params: list[nn.Parameter], parts: int) -> list[list[nn.Para
         raise ValueError(f"diloco.fragments={parts} exceeds the model's {len(params)} tensors")
     total = sum(p.numel() for p in params)
     groups: list[list[nn.Parameter]] = [[] for _ in range(parts)]
-    seen = 0
+    seen, index = 0, 0
     for i, p in enumerate(params):
-        left = len(params) - i
-        index = min(parts - 1, seen * parts // total)
-        # Leave at least one tensor for each group still to come.
-        index = max(index, parts - left)
+        # The group in which the tensor's middle falls, moving on at most one group per tensor
+        # and leaving at least one tensor for each group still to come.
+        middle = (seen + p.numel() / 2) * parts / total
+        index = min(max(index, int(middle)), index + 1 if groups[index] else index)
+        index = max(index, parts - (len(params) - i))
         groups[index].append(p)
         seen += p.numel()
     return groups
@@ -98,7 +99,9 @@ class OuterNesterov:
 
     def __init__(self, global_weights: list[torch.Tensor], lr: float, momentum: float) -> None:
         self.weights = global_weights
-        self.optimizer = torch.optim.SGD(global_weights, lr=lr, momentum=momentum, nesterov=True)
+        self.optimizer = torch.optim.SGD(
+            global_weights, lr=lr, momentum=momentum, nesterov=momentum > 0
+        )
 
     def step(self, pseudo_gradient: torch.Tensor) -> None:
         offset = 0
