@@ -70,6 +70,36 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     return ["training_curves.png", "validation_bpb.png"]
 
 
+def loss_vs_bytes(
+    records: list[dict[str, Any]], bytes_per_step: float | None = None, islands: int = 1
+) -> list[tuple[float, float]]:
+    """(bytes communicated by all workers so far, train loss) per step of one metrics log: a
+    DiLoCo island's records carry its own `bytes_sent` (times `islands`, as every island sends
+    as much); a data-parallel run sends a fixed `bytes_per_step`."""
+    points = []
+    for r in records:
+        if "loss" not in r:
+            continue
+        sent = (
+            r["step"] * bytes_per_step if bytes_per_step is not None else r["bytes_sent"] * islands
+        )
+        points.append((float(sent), float(r["loss"])))
+    return points
+
+
+def plot_loss_vs_bytes(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Train loss against bytes communicated (log scale), one line per run: DiLoCo vs. DDP."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        xs = [max(x, 1.0) for x, _ in points]
+        ax.plot(xs, [y for _, y in points], label=label, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_ylabel("train loss")
+    _style(ax)
+    ax.set_xlabel("bytes communicated (all workers)")
+    _save(fig, path)
+
+
 def read_data_steps(run_dir: Path) -> list[dict[str, Any]]:
     """The data stage's per-step stats; `seconds` and `counts` default for stats.json files
     written before steps recorded them (None: not measured, which is not 0 seconds)."""

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.distributed import TCPStore
@@ -53,11 +52,6 @@ def _check(cfg) -> None:
             f"pretrain.batch_size={loop.batch_size} does not divide by diloco.islands="
             f"{d.islands}: it is the global batch, of which each island takes an equal share"
         )
-
-
-def _last_record(path: Path) -> dict[str, Any]:
-    records = MetricsLog(path).read()
-    return records[-1] if records else {}
 
 
 def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
@@ -162,10 +156,16 @@ def _finish(ctx: StageContext, model: Transformer, wall_s: float, coordinator) -
     plan = island_plan(cfg)
     totals = {"bytes_sent": 0, "bytes_received": 0, "tokens": 0}
     solo_tokens_per_s = 0.0
+    islands_tokens_per_s = 0.0
     for i in range(d.islands):
-        last = _last_record(work_dir / "islands" / str(i) / "metrics.jsonl")
-        if not last:
+        records = MetricsLog(work_dir / "islands" / str(i) / "metrics.jsonl").read()
+        if not records:
             continue
+        last = records[-1]
+        # The island's own rate over its training steps (exchanges and waits included, process
+        # start-up and evaluations not): what the islands together deliver while they train.
+        span = sum(r["step_s"] for r in records if "step_s" in r)
+        islands_tokens_per_s += len(records) * plan[i]["batch"] * loop.seq_len / span
         tokens = last["step"] * plan[i]["batch"] * loop.seq_len * loop.grad_accum
         for key in ("bytes_sent", "bytes_received", "compute_s", "comm_s", "wait_s"):
             metrics[f"island{i}_{key}"] = float(last.get(key, 0.0))
@@ -178,6 +178,7 @@ def _finish(ctx: StageContext, model: Transformer, wall_s: float, coordinator) -
     metrics |= {k: float(v) for k, v in totals.items()}
     metrics["wall_s"] = wall_s
     metrics["tokens_per_s"] = totals["tokens"] / wall_s
+    metrics["islands_tokens_per_s"] = islands_tokens_per_s
     metrics["solo_tokens_per_s_sum"] = solo_tokens_per_s
     if coordinator is not None:
         metrics["outer_steps"] = float(coordinator.version)
