@@ -276,3 +276,31 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
         ("outer_step", None),
         ("rejoined", 1),
     ]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_diloco_config_errors_name_the_key_and_fingerprints(tmp_path: Path) -> None:
+    from frontierlm.config import ConfigError, load_config
+    from frontierlm.stages import STAGES, fingerprint
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
+    with pytest.raises(ConfigError, match=r"diloco\.slowdown has 3 values for 4 islands"):
+        load_config(recipe, ["--diloco.slowdown=[1,2,3]"])
+    with pytest.raises(ConfigError, match=r"diloco\.overlap=25 must be below"):
+        load_config(recipe, ["--diloco.fragments=2", "--diloco.overlap=25"])
+    assert '"mode"' not in load_config(recipe).section_json("pretrain")  # old hashes stay
+    for dep in ("tokenizer", "tokenize"):
+        (tmp_path / "quickstart" / dep).mkdir(parents=True)
+        (tmp_path / "quickstart" / dep / "stage.json").write_text('{"fingerprint": "x"}')
+
+    def pretrain_fingerprint(*overrides: str) -> str:
+        cfg = load_config(recipe, [f"--run.out_dir={tmp_path}", *overrides])
+        return fingerprint(cfg, STAGES["pretrain"])
+
+    # The [diloco] table counts in pretrain's fingerprint only when pretrain runs DiLoCo.
+    assert pretrain_fingerprint() == pretrain_fingerprint("--diloco.islands=8")
+    diloco = pretrain_fingerprint("--pretrain.mode=diloco")
+    assert diloco != pretrain_fingerprint()
+    assert diloco != pretrain_fingerprint("--pretrain.mode=diloco", "--diloco.islands=8")
