@@ -7,7 +7,9 @@
   (c) decoupled islands, one 3x slower: aggregate tokens/s >= 90% of the sum of the islands' solo
       speeds, loss within 3% of synchronous DiLoCo at equal tokens;
   (d) SIGKILL of one asynchronous island mid-run: the others go on, and the island restarted by
-      hand rejoins and contributes (events.jsonl shows it).
+      hand rejoins and contributes (events.jsonl shows it);
+  (e) (`--parts e`, on a machine with 2 GPUs) the same DiLoCo with one island per GPU: bytes,
+      seconds per outer step and the share of time communicating over a simulated 1 Gbit/s link.
 
 The data-parallel baseline trains in one process on the global batch (N DDP processes follow the
 same curve, train/parallel.py); its bytes are what DDP's ring all-reduce of fp32 gradients sends,
@@ -19,7 +21,8 @@ training steps (exchanges and waiting included, process start-up excluded). The 
 plot is written beside the JSON.
 
     python benchmarks/diloco.py --upstream /work/main/runs/bench-opt-shared    # ~20 min, 2 cores
-    python benchmarks/diloco.py --tiny                                         # ~3 min smoke run
+    python benchmarks/diloco.py --tiny                                         # smoke run
+    python benchmarks/diloco.py --parts e --steps 500 --batch 32 --seq-len 256    # 2 GPUs
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cli(stage, *common, f"--run.name={name}", *overrides, log=out / f"diloco-{label}.log")
         metrics = stage_metrics(run_dir, stage)
+        metrics["inner_steps"] = H
         metrics["bench_wall_s"] = time.perf_counter() - t0
         metrics["load_before"], metrics["load_after"] = float(load), float(uptime())
         results[label] = metrics
@@ -140,6 +144,9 @@ def main() -> None:
     if "c" in parts:
         slow = ",".join(["1"] * (M - 1) + ["3"])
         run("async", "diloco", "--diloco.mode=async", f"--diloco.slowdown=[{slow}]")
+    if "e" in parts:  # one island per GPU (on a machine with them), a simulated 1 Gbit/s link
+        run("gpu", "diloco", "--diloco.islands=2", "--diloco.bandwidth_mbit=[1000]",
+            "--diloco.latency_ms=[10]", "--pretrain.precision=auto")  # fmt: skip
     if "d" in parts:
         results["kill"] = kill_and_rejoin(common, upstream, out)
 
@@ -179,12 +186,24 @@ def summarise(results: dict[str, dict], islands: int) -> list[dict]:
         gap = a["val_loss"] / d["val_loss"] - 1
         row("(c) async tokens/s / sum of solo speeds", share, ">= 0.90", share >= 0.9, "async")
         row("(c) async val loss vs sync DiLoCo", gap, "<= +3%", gap <= 0.03, "async")
+    if "gpu" in results:
+        g = results["gpu"]
+        syncs = g["island0_steps"] / results_inner_steps(g)
+        per_outer = g["island0_span_s"] / syncs
+        comm = g["island0_comm_exposed_s"] / g["island0_span_s"]
+        row("(e) bytes sent per island", g["island0_bytes_sent"], "-", True, "gpu")
+        row("(e) seconds per outer step (H inner steps + sync)", per_outer, "-", True, "gpu")
+        row("(e) share of time communicating at 1 Gbit/s", comm, "-", True, "gpu")
     if "kill" in results:
         k = results["kill"]
         ok = k["others_finished"] and k["rejoined"] and k["contributed_after_rejoin"]
         row("(d) SIGKILL: others go on, restarted island rejoins and contributes", float(ok),
             "1 (yes)", ok, "kill")  # fmt: skip
     return rows
+
+
+def results_inner_steps(metrics: dict) -> int:
+    return int(metrics["inner_steps"])
 
 
 def kill_and_rejoin(common: list[str], upstream: Path, out: Path) -> dict:

@@ -103,7 +103,7 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
         console.print(
             f"  restart a dead island with: python -m frontierlm.distributed.island {work_dir} I"
         )
-    failed = _watch(processes, d.mode, work_dir, thread)
+    failed = _watch(processes, d.mode, coordinator, thread)
     wall_s = time.perf_counter() - started
     if d.mode == "sync":
         if failed:
@@ -118,7 +118,7 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     return _finish(ctx, model, wall_s, coordinator)
 
 
-def _watch(processes, mode: str, work_dir: Path, thread: threading.Thread | None) -> list[int]:
+def _watch(processes, mode: str, coordinator, thread: threading.Thread | None) -> list[int]:
     """Wait for the islands; sync: stop all when one fails; async: until the coordinator is done
     (a dead island is its business). Returns the islands whose process failed."""
     failed: list[int] = []
@@ -127,6 +127,8 @@ def _watch(processes, mode: str, work_dir: Path, thread: threading.Thread | None
             if proc.poll() not in (None, 0) and i not in failed:
                 failed.append(i)
                 console.print(f"[red]diloco: island {i} exited with {proc.returncode}")
+                if coordinator is not None and i not in coordinator.alive | coordinator.finished:
+                    coordinator.dropped.add(i)  # died before it ever joined
         if mode == "sync" and failed:
             for proc in processes.values():
                 if proc.poll() is None:
@@ -167,7 +169,9 @@ def _finish(ctx: StageContext, model: Transformer, wall_s: float, coordinator) -
         span = sum(r["step_s"] for r in records if "step_s" in r)
         islands_tokens_per_s += len(records) * plan[i]["batch"] * loop.seq_len / span
         tokens = last["step"] * plan[i]["batch"] * loop.seq_len * loop.grad_accum
-        for key in ("bytes_sent", "bytes_received", "compute_s", "comm_s", "wait_s"):
+        metrics[f"island{i}_span_s"] = span
+        keys = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "comm_exposed_s", "wait_s")
+        for key in keys:
             metrics[f"island{i}_{key}"] = float(last.get(key, 0.0))
         metrics[f"island{i}_steps"] = float(last["step"])
         totals["bytes_sent"] += last.get("bytes_sent", 0)
