@@ -85,6 +85,11 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--parts", default="a,b,c,d", help="which claims to measure")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take finished runs (and their figures) from the last JSON",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.batch, args.seq_len, args.inner_steps = 20, 8, 32, 10
@@ -108,12 +113,17 @@ def main() -> None:
         f"--diloco.inner_steps={H}",
         "--force",
     ]
+    previous = out / "diloco.json"
     results: dict[str, dict] = {}
+    if args.reuse and previous.is_file():
+        results = json.loads(previous.read_text())["runs"]
     curves: dict[str, list] = {}
 
     def run(label: str, stage: str, *overrides: str) -> dict:
         name = f"bench-diloco-{label}"
         run_dir = prepare(name, upstream)
+        if label in results and (run_dir / stage / "stage.json").is_file():
+            return results[label]  # --reuse
         load = uptime()
         t0 = time.perf_counter()
         cli(stage, *common, f"--run.name={name}", *overrides, log=out / f"diloco-{label}.log")
@@ -153,7 +163,9 @@ def main() -> None:
     rows = summarise(results, M)
     if curves:
         plot_loss_vs_bytes(curves, out / "diloco_loss_vs_bytes.png")
-    (out / "diloco.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
+    (out / "diloco.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "runs": results}, indent=2)
+    )
     print(f"wrote {out / 'diloco.json'}")
 
 

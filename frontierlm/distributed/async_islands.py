@@ -8,7 +8,7 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
   - it collects contributions; when it holds one per live island it takes an outer step with
     their staleness-weighted mean: a pseudo-gradient computed from global version b, arriving at
     version v, has staleness s = v - b and weight (1 + s)^-p (`staleness_power` p), the weights
-    normalised to sum to one;
+    normalised to sum to one, the mean scaled by min(1, contributions / islands);
   - an island whose heartbeat is older than `timeout_s` is dropped (an event in events.jsonl)
     and the outer steps go on with the others;
   - an island that (re)starts reads the newest global weights and the data position it owns
@@ -187,7 +187,10 @@ class Coordinator:
         staleness = [self.version - c.base for c in self.buffer]
         weights = staleness_weights(staleness, self.staleness_power)
         mean = sum(w * c.pseudo_gradient for w, c in zip(weights, self.buffer, strict=True))
-        self.outer.step(mean)
+        # Fewer contributions than islands (some dropped or finished) move the weights less:
+        # the absent islands count as zero, as in the synchronous mean, so a lone island's
+        # pseudo-gradient does not get the whole outer step (and momentum) to itself.
+        self.outer.step(mean * min(1.0, len(self.buffer) / self.islands))
         self.version += 1
         self._publish()
         self._event(
