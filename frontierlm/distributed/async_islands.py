@@ -7,8 +7,10 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
 
   - it collects contributions; when it holds one per live island it takes an outer step with
     their staleness-weighted mean: a pseudo-gradient computed from global version b, arriving at
-    version v, has staleness s = v - b and weight (1 + s)^-p (`staleness_power` p), the weights
-    normalised to sum to one, the mean scaled by min(1, contributions / islands);
+    version v, has staleness s = v - b and weight (1 + s)^-p (`staleness_power` p) in a mean
+    over max(contributions, islands) slots: all islands fresh give DiLoCo's mean, an absent
+    island counts as zero, and a stale pseudo-gradient (part of whose progress, measured from
+    an older base, the weights already hold) counts less;
   - an island whose heartbeat is older than `timeout_s` is dropped (an event in events.jsonl)
     and the outer steps go on with the others;
   - an island that (re)starts reads the newest global weights and the data position it owns
@@ -39,11 +41,13 @@ from frontierlm.train.metrics import MetricsLog
 KEPT_VERSIONS = 4  # global weights stay readable this many versions back
 
 
-def staleness_weights(staleness: list[int], power: float) -> list[float]:
-    """Normalised weights (1 + s)^-power of contributions with staleness s."""
-    raw = [(1.0 + s) ** -power for s in staleness]
-    total = sum(raw)
-    return [w / total for w in raw]
+def staleness_weights(staleness: list[int], power: float, islands: int) -> list[float]:
+    """Weights of a buffer of contributions with staleness s: (1 + s)^-power each, over
+    max(contributions, islands). Fresh contributions from every island give the plain mean;
+    an absent island counts as zero (as in the synchronous mean); a stale one counts less,
+    since part of the progress it reports (from an older base) is already in the weights."""
+    slots = max(len(staleness), islands)
+    return [(1.0 + s) ** -power / slots for s in staleness]
 
 
 def _get_int(store: Store, key: str, default: int = 0) -> int:
@@ -185,12 +189,9 @@ class Coordinator:
 
     def _outer_step(self) -> None:
         staleness = [self.version - c.base for c in self.buffer]
-        weights = staleness_weights(staleness, self.staleness_power)
+        weights = staleness_weights(staleness, self.staleness_power, self.islands)
         mean = sum(w * c.pseudo_gradient for w, c in zip(weights, self.buffer, strict=True))
-        # Fewer contributions than islands (some dropped or finished) move the weights less:
-        # the absent islands count as zero, as in the synchronous mean, so a lone island's
-        # pseudo-gradient does not get the whole outer step (and momentum) to itself.
-        self.outer.step(mean * min(1.0, len(self.buffer) / self.islands))
+        self.outer.step(mean)
         self.version += 1
         self._publish()
         self._event(

@@ -221,8 +221,10 @@ def _push(store, island: int, seq: int, base: int, delta: torch.Tensor, position
 
 
 def test_staleness_weights_and_the_weighted_outer_step(tmp_path: Path) -> None:
-    assert staleness_weights([0, 3], 0.5) == pytest.approx([2 / 3, 1 / 3])  # 1 vs 1/2
-    assert staleness_weights([2, 2, 2], 1.0) == pytest.approx([1 / 3] * 3)
+    assert staleness_weights([0, 0], 1.0, 2) == pytest.approx([1 / 2, 1 / 2])  # DiLoCo's mean
+    assert staleness_weights([0, 3], 0.5, 2) == pytest.approx([1 / 2, 1 / 4])
+    assert staleness_weights([1], 1.0, 4) == pytest.approx([1 / 8])  # absent islands: zero
+    assert staleness_weights([0, 0, 0], 1.0, 2) == pytest.approx([1 / 3] * 3)
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     coordinator = Coordinator(store, torch.zeros(4), 2, Codec(), staleness_power=1.0,
                               outer_momentum=0.0, outer_lr=1.0,
@@ -233,17 +235,17 @@ def test_staleness_weights_and_the_weighted_outer_step(tmp_path: Path) -> None:
     _push(store, 0, 1, 0, torch.ones(4), position=5)
     coordinator.poll()
     assert coordinator.version == 0
-    _push(store, 0, 2, 0, torch.ones(4), position=10)
+    _push(store, 0, 2, 0, torch.full((4,), 3.0), position=10)
     coordinator.poll()
     assert coordinator.version == 1
-    assert torch.allclose(coordinator.weights, -torch.ones(4))  # lr 1, no momentum
+    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0))  # lr 1, no momentum
     # Then island 0 fresh (version 1, staleness 0) and island 1 from version 0 (staleness 1):
-    # weights 1 : 1/2, normalised 2/3 : 1/3.
+    # 3 / 2 + 1 / (2 * 2) = 1.75.
     _push(store, 0, 3, 1, torch.full((4,), 3.0), position=15)
-    _push(store, 1, 1, 0, torch.zeros(4), position=5)
+    _push(store, 1, 1, 0, torch.ones(4), position=5)
     coordinator.poll()
     assert coordinator.version == 2
-    assert torch.allclose(coordinator.weights, -torch.ones(4) - 2.0)
+    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0 + 1.75))
     assert store.get("pos/0") == b"15" and store.get("pos/1") == b"5"
     events = MetricsLog(tmp_path / "events.jsonl").read()
     assert events[-1]["staleness"] == [0, 1] and events[-1]["islands"] == [0, 1]
@@ -265,8 +267,8 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
     _push(store, 0, 1, 0, torch.ones(4), position=7)
     coordinator.poll()
     assert coordinator.version == 1
-    # One contribution of two islands: half the step (lr 0.7, Nesterov (1 + 0.9) on a fresh
-    # momentum buffer).
+    # One fresh contribution of two islands: half the step (lr 0.7, Nesterov (1 + 0.9) on a
+    # fresh momentum buffer).
     assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 1.9 * 0.5))
     store.set("hb/1", str(time.time()))  # restarted
     coordinator.poll()
