@@ -71,19 +71,25 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
 
 
 def loss_vs_bytes(
-    records: list[dict[str, Any]], bytes_per_step: float | None = None, islands: int = 1
+    records: list[dict[str, Any]],
+    bytes_per_step: float | None = None,
+    islands: int = 1,
+    smooth: int = 10,
 ) -> list[tuple[float, float]]:
-    """(bytes communicated by all workers so far, train loss) per step of one metrics log: a
-    DiLoCo island's records carry its own `bytes_sent` (times `islands`, as every island sends
-    as much); a data-parallel run sends a fixed `bytes_per_step`."""
+    """(bytes communicated by all workers so far, train loss averaged over the last `smooth`
+    steps) per step of one metrics log: a DiLoCo island's records carry its own `bytes_sent`
+    (times `islands`, as every island sends as much); a data-parallel run sends a fixed
+    `bytes_per_step`."""
     points = []
+    window: list[float] = []
     for r in records:
         if "loss" not in r:
             continue
+        window = [*window[-(smooth - 1) :], float(r["loss"])] if smooth > 1 else [r["loss"]]
         sent = (
             r["step"] * bytes_per_step if bytes_per_step is not None else r["bytes_sent"] * islands
         )
-        points.append((float(sent), float(r["loss"])))
+        points.append((float(sent), sum(window) / len(window)))
     return points
 
 
@@ -94,7 +100,7 @@ def plot_loss_vs_bytes(curves: dict[str, list[tuple[float, float]]], path: Path)
         xs = [max(x, 1.0) for x, _ in points]
         ax.plot(xs, [y for _, y in points], label=label, lw=1.2)
     ax.set_xscale("log")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("train loss (10-step mean)")
     _style(ax)
     ax.set_xlabel("bytes communicated (all workers)")
     _save(fig, path)

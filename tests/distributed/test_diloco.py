@@ -309,3 +309,16 @@ def test_diloco_config_errors_name_the_key_and_fingerprints(tmp_path: Path) -> N
     diloco = pretrain_fingerprint("--pretrain.mode=diloco")
     assert diloco != pretrain_fingerprint()
     assert diloco != pretrain_fingerprint("--pretrain.mode=diloco", "--diloco.islands=8")
+
+
+def test_loss_vs_bytes_points_and_plot(tmp_path: Path) -> None:
+    from frontierlm.report import loss_vs_bytes, plot_loss_vs_bytes
+
+    island = [{"step": 1, "loss": 4.0, "bytes_sent": 0}, {"step": 2, "loss": 2.0, "bytes_sent": 10}]
+    assert loss_vs_bytes(island, islands=4, smooth=2) == [(0.0, 4.0), (40.0, 3.0)]
+    ddp = [{"step": 1, "loss": 4.0}, {"step": 2, "val_loss": 3.9}, {"step": 2, "loss": 3.0}]
+    assert loss_vs_bytes(ddp, bytes_per_step=100.0, smooth=1) == [(100.0, 4.0), (200.0, 3.0)]
+    plot_loss_vs_bytes(
+        {"a": loss_vs_bytes(island), "b": loss_vs_bytes(ddp, 100.0)}, tmp_path / "p.png"
+    )
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
