@@ -10,7 +10,8 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
     version v, has staleness s = v - b and weight (1 + s)^-p (`staleness_power` p) in a mean
     over max(contributions, islands) slots: all islands fresh give DiLoCo's mean, an absent
     island counts as zero, and a stale pseudo-gradient (part of whose progress, measured from
-    an older base, the weights already hold) counts less;
+    an older base, the weights already hold) counts less; the step's Nesterov momentum is
+    scaled by the sum of the weights (how full the step is);
   - an island whose heartbeat is older than `timeout_s` is dropped (an event in events.jsonl)
     and the outer steps go on with the others;
   - an island that (re)starts reads the newest global weights and the data position it owns
@@ -191,6 +192,11 @@ class Coordinator:
         staleness = [self.version - c.base for c in self.buffer]
         weights = staleness_weights(staleness, self.staleness_power, self.islands)
         mean = sum(w * c.pseudo_gradient for w, c in zip(weights, self.buffer, strict=True))
+        # Momentum in proportion to how full the step is (1 for every island fresh): repeated
+        # partial steps would otherwise each get the whole Nesterov push of the past steps and
+        # overshoot (Liu et al. 2024 delay the momentum for the same reason).
+        fill = min(1.0, sum(weights))
+        self.outer.optimizer.param_groups[0]["momentum"] = self.outer_momentum * fill
         self.outer.step(mean)
         self.version += 1
         self._publish()

@@ -267,9 +267,9 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
     _push(store, 0, 1, 0, torch.ones(4), position=7)
     coordinator.poll()
     assert coordinator.version == 1
-    # One fresh contribution of two islands: half the step (lr 0.7, Nesterov (1 + 0.9) on a
-    # fresh momentum buffer).
-    assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 1.9 * 0.5))
+    # One fresh contribution of two islands: half the mean and half the momentum (lr 0.7,
+    # Nesterov with momentum 0.45 on a fresh buffer: (1 + 0.45) g).
+    assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 1.45 * 0.5))
     store.set("hb/1", str(time.time()))  # restarted
     coordinator.poll()
     assert coordinator.alive == {0, 1}
