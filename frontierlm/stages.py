@@ -161,6 +161,11 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
+    if stage == "report":
+        # A scaling-law sweep of this recipe (`frontierlm sweep`) joins the report: its result
+        # is an input, so a sweep run after the report makes the next `run` redo the report.
+        sweep = cfg.run.run_dir / "sweep" / "sweep.json"
+        return [str(sweep)] if sweep.is_file() else []
     return []
 
 
