@@ -45,6 +45,7 @@ class Stage:
     summary: str  # which metric the report shows, and what the stage does
     key_metric: str = ""
     distributed: bool = False  # under torchrun: every process takes part, not rank 0 alone
+    in_pipeline: bool = True  # `frontierlm run` runs it (diloco is pretrain's alternative)
 
     def function(self) -> Callable[[StageContext], dict[str, Any]]:
         module, func = self.entry.split(":")
@@ -86,6 +87,15 @@ STAGES: dict[str, Stage] = {
             "pretrain the decoder (dense or MoE)",
             "val_bpb",
             distributed=True,
+        ),
+        Stage(
+            "diloco",
+            "frontierlm.distributed.launch:run_diloco_stage",
+            ("run", "model", "pretrain", "diloco"),
+            ("tokenizer", "tokenize"),
+            "pretrain across islands that sync rarely (DiLoCo family)",
+            "val_bpb",
+            in_pipeline=False,
         ),
         Stage(
             "sft",
@@ -151,6 +161,11 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
+    if stage == "report":
+        # A scaling-law sweep of this recipe (`frontierlm sweep`) joins the report: its result
+        # is an input, so a sweep run after the report makes the next `run` redo the report.
+        sweep = cfg.run.run_dir / "sweep" / "sweep.json"
+        return [str(sweep)] if sweep.is_file() else []
     return []
 
 
@@ -191,7 +206,10 @@ def read_record(out_dir: Path) -> dict[str, Any]:
 def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
     h = hashlib.sha256()
     h.update(stage.name.encode())
-    h.update(cfg.section_json(*stage.sections).encode())
+    sections = stage.sections
+    if stage.name == "pretrain" and cfg.pretrain.mode == "diloco":
+        sections += ("diloco",)
+    h.update(cfg.section_json(*sections).encode())
     for path in external_files(cfg, stage.name):
         p = Path(path)
         if not p.is_file():
@@ -272,5 +290,6 @@ def _run_stage(
 
 
 def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
-    for name in STAGES:
-        run_stage(cfg, name, force=force)
+    for name, stage in STAGES.items():
+        if stage.in_pipeline:
+            run_stage(cfg, name, force=force)
