@@ -1058,6 +1058,9 @@ class RLConfig(LoopConfig):
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    seq_len: int = Field(
+        256, ge=8, description="unused by rl (prompt + max_new_tokens must fit max_seq_len)"
+    )
     prefetch: int = Field(
         0, ge=0, le=0, description="must be 0: rollouts come from the model being trained"
     )
@@ -1160,9 +1163,12 @@ class RecipeConfig(Strict):
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:
-        for stage in ("pretrain", "sft", "align", "rl"):
-            if getattr(self, stage) is None:
-                continue
+        if self.rl is not None and self.rl.max_new_tokens >= self.model.max_seq_len:
+            raise ValueError(
+                f"rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a prompt in "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+        for stage in ("pretrain", "sft", "align"):
             seq = getattr(self, stage).seq_len
             if seq > self.model.max_seq_len:
                 raise ValueError(

@@ -196,3 +196,89 @@ def test_dapo_dynamic_sampling_and_ppo_run(arithmetic_tokenizer, tmp_path, monke
     )
     assert all(math.isfinite(r["value_loss"]) for r in ppo) and ppo[0]["value_loss"] > 0
     assert not hasattr(model, "value_head")  # exported as a plain language model
+
+
+def test_reward_model_learns_hh_pairs(small_tokenizer, tmp_path):
+    """Bradley-Terry on 16 real HH pairs: a tiny random model with a score head fits them
+    (train accuracy from chance to >= 0.9), is saved and loads back as a scorer."""
+    from frontierlm.config import ChatSource, LoopConfig
+    from frontierlm.posttrain.chat_data import load_pairs
+    from frontierlm.posttrain.reward_model import (
+        RewardModelScorer,
+        load_reward_model,
+        render_pairs,
+        reward_model_accuracy,
+        train_reward_model,
+    )
+    from tests.conftest import DATA
+
+    tok, _ = small_tokenizer
+    renderer = ChatRenderer(tok)
+    source = ChatSource(
+        name="hh", path=str(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"), format="hh",
+        max_examples=16,
+    )  # fmt: skip
+    pairs = render_pairs(load_pairs(source), renderer, max_len=32)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=48), 1024)
+    pad = tok.token_to_id("<|pad|>")
+    cfg = LoopConfig(steps=30, batch_size=8, lr=3e-3, eval_every=30, checkpoint_every=0)
+    from frontierlm.posttrain.reward_model import REWARD_HEAD, attach_scalar_head
+
+    attach_scalar_head(model, REWARD_HEAD)
+    before = reward_model_accuracy(model, pairs, pad, 8)
+    assert before["accuracy"] == 0  # zero-initialised head: all ties, no pair ranked right
+    metrics = train_reward_model(model, cfg, pairs, pairs, pad, tmp_path, torch.device("cpu"))
+    assert metrics["val_accuracy"] >= 0.9 and metrics["val_loss"] < math.log(2) / 2
+    scorer = RewardModelScorer(load_reward_model(tmp_path / "model"), renderer, pad)
+    loaded = load_pairs(source)[0]
+    chosen, rejected = scorer([loaded.prompt[-1].content] * 2, [loaded.chosen, loaded.rejected], [])
+    assert math.isfinite(chosen) and chosen != rejected
+
+
+def test_rl_stage_runs_skips_and_reports(small_tokenizer, tmp_path):
+    """`frontierlm rl` on the micro recipe with an [rl] table, from a stand-in SFT model: the
+    stage commits, a second call skips it, and the report section draws the reward curve."""
+    import os
+
+    from frontierlm.atomic import write_text
+    from frontierlm.config import load_config
+    from frontierlm.report import rl_section
+    from frontierlm.stages import STAGES, run_stage
+    from frontierlm.tokenizer.train import save_tokenizer
+    from frontierlm.train.checkpoint import save_model_dir
+    from tests.conftest import ROOT
+
+    tok, _ = small_tokenizer
+    overrides = [
+        f"--run.out_dir={tmp_path}", "--rl.steps=2", "--rl.batch_size=8",
+        "--rl.num_generations=4", "--rl.max_new_tokens=3", "--rl.eval_every=2",
+        "--rl.task.eval_prompts=2", "--rl.task.eval_samples=1", "--rl.lr=1e-3",
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        cfg = load_config(ROOT / "recipes" / "micro.toml", overrides)
+        run_dir = cfg.run.run_dir
+        save_tokenizer(tok, run_dir / "tokenizer")
+        torch.manual_seed(0)
+        save_model_dir(
+            run_dir / "sft" / "model",
+            Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=64), 1024),
+        )
+        for stage in ("tokenizer", "sft"):
+            write_text(run_dir / stage / "stage.json", json.dumps({"fingerprint": stage}))
+        record = run_stage(cfg, "rl")
+        assert record["metrics"]["train_response_length"] > 0
+        assert "val_greedy_accuracy" in record["metrics"]
+        assert run_stage(cfg, "rl")["started"] == record["started"]  # up to date: skipped
+        # Without an [rl] table the stage is not part of the pipeline, and asking for it says so.
+        plain = load_config(ROOT / "recipes" / "micro.toml")
+        assert not STAGES["rl"].enabled(plain)
+        with pytest.raises(ValueError, match=r"\[rl\] table"):
+            run_stage(plain, "rl")
+    finally:
+        os.chdir(cwd)
+    lines = rl_section(run_dir, tmp_path)
+    assert any("greedy_accuracy" in line for line in lines)
+    assert (tmp_path / "rl_reward.png").read_bytes()[:4] == b"\x89PNG"
