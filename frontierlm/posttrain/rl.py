@@ -90,6 +90,18 @@ class PromptSource:
                 )
             self.eval = _read_qa(test_path, task.eval_prompts)
 
+    def keep_fitting(self, fits: Callable[[Prompt], bool]) -> int:
+        """Drop the GSM8K prompts that leave no room for the completion; return how many."""
+        if self.kind == "arithmetic":
+            return 0
+        before = len(self.train) + len(self.eval)
+        self.train = [p for p in self.train if fits(p)]
+        self.eval = [p for p in self.eval if fits(p)]
+        if not self.train or not self.eval:
+            raise ValueError("rl.task: no GSM8K prompt fits model.max_seq_len - max_new_tokens")
+        self.sampler = EpochSampler(len(self.train), 1, self.sampler.seed)
+        return before - len(self.train) - len(self.eval)
+
     def __call__(self, position: int) -> Prompt:
         if self.kind == "arithmetic":
             p = arithmetic.make_problem(self.difficulty, self.seed, position)
@@ -468,6 +480,9 @@ def run_rl(
     rollouts = Rollouts(
         cfg, policy, reference, renderer, prompts, build_rewards(cfg, reward_model), seed
     )
+    limit = policy.cfg.max_seq_len - cfg.max_new_tokens
+    if dropped := prompts.keep_fitting(lambda p: len(rollouts.prompt_ids(p)) <= limit):
+        console.print(f"  {dropped} prompts longer than {limit} tokens left out")
     task = RLTask(cfg, policy, rollouts, work_dir, initial)
     work_dir.mkdir(parents=True, exist_ok=True)
     before_file = work_dir / "initial_eval.json"

@@ -282,3 +282,22 @@ def test_rl_stage_runs_skips_and_reports(small_tokenizer, tmp_path):
     lines = rl_section(run_dir, tmp_path)
     assert any("greedy_accuracy" in line for line in lines)
     assert (tmp_path / "rl_reward.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gsm8k_prompts_come_from_the_shipped_splits():
+    from frontierlm.posttrain.rl import PromptSource
+    from tests.conftest import DATA
+
+    cfg = RLConfig(
+        task={"kind": "gsm8k", "gsm8k_path": str(DATA / "gsm8k" / "train.jsonl.gz"),
+              "gsm8k_max_prompts": 50, "eval_prompts": 5},
+    )  # fmt: skip
+    source = PromptSource(cfg, seed=0)
+    assert len(source.train) == 50 and len(source.eval) == 5
+    assert source(0) == PromptSource(cfg, seed=0)(0) and source(0) in source.train
+    assert all(p.reference.split("####")[-1].strip() for p in source.train + source.eval)
+    assert not {p.question for p in source.eval} & {p.question for p in source.train}
+    assert source.keep_fitting(lambda p: len(p.question) < 200) > 0
+    assert all(len(p.question) < 200 for p in source.train)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PromptSource(RLConfig(task={"kind": "gsm8k", "gsm8k_path": "nope/train.jsonl"}), 0)
