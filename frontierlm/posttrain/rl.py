@@ -24,7 +24,7 @@ import copy
 import gzip
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ class Rollouts:
                 f"{self.cfg.max_new_tokens} in model.max_seq_len="
                 f"{self.policy.cfg.max_seq_len}; lower rl.max_new_tokens"
             )
-        params = SamplingParams(**{**self.params.__dict__, "seed": seed})
+        params = replace(self.params, seed=seed)
         return generate(self.policy, ids, params)
 
     def build(self, rollout_id: int) -> Rollout:
@@ -424,7 +424,7 @@ def evaluate_policy(
     `samples` completions per prompt at the rollout temperature (seeded, so comparable)."""
     prompts = rollouts.prompts.eval
     ids = [rollouts.prompt_ids(p) for p in prompts]
-    greedy = SamplingParams(**{**rollouts.params.__dict__, "temperature": 0.0})
+    greedy = replace(rollouts.params, temperature=0.0)
     texts = [rollouts.renderer.tok.decode(c.ids) for c in generate(policy, ids, greedy)]
     rewards = rollouts.score(prompts, texts)
     correct = [exact_match(t, p.reference) for t, p in zip(texts, prompts, strict=True)]
@@ -433,7 +433,7 @@ def evaluate_policy(
         "greedy_reward": rewards.mean().item(),
     }
     if samples:
-        params = SamplingParams(**{**rollouts.params.__dict__, "seed": seed})
+        params = replace(rollouts.params, seed=seed)
         repeated = [p for p in prompts for _ in range(samples)]
         done = generate(policy, [i for i in ids for _ in range(samples)], params)
         sampled = rollouts.score(repeated, [rollouts.renderer.tok.decode(c.ids) for c in done])
