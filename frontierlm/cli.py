@@ -5,6 +5,8 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm plan [--flops C | --gpu-hours H | --dollars USD] [--params N | --recipe R] [--tokens D]
+frontierlm sweep RECIPE --sizes 64x2,128x3 --tokens 0.2M,0.4M  (then: plan --law sweep.json)
 frontierlm generate|chat|serve MODEL [...] (sampling from a model, inference/commands.py)
 """
 
@@ -58,6 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     export_tok.add_argument("out", help="output directory")
     export_tok.add_argument("--to", choices=["tiktoken"], default="tiktoken")
     export_tok.add_argument("--name", default="frontierlm", help="the tiktoken Encoding's name")
+    from frontierlm.plan.planner import add_plan_arguments
+
+    plan = sub.add_parser(
+        "plan",
+        help="scaling-law and cost arithmetic: any two of compute, parameters, tokens give the "
+        "third; compute-optimal N and D, batch size and lr, GPU-hours, days, energy, dollars",
+        description="frontierlm plan --flops 5.76e23 | --params 405e9 --tokens 15.6e12 | "
+        "--gpu-hours 1e6 --gpu H100 --mfu 0.4 | --dollars 1e7 --price 2.5 [--law sweep.json]",
+    )
+    add_plan_arguments(plan)
+    sweep = sub.add_parser(
+        "sweep",
+        help="a grid of small pretraining runs, the scaling law L(N, D) fitted to them, a plot",
+        description="frontierlm sweep recipes/quickstart.toml --sizes 64x2,128x3,192x4 "
+        "--tokens 0.2M,0.4M,0.8M (or --flops 1e12,4e12 for IsoFLOP profiles) "
+        "[--section.key=value ...]; writes runs/<name>/sweep/sweep.json, read by "
+        "`frontierlm plan --law`",
+    )
+    sweep.add_argument("recipe", help="TOML recipe whose data, tokenizer and model family to use")
+    sweep.add_argument("--sizes", required=True, help="D_MODELxN_LAYERS,... e.g. 64x2,128x3")
+    sweep.add_argument("--tokens", help="training tokens per run, e.g. 0.2M,0.4M,0.8M")
+    sweep.add_argument(
+        "--flops", help="compute budgets per run instead of --tokens, e.g. 1e12,4e12"
+    )
+    sweep.add_argument("--force", action="store_true", help="retrain points already done")
     inference_commands.add_parsers(sub)
     train_clf = sub.add_parser(
         "train-classifier",
@@ -207,6 +234,37 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from frontierlm.plan.planner import plan_command as run_plan
+
+    return run_plan(args)
+
+
+def sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    from frontierlm.plan.sweep import parse_amounts, parse_sizes, run_sweep, sweep_section
+
+    try:
+        if (args.tokens is None) == (args.flops is None):
+            raise ValueError("give --tokens or --flops (one of them)")
+        sizes = parse_sizes(args.sizes)
+        tokens = parse_amounts(args.tokens, "--tokens") if args.tokens else None
+        flops = parse_amounts(args.flops, "--flops") if args.flops else None
+        cfg = load_config(args.recipe, overrides)
+        result = run_sweep(cfg, sizes, tokens, flops, force=args.force)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error in sweep:[/] {err}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; run the same command again to resume")
+        return 130
+    console.print("\n".join(sweep_section(result, f"{cfg.run.run_dir}/sweep/")), markup=False)
+    console.print(
+        f"[green]✓ sweep[/] -> {cfg.run.run_dir}/sweep/sweep.json; plan with it: "
+        f"frontierlm plan --flops 1e21 --law {cfg.run.run_dir}/sweep/sweep.json"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["tokenizer", "report"]:
@@ -219,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         "export": export_command,
         "export-tokenizer": export_tokenizer_command,
         "train-classifier": train_classifier_command,
+        "plan": plan_command,
         **inference_commands.COMMANDS,
     }
+    if args.command == "sweep":
+        return sweep_command(args, rest)
     if args.command in commands:
         if rest:
             parser.error(f"unrecognised arguments {rest}")
         try:
             return commands[args.command](args)
-        except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        except (FileNotFoundError, ValueError, NotImplementedError, ConfigError) as err:
             console.print(f"[red]error in {args.command}:[/] {err}")
             return 1
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]

@@ -210,6 +210,17 @@ def data_section(run_dir: Path, out: Path) -> list[str]:
     return ["## Data steps", "", *data_steps_table(steps), "", f"![{png}](report/{png})", ""]
 
 
+def sweep_report_section(run_dir: Path) -> list[str]:
+    """The scaling-law sweep's section (fitted law, runs, plot) once `frontierlm sweep` has run
+    on this recipe, else nothing."""
+    path = run_dir / "sweep" / "sweep.json"
+    if not path.is_file():
+        return []
+    from frontierlm.plan.sweep import sweep_section
+
+    return sweep_section(json.loads(path.read_text()), "sweep/")
+
+
 def build_report(run_dir: Path, out: Path) -> str:
     records = {
         name: read_record(run_dir / name)
@@ -258,6 +269,7 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         *data_section(run_dir, out),
         *rl_section(run_dir, out),
+        *sweep_report_section(run_dir),
     ]
     for png in plot_curves(run_dir, out):
         lines.append(f"![{png}](report/{png})")

@@ -184,6 +184,11 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
             files += [str(Path(rm.path) / "model.safetensors")] if rm.path else []
             files += [s.path for s in rm.sources] if rm.path is None else []
         return files
+    if stage == "report":
+        # A scaling-law sweep of this recipe (`frontierlm sweep`) joins the report: its result
+        # is an input, so a sweep run after the report makes the next `run` redo the report.
+        sweep = cfg.run.run_dir / "sweep" / "sweep.json"
+        return [str(sweep)] if sweep.is_file() else []
     return []
 
 

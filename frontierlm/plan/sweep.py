@@ -1,0 +1,342 @@
+"""`frontierlm sweep RECIPE --sizes 64x2,128x3,192x4 --tokens 0.2M,0.4M,0.8M`: a grid of small
+pretraining runs, the law L(N, D) = E + A/N^alpha + B/D^beta fitted to their final validation
+losses (scaling.fit_law, Hoffmann et al.'s Huber fit), and a plot of the fit and its IsoFLOP
+curves. `--flops 1e12,4e12` instead of `--tokens` gives true IsoFLOP profiles: each size trains
+for the tokens that spend that budget at its exact FLOPs per token.
+
+The recipe's own run directory provides the data, tokenizer and token shards (run first when
+missing, skipped when current); each grid point is a run under `runs/<name>/sweep/points/`
+whose tokenizer/ and tokenize/ link to them, so every point trains on the same tokens and only
+its pretrain stage runs. Points are ordinary stages: a second sweep skips the finished ones, and
+a killed point resumes from its checkpoint. Output: `runs/<name>/sweep/sweep.json` (the points,
+the law, timing and machine load; `frontierlm plan --law` reads it), `sweep.png`, `report.md`;
+`frontierlm report` includes them once a sweep has run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from frontierlm.atomic import write_text
+from frontierlm.config import ConfigError, RecipeConfig
+from frontierlm.console import console
+from frontierlm.plan.flops import count_model
+from frontierlm.plan.scaling import EPOCH, HOFFMANN, ScalingLaw, fit_law
+
+UPSTREAM = ("data", "tokenizer", "tokenize")
+LINKED = ("tokenizer", "tokenize")  # what pretrain reads from its run directory
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """`64x2,128x3` -> [(d_model, n_layers), ...]."""
+    sizes = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
+        if not match:
+            raise ValueError(
+                f"--sizes: {part!r} is not D_MODELxN_LAYERS (e.g. --sizes 64x2,128x3,192x4)"
+            )
+        sizes.append((int(match[1]), int(match[2])))
+    return sizes
+
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_amounts(text: str, flag: str) -> list[float]:
+    """`0.2M,400k,1e6` -> [200000.0, 400000.0, 1000000.0]."""
+    amounts = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kKmMbBgGtT]?)\s*", part)
+        if not match:
+            raise ValueError(f"{flag}: {part!r} is not a number such as 2e5, 200k or 0.2M")
+        value = float(match[1]) * _SUFFIX[match[2].lower()]
+        if value <= 0:
+            raise ValueError(f"{flag}: {part!r} must be positive")
+        amounts.append(value)
+    return amounts
+
+
+def point_config(
+    cfg: RecipeConfig, d_model: int, n_layers: int, tokens: float, points_dir: Path
+) -> RecipeConfig:
+    """The recipe at one grid point: the model resized (heads of the recipe's head width), the
+    run long enough for `tokens`, one evaluation at the end, warmup at most a tenth."""
+    tree = cfg.model_dump(mode="json")
+    head_dim = cfg.model.head_dim
+    if d_model % head_dim:
+        raise ValueError(
+            f"--sizes: d_model {d_model} is not a multiple of the recipe's head width "
+            f"{head_dim} (model.d_model / model.n_heads); pick multiples of {head_dim}"
+        )
+    n_heads = d_model // head_dim
+    kv = cfg.model.n_kv_heads
+    tree["model"].update(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=kv if kv and n_heads % kv == 0 else None,
+        ffn_hidden=None,  # the default SwiGLU width of d_model
+        attn_head_dim=None,
+    )
+    pre = cfg.pretrain
+    step_tokens = pre.batch_size * pre.grad_accum * pre.seq_len
+    steps = max(2, round(tokens / step_tokens))
+    tree["pretrain"].update(
+        steps=steps,
+        warmup_steps=min(pre.warmup_steps, steps // 10),
+        eval_every=steps,
+        checkpoint_every=min(pre.checkpoint_every, steps) if pre.checkpoint_every else 0,
+    )
+    tree["run"].update(out_dir=str(points_dir), name=point_name(d_model, n_layers, tokens))
+    try:
+        return RecipeConfig.model_validate(tree)
+    except Exception as err:  # pydantic's error names the key
+        raise ConfigError(f"sweep point d_model={d_model} n_layers={n_layers}: {err}") from None
+
+
+def point_name(d_model: int, n_layers: int, tokens: float) -> str:
+    return f"d{d_model}-l{n_layers}-t{round(tokens)}"
+
+
+def _link_upstream(upstream: Path, point_dir: Path) -> None:
+    point_dir.mkdir(parents=True, exist_ok=True)
+    for stage in LINKED:
+        link = point_dir / stage
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and link.resolve() == (upstream / stage).resolve():
+                continue
+            if not link.is_symlink():
+                raise RuntimeError(f"{link} is a directory, not the sweep's link; remove it")
+            link.unlink()
+        link.symlink_to((upstream / stage).resolve(), target_is_directory=True)
+
+
+def run_sweep(
+    cfg: RecipeConfig,
+    sizes: list[tuple[int, int]],
+    tokens: list[float] | None = None,
+    flops: list[float] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    from frontierlm.stages import run_stage
+    from frontierlm.tokenizer.train import load_tokenizer
+
+    if (tokens is None) == (flops is None):
+        raise ValueError("give --tokens or --flops (one of them)")
+    runs = len(sizes) * len(tokens or flops)
+    if runs < 5:
+        raise ValueError(
+            f"{len(sizes)} sizes x {len(tokens or flops)} budgets = {runs} runs; the law has 5 "
+            "parameters (E, A, B, alpha, beta), so the fit needs at least 5 runs"
+        )
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    for stage in UPSTREAM:
+        run_stage(cfg, stage)
+    upstream = cfg.run.run_dir
+    vocab = load_tokenizer(upstream / "tokenizer").get_vocab_size()
+    sweep_dir = upstream / "sweep"
+    points_dir = sweep_dir / "points"
+    grid: list[tuple[int, int, float, float | None]] = []
+    for d_model, n_layers in sizes:
+        for amount in tokens or flops:
+            if tokens is not None:
+                grid.append((d_model, n_layers, amount, None))
+                continue
+            probe = point_config(cfg, d_model, n_layers, 1.0, points_dir)
+            per_token = count_model(probe.model, vocab)
+            d = amount / per_token.train_flops_per_token(cfg.pretrain.seq_len)
+            grid.append((d_model, n_layers, d, amount))
+    points = []
+    for i, (d_model, n_layers, n_tokens, budget) in enumerate(grid):
+        point = point_config(cfg, d_model, n_layers, n_tokens, points_dir)
+        console.rule(
+            f"[bold]sweep point {i + 1}/{len(grid)}[/]: d_model {d_model}, {n_layers} layers, "
+            f"{point.pretrain.steps} steps"
+        )
+        _link_upstream(upstream, point.run.run_dir)
+        record = run_stage(point, "pretrain", force=force)
+        m = record["metrics"]
+        points.append(
+            {
+                "name": point.run.name,
+                "d_model": d_model,
+                "n_layers": n_layers,
+                "params": m["params"],
+                "active_params": m["active_params"],
+                "tokens": m["tokens_seen"],
+                "flops": m["train_flops"],
+                "flops_per_token": m["flops_per_token"],
+                "budget": budget,
+                "steps": point.pretrain.steps,
+                "val_loss": m["val_loss"],
+                "val_bpb": m["val_bpb"],
+                "wall_s": record["wall_s"],
+            }
+        )
+    law = fit_points(points)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "recipe_run": str(upstream),
+        "grid": "isoflop" if flops else "tokens",
+        "n_is": "active_params (embeddings included, as Hoffmann et al. count N)",
+        "points": points,
+        "law": law.to_json(),
+        "optimum_at": {
+            f"{c:.3g}": dict(zip(("params", "tokens"), law.optimal(c), strict=True))
+            for c in (_budgets(points) if law.has_optimum else [])
+        },
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
+    write_text(sweep_dir / "sweep.json", json.dumps(result, indent=2))
+    plot_sweep(result, sweep_dir / "sweep.png")
+    write_text(sweep_dir / "report.md", "\n".join(sweep_section(result, "")) + "\n")
+    return result
+
+
+def fit_points(points: list[dict[str, Any]]) -> ScalingLaw:
+    n = np.array([p["active_params"] for p in points])
+    d = np.array([p["tokens"] for p in points])
+    loss = np.array([p["val_loss"] for p in points])
+    return fit_law(n, d, loss)
+
+
+def _budgets(points: list[dict[str, Any]], count: int = 3) -> list[float]:
+    flops = [p["flops"] for p in points]
+    return list(np.geomspace(min(flops), max(flops), count))
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Left: final validation loss against tokens, one colour per model size, the fitted law as
+    lines. Right: IsoFLOP curves of the fitted law (loss against N at fixed 6ND) with the runs,
+    coloured by their compute, and each curve's optimum marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    law = ScalingLaw.from_json(result["law"])
+    points = result["points"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    sizes = sorted({(p["d_model"], p["n_layers"]) for p in points})
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+    d_all = np.array([p["tokens"] for p in points])
+    d_line = np.geomspace(d_all.min() / 1.5, d_all.max() * 1.5, 100)
+    for size, colour in zip(sizes, colours, strict=True):
+        own = [p for p in points if (p["d_model"], p["n_layers"]) == size]
+        n = own[0]["active_params"]
+        left.scatter([p["tokens"] for p in own], [p["val_loss"] for p in own], color=colour)
+        left.plot(
+            d_line, law.loss(n, d_line), color=colour, label=f"{size[0]}x{size[1]} ({n:,.0f})"
+        )
+    left.set_xscale("log")
+    left.set_xlabel("training tokens D")
+    left.set_ylabel("validation loss (nats/token)")
+    left.set_title(
+        f"fit: E={law.E:.3f} A={law.A:.3g} B={law.B:.3g} α={law.alpha:.3f} β={law.beta:.3f}"
+    )
+    left.legend(fontsize="small", title="d_model x layers (N)")
+
+    n_all = np.array([p["active_params"] for p in points])
+    n_line = np.geomspace(n_all.min() / 3, n_all.max() * 3, 200)
+    budgets = _budgets(points, 4)
+    cmap = plt.cm.plasma
+    for i, c in enumerate(budgets):
+        colour = cmap(i / max(1, len(budgets) - 1) * 0.85)
+        curve = law.loss(n_line, c / (6 * n_line))
+        right.plot(n_line, curve, color=colour, label=f"C = {c:.2g}")
+        if law.has_optimum:
+            n_opt, d_opt = law.optimal(c)
+            right.plot([n_opt], [law.loss(n_opt, d_opt)], "*", color=colour, ms=12)
+    lo, hi = np.log(min(budgets)), np.log(max(budgets))
+    for p in points:
+        c = 6 * p["active_params"] * p["tokens"]
+        shade = 0.0 if hi == lo else (np.log(c) - lo) / (hi - lo)
+        right.scatter(p["active_params"], p["val_loss"], color=cmap(shade * 0.85), edgecolor="k")
+    losses = [p["val_loss"] for p in points]
+    span = max(losses) - min(losses) or 0.1
+    # A degenerate fit (an exponent running off) would stretch the axis to nothing.
+    right.set_ylim(min(losses) - 0.5 * span, max(losses) + 0.5 * span)
+    right.set_xscale("log")
+    right.set_xlabel("parameters N")
+    right.set_ylabel("validation loss (nats/token)")
+    right.set_title("IsoFLOP curves of the fit (C = 6ND), ★ optimum")
+    right.legend(fontsize="small")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fit_warning(law: ScalingLaw) -> str:
+    """A sentence when the runs do not pin the law down, else ''."""
+    if not law.has_optimum:
+        return (
+            "The fit has a non-positive exponent: these runs do not constrain the law (too "
+            "small a range of sizes or tokens, or runs too short to learn)."
+        )
+    loose = [name for name, x in (("N", law.alpha), ("D", law.beta)) if x > 2.0]
+    if loose:
+        return (
+            f"The {' and '.join(loose)} term is not identified: its exponent ran past 2 (the "
+            "edge of Hoffmann et al.'s starting grid), i.e. within these runs the loss hardly "
+            f"depends on {' or '.join(loose)}; longer runs or a wider range would separate it."
+        )
+    return ""
+
+
+def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[str]:
+    """Markdown: the fitted law next to the published ones, the runs, the plot."""
+    law = ScalingLaw.from_json(result["law"])
+    load = ", ".join(f"{x:.2f}" for x in result["load_before"])
+    lines = [
+        "## Scaling-law sweep",
+        "",
+        f"{len(result['points'])} pretraining runs ({result['grid']} grid) in "
+        f"{result['wall_s']:.0f} s on {result['cpus']} CPUs (load average before: {load}), "
+        "fitted as Hoffmann et al. did (Huber on log residuals, L-BFGS from a grid of starts).",
+        "",
+        "| law | E | A | B | α | β | a = β/(α+β) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, each in (
+        ("this sweep", law),
+        ("Hoffmann et al. 2022", HOFFMANN),
+        ("Epoch AI 2024", EPOCH),
+    ):
+        a = each.beta / (each.alpha + each.beta)
+        lines.append(
+            f"| {name} | {each.E:.3f} | {each.A:.4g} | {each.B:.4g} | {each.alpha:.3f} "
+            f"| {each.beta:.3f} | {a:.3f} |"
+        )
+    rms = law.extra.get("rms_log_residual")
+    lines += [
+        "",
+        f"RMS log residual of the fit: {rms:.4f}." if rms is not None else "",
+        fit_warning(law),
+        "",
+        "| run | N | D | FLOPs | val loss | val bpb | fit | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in result["points"]:
+        fitted = law.loss(p["active_params"], p["tokens"])
+        lines.append(
+            f"| {p['name']} | {p['active_params']:,.0f} | {p['tokens']:,.0f} | {p['flops']:.3g} "
+            f"| {p['val_loss']:.4f} | {p['val_bpb']:.4f} | {fitted:.4f} | {p['wall_s']:.1f} |"
+        )
+    lines += ["", f"![sweep.png]({image_prefix}sweep.png)", ""]
+    return lines

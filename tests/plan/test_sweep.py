@@ -1,0 +1,133 @@
+"""The sweep's machinery: grid parsing, point configs, fit + plot + report on known points, and
+(slow) a real micro sweep end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from frontierlm.config import load_config
+from frontierlm.plan.scaling import EPOCH, ScalingLaw
+from frontierlm.plan.sweep import (
+    fit_points,
+    parse_amounts,
+    parse_sizes,
+    plot_sweep,
+    point_config,
+    sweep_section,
+)
+from frontierlm.report import sweep_report_section
+
+
+def test_parse_grid():
+    assert parse_sizes("64x2, 128X3") == [(64, 2), (128, 3)]
+    assert parse_amounts("0.2M,400k,1e6,3", "--tokens") == [2e5, 4e5, 1e6, 3.0]
+    with pytest.raises(ValueError, match="D_MODELxN_LAYERS"):
+        parse_sizes("64-2")
+    with pytest.raises(ValueError, match="--tokens: 'lots'"):
+        parse_amounts("lots", "--tokens")
+
+
+def test_too_few_runs_stop_before_training(tmp_path):
+    from frontierlm.plan.sweep import run_sweep
+
+    cfg = load_config("recipes/micro.toml", [f"--run.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="at least 5 runs"):
+        run_sweep(cfg, [(32, 1), (64, 2)], tokens=[8e3, 16e3])
+    assert not (tmp_path / "micro").exists()
+
+
+def test_point_config(tmp_path):
+    cfg = load_config("recipes/quickstart.toml")  # d_model 192 / 3 heads: heads of 64
+    point = point_config(cfg, 128, 2, 0.5e6, tmp_path)
+    assert (point.model.d_model, point.model.n_layers, point.model.n_heads) == (128, 2, 2)
+    assert point.pretrain.steps == round(0.5e6 / (16 * 256)) == point.pretrain.eval_every
+    assert point.pretrain.warmup_steps <= point.pretrain.steps // 10
+    assert point.run.run_dir == tmp_path / "d128-l2-t500000"
+    assert point.tokenizer == cfg.tokenizer and point.data == cfg.data  # same upstream
+    with pytest.raises(ValueError, match="multiple of the recipe's head width 64"):
+        point_config(cfg, 96, 2, 1e5, tmp_path)
+
+
+def synthetic_result(law: ScalingLaw) -> dict:
+    points = []
+    for d_model, n in ((64, 6e5), (128, 1.5e6), (192, 3.3e6)):
+        for tokens in (2.5e5, 5e5, 1e6):
+            points.append(
+                {
+                    "name": f"d{d_model}-t{tokens:.0f}",
+                    "d_model": d_model,
+                    "n_layers": 2,
+                    "params": n,
+                    "active_params": n,
+                    "tokens": tokens,
+                    "flops": 6 * n * tokens,
+                    "val_loss": float(law.loss(n, tokens)),
+                    "val_bpb": 1.0,
+                    "wall_s": 1.0,
+                }
+            )
+    return {
+        "points": points,
+        "grid": "tokens",
+        "wall_s": 9.0,
+        "cpus": 2,
+        "load_before": [1.0, 1.0, 1.0],
+    }
+
+
+def test_fit_plot_and_report(tmp_path):
+    truth = ScalingLaw(E=1.5, A=60.0, B=80.0, alpha=0.3, beta=0.35)
+    result = synthetic_result(truth)
+    law = fit_points(result["points"])
+    assert abs(law.alpha - truth.alpha) < 0.02 and abs(law.beta - truth.beta) < 0.02
+    result["law"] = law.to_json()
+    plot_sweep(result, tmp_path / "sweep" / "sweep.png")
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
+    text = "\n".join(sweep_section(result))
+    assert f"| this sweep | {law.E:.3f} |" in text and "![sweep.png](sweep/sweep.png)" in text
+    assert "d64-t250000" in text and "non-positive" not in text
+    # The run's report picks the sweep up once sweep.json exists.
+    assert sweep_report_section(tmp_path) == []
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(result))
+    assert sweep_report_section(tmp_path)[0] == "## Scaling-law sweep"
+
+
+def test_unconstrained_fit_is_reported_not_hidden(tmp_path):
+    result = synthetic_result(EPOCH)
+    flat = ScalingLaw(E=1.0, A=1.0, B=1.0, alpha=-0.01, beta=0.02)
+    result["law"] = flat.to_json()
+    plot_sweep(result, tmp_path / "sweep.png")  # no optimum to mark, still a plot
+    assert "non-positive exponent" in "\n".join(sweep_section(result))
+    runaway = ScalingLaw(E=0.0, A=3e103, B=25.0, alpha=18.1, beta=0.115)
+    result["law"] = runaway.to_json()
+    plot_sweep(result, tmp_path / "sweep.png")
+    assert "The N term is not identified" in "\n".join(sweep_section(result))
+
+
+@pytest.mark.slow
+def test_micro_sweep_end_to_end(tmp_path):
+    """Six real pretraining runs on the micro recipe's data, one shared upstream."""
+    from frontierlm.cli import main
+
+    out = tmp_path / "runs"
+    args = ["sweep", "recipes/micro.toml", "--sizes", "32x1,64x2", "--tokens", "8k,16k,24k"]
+    assert (
+        main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]) == 0
+    )
+    result = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
+    assert len(result["points"]) == 6
+    sizes = {p["d_model"]: p["active_params"] for p in result["points"]}
+    assert sizes[64] > sizes[32]
+    for p in result["points"]:
+        assert p["tokens"] == pytest.approx(float(p["name"].split("-t")[1]), rel=0.05)
+        assert np.isfinite(p["val_loss"])
+        link = out / "micro" / "sweep" / "points" / p["name"] / "tokenize"
+        assert link.is_symlink() and link.resolve() == (out / "micro" / "tokenize").resolve()
+    assert (out / "micro" / "sweep" / "sweep.png").is_file()
+    # Run again: every point is current and skipped; the law is refitted to the same numbers.
+    assert (
+        main([*args, f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]) == 0
+    )
+    again = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
+    assert [p["val_loss"] for p in again["points"]] == [p["val_loss"] for p in result["points"]]
