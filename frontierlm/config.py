@@ -900,6 +900,11 @@ class MixtureStage(Strict):
 
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
+    mode: Literal["local", "diloco"] = Field(
+        "local",
+        description='"diloco": train across the islands of the [diloco] table (as `frontierlm '
+        'diloco`); "local": one process, or data parallel under torchrun',
+    )
     # Pretraining loss is smooth once warm: a step at 1.5x the median is a bad batch or an
     # instability, not noise. Post-training losses (DPO) swing more; there the guard is off.
     # Gradient norms are not judged by default: an MoE router settling moves them 5x and more
@@ -964,6 +969,75 @@ class PretrainConfig(LoopConfig):
                 "up, or leave the last stage's steps/fraction/tokens unset so it takes the rest"
             )
         return ends
+
+
+class DilocoConfig(Strict):
+    """Training across islands that sync rarely (frontierlm/distributed/): `frontierlm diloco
+    RECIPE`, or `pretrain.mode = "diloco"`. pretrain.batch_size stays the global batch: each of
+    the islands takes batch_size / islands sequences per inner step."""
+
+    islands: int = Field(4, ge=1, description="M: islands, one process each")
+    inner_steps: int = Field(50, ge=1, description="H: inner steps between outer syncs")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: DiLoCo / Streaming DiLoCo, the islands meet at every sync; async: "
+        "decoupled islands that never wait, with a staleness-weighted outer step",
+    )
+    outer_lr: float = Field(0.7, gt=0, description="outer Nesterov SGD learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    fragments: int = Field(
+        1, ge=1, description="P: Streaming DiLoCo fragments synced at staggered steps; 1 = plain"
+    )
+    overlap: int = Field(
+        0,
+        ge=0,
+        description="inner steps an exchange runs in the background before its result is "
+        "applied (Streaming DiLoCo's tau); must be below inner_steps / fragments",
+    )
+    codec: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        "fp32", description="outer gradients on the wire; int8/int4 with one scale per block"
+    )
+    block_size: int = Field(128, ge=2, description="values per quantisation scale")
+    staleness_power: float = Field(
+        1.0, ge=0, description="async: a contribution s outer steps stale weighs (1 + s)^-p"
+    )
+    dynamic_inner_steps: bool = Field(
+        True, description="async: a slower island syncs after H / slowdown steps"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="async: drop an island silent this long")
+    rejoin_wait_s: float = Field(
+        0.0, ge=0, description="async: how long the run waits for a dropped island to return"
+    )
+    bandwidth_mbit: list[float] = Field(
+        default_factory=lambda: [0.0],
+        description="simulated WAN bandwidth per island, Mbit/s (one value for all); 0 = none",
+    )
+    latency_ms: list[float] = Field(default_factory=lambda: [0.0], description="per exchange")
+    slowdown: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="compute slowdown per island (3 = a step takes 3x as long)",
+    )
+    threads: int = Field(1, ge=0, description="torch CPU threads per island; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _per_island(self) -> DilocoConfig:
+        for key in ("bandwidth_mbit", "latency_ms", "slowdown"):
+            values = getattr(self, key)
+            if len(values) not in (1, self.islands):
+                raise ValueError(
+                    f"diloco.{key} has {len(values)} values for {self.islands} islands: give "
+                    "one value for all, or one per island"
+                )
+        if any(s < 1 for s in self.slowdown):
+            raise ValueError("diloco.slowdown values must be >= 1 (1 = full speed)")
+        if self.fragments > 1 and self.mode == "async":
+            raise ValueError("diloco.fragments > 1 (streaming) applies to mode = 'sync' only")
+        if self.overlap and self.overlap >= self.inner_steps // self.fragments:
+            raise ValueError(
+                f"diloco.overlap={self.overlap} must be below inner_steps / fragments "
+                f"= {self.inner_steps // self.fragments}"
+            )
+        return self
 
 
 class ChatSource(Strict):
@@ -1156,6 +1230,7 @@ class RecipeConfig(Strict):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    diloco: DilocoConfig = Field(default_factory=DilocoConfig)
     sft: SFTConfig
     align: AlignConfig
     rl: RLConfig | None = Field(None, description="the rl stage runs only with an [rl] table")
@@ -1217,6 +1292,8 @@ class RecipeConfig(Strict):
             source.pop("mixture")
             source.pop("epochs")
         dump["token_sources"] = self.token_sources_json()
+        if dump["pretrain"]["mode"] == "local":  # recipes from before the field keep their hash
+            dump["pretrain"].pop("mode")
         return json.dumps({n: dump[n] for n in names}, sort_keys=True)
 
 

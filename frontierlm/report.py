@@ -119,6 +119,42 @@ def rl_section(run_dir: Path, out: Path) -> list[str]:
     return [*lines, "", f"![{png}](report/{png})", ""]
 
 
+def loss_vs_bytes(
+    records: list[dict[str, Any]],
+    bytes_per_step: float | None = None,
+    islands: int = 1,
+    smooth: int = 10,
+) -> list[tuple[float, float]]:
+    """(bytes communicated by all workers so far, train loss averaged over the last `smooth`
+    steps) per step of one metrics log: a DiLoCo island's records carry its own `bytes_sent`
+    (times `islands`, as every island sends as much); a data-parallel run sends a fixed
+    `bytes_per_step`."""
+    points = []
+    window: list[float] = []
+    for r in records:
+        if "loss" not in r:
+            continue
+        window = [*window[-(smooth - 1) :], float(r["loss"])] if smooth > 1 else [r["loss"]]
+        sent = (
+            r["step"] * bytes_per_step if bytes_per_step is not None else r["bytes_sent"] * islands
+        )
+        points.append((float(sent), sum(window) / len(window)))
+    return points
+
+
+def plot_loss_vs_bytes(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Train loss against bytes communicated (log scale), one line per run: DiLoCo vs. DDP."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        xs = [max(x, 1.0) for x, _ in points]
+        ax.plot(xs, [y for _, y in points], label=label, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_ylabel("train loss (10-step mean)")
+    _style(ax)
+    ax.set_xlabel("bytes communicated (all workers)")
+    _save(fig, path)
+
+
 def read_data_steps(run_dir: Path) -> list[dict[str, Any]]:
     """The data stage's per-step stats; `seconds` and `counts` default for stats.json files
     written before steps recorded them (None: not measured, which is not 0 seconds)."""
@@ -225,7 +261,9 @@ def build_report(run_dir: Path, out: Path) -> str:
     records = {
         name: read_record(run_dir / name)
         for name, stage in STAGES.items()
-        if name != "report" and (not stage.optional or (run_dir / name / "stage.json").is_file())
+        if name != "report"
+        and stage.in_pipeline
+        and (not stage.optional or (run_dir / name / "stage.json").is_file())
     }
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
     lines = [

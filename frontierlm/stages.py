@@ -45,6 +45,7 @@ class Stage:
     summary: str  # which metric the report shows, and what the stage does
     key_metric: str = ""
     distributed: bool = False  # under torchrun: every process takes part, not rank 0 alone
+    in_pipeline: bool = True  # `frontierlm run` runs it (diloco is pretrain's alternative)
     optional: bool = False  # runs only when the recipe has its table (e.g. [rl])
 
     def enabled(self, cfg: RecipeConfig) -> bool:
@@ -98,6 +99,15 @@ STAGES: dict[str, Stage] = {
             "pretrain the decoder (dense or MoE)",
             "val_bpb",
             distributed=True,
+        ),
+        Stage(
+            "diloco",
+            "frontierlm.distributed.launch:run_diloco_stage",
+            ("run", "model", "pretrain", "diloco"),
+            ("tokenizer", "tokenize"),
+            "pretrain across islands that sync rarely (DiLoCo family)",
+            "val_bpb",
+            in_pipeline=False,
         ),
         Stage(
             "sft",
@@ -229,7 +239,10 @@ def read_record(out_dir: Path) -> dict[str, Any]:
 def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
     h = hashlib.sha256()
     h.update(stage.name.encode())
-    h.update(cfg.section_json(*stage.sections).encode())
+    sections = stage.sections
+    if stage.name == "pretrain" and cfg.pretrain.mode == "diloco":
+        sections += ("diloco",)
+    h.update(cfg.section_json(*sections).encode())
     for path in external_files(cfg, stage.name):
         p = Path(path)
         if not p.is_file():
@@ -316,6 +329,8 @@ def _run_stage(
 
 def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
     for name, stage in STAGES.items():
+        if not stage.in_pipeline:
+            continue
         if not stage.enabled(cfg):
             console.print(f"[dim]- {name}: no [{name}] table in the recipe, not run")
             continue

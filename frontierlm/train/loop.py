@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -69,6 +69,17 @@ class TrainTask:
     tokens_key: str = "input_ids"  # tensor whose numel counts as processed tokens
 
 
+class OuterSync(Protocol):
+    """An outer loop around the inner steps (DiLoCo islands, frontierlm/distributed/): `start`
+    adopts the shared starting point and returns the step to start from (an island that joins
+    late starts at the data position it owns); `after_step` runs after every optimizer step,
+    before that step's evaluation, and returns numbers for its metrics record."""
+
+    def start(self, model: nn.Module, step: int) -> int: ...
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float]: ...
+
+
 def _accepted(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return [r for r in records if "loss" in r]
 
@@ -81,6 +92,7 @@ def train(
     device: torch.device,
     run: RunConfig | None = None,
     export: bool = True,
+    outer: OuterSync | None = None,
 ) -> dict[str, float]:
     """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and (with
     `export`) the final model under `work_dir`; return the last train and eval metrics. `run`
@@ -90,7 +102,7 @@ def train(
     A spike (see SpikeGuard) throws its batch away and runs the step again on the next one;
     `cfg.spike_max_skips` skips in a row roll the run back to the latest checkpoint and move the
     data past the window that caused them (the data offset travels in the checkpoints). Every
-    event goes to `events.jsonl`."""
+    event goes to `events.jsonl`. `outer` wraps the steps in an outer loop (see OuterSync)."""
     run = run or RunConfig()
     # Fails on every process alike, before any collective call could leave one waiting.
     check_batch_split(cfg.batch_size, f"{task.name}.batch_size")
@@ -114,6 +126,8 @@ def train(
         state = load_checkpoint(checkpoints[-1], model, optimizer)
         step, data_offset = int(state["step"]), int(state["extra"].get("data_offset", 0))
         console.print(f"[yellow]{task.name}: resuming from {checkpoints[-1]} (step {step})")
+    if outer is not None:
+        step = outer.start(model, step)
 
     def history_up_to(step: int) -> list[dict[str, float]]:
         """The accepted records up to `step`, read by every process once rank 0 has cut the
@@ -231,6 +245,8 @@ def train(
             # them: the selection biases then move alike on every process.
             all_sum_(moe.load for moe in model.moe_layers())
             expert_stats = model.after_optimizer_step(lr_scale=lr / peak_lr(cfg))
+            if outer is not None:
+                expert_stats = {**expert_stats, **outer.after_step(done, model)}
             elapsed = time.perf_counter() - t0
             record = {
                 "step": done,
