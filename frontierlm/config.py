@@ -1109,6 +1109,134 @@ class AlignConfig(LoopConfig):
         return self
 
 
+class ArithmeticTaskConfig(Strict):
+    """Procedural arithmetic (posttrain/arithmetic.py): 'What is 17 + 25?' -> '#### 42'."""
+
+    digits: int = Field(1, ge=1, le=6, description="operands have up to this many digits")
+    operators: str = Field("+", pattern=r"^[+*-]+$", description="drawn from '+-*'")
+    terms: int = Field(2, ge=2, le=6)
+    seed: int = Field(1, ge=0, description="problem stream of the RL prompts (SFT: use another)")
+
+
+class RLTaskConfig(Strict):
+    """Where the RL prompts and their reference answers come from."""
+
+    kind: Literal["arithmetic", "gsm8k"] = "arithmetic"
+    arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig)
+    gsm8k_path: str = Field("data/gsm8k/train.jsonl.gz", description="question/answer JSONL")
+    gsm8k_max_prompts: int | None = Field(None, ge=1)
+    eval_prompts: int = Field(
+        64, ge=1, description="held-out prompts for the greedy and sampled evaluation"
+    )
+    eval_samples: int = Field(
+        4, ge=0, description="samples per held-out prompt for the sampled mean reward; 0 = none"
+    )
+
+
+class RewardModelConfig(LoopConfig):
+    """A Bradley-Terry reward model (posttrain/reward_model.py), trained from the SFT model on
+    preference pairs when `rl.rewards` names "reward_model" and `path` is unset."""
+
+    path: str | None = Field(None, description="a trained reward model directory to load")
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    sources: list[ChatSource] = Field(default_factory=list)
+
+
+class RLConfig(LoopConfig):
+    """RL with verifiable or model rewards (posttrain/rl.py). Each optimizer step trains on
+    `batch_size * grad_accum` completions: `num_generations` samples of each of
+    `batch_size * grad_accum / num_generations` prompts; a rollout batch serves
+    `num_iterations` steps. Defaults follow TRL 1.16's GRPOConfig."""
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seq_len: int = Field(
+        256, ge=8, description="unused by rl (prompt + max_new_tokens must fit max_seq_len)"
+    )
+    prefetch: int = Field(
+        0, ge=0, le=0, description="must be 0: rollouts come from the model being trained"
+    )
+    init: str = Field(
+        "sft", description="'sft' (the run's SFT model) or a FrontierLM model directory"
+    )
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="how per-token losses are aggregated (TRL's names and formulas)"
+    )
+    num_generations: int = Field(8, ge=2, description="G: completions per prompt")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per rollout batch")
+    epsilon_low: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clip; unset = epsilon_low (TRL); DAPO uses 0.28"
+    )
+    beta: float = Field(
+        0.0, ge=0, description="KL weight: k3 per token in the loss (GRPO), in the reward (PPO)"
+    )
+    ref_sync_every: int = Field(
+        0, ge=0, description="copy the policy into the reference every N steps; 0 = never"
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="advantage std normalisation; unset: none for dr_grpo, else group"
+    )
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, description="max completion length (stop included)")
+    mask_truncated: bool = Field(False, description="no loss on completions that hit the limit")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop all-correct/all-wrong groups and sample more prompts"
+    )
+    max_refills: int = Field(3, ge=0, description="extra rollout rounds for dynamic sampling")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO soft overlong punishment over the last N tokens; 0 = off"
+    )
+    length_penalty: float = Field(
+        0.0, ge=0, description="reward -= this * completion length / max_new_tokens"
+    )
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"exact_match": 1.0},
+        min_length=1,
+        description="reward function name -> weight (posttrain/rewards.py REWARD_FUNCTIONS, "
+        "or reward_model)",
+    )
+    reward_model: RewardModelConfig | None = None
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: value loss weight")
+    cliprange_value: float = Field(0.2, gt=0, description="PPO: value clip")
+    task: RLTaskConfig = Field(default_factory=RLTaskConfig)
+
+    @model_validator(mode="after")
+    def _groups(self) -> RLConfig:
+        rollout = self.batch_size * self.grad_accum
+        if rollout % self.num_generations:
+            raise ValueError(
+                f"batch_size * grad_accum = {rollout} completions per step must divide by "
+                f"num_generations={self.num_generations} (whole groups per step)"
+            )
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"batch_size={self.batch_size} must divide by num_generations="
+                f"{self.num_generations}: a micro-batch holds whole groups"
+            )
+        if "reward_model" in self.rewards and self.reward_model is None:
+            raise ValueError("rewards names reward_model: add an [rl.reward_model] table")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer={self.overlong_buffer} must be below max_new_tokens="
+                f"{self.max_new_tokens}"
+            )
+        return self
+
+    @property
+    def advantage_scale(self) -> str:
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
+
+
 class EvalConfig(Strict):
     bpb_batches: int = Field(32, ge=1, description="batches of validation tokens for bpb")
     prompts: list[str] = Field(default_factory=lambda: ["The meaning of life is"])
@@ -1126,10 +1254,16 @@ class RecipeConfig(Strict):
     diloco: DilocoConfig = Field(default_factory=DilocoConfig)
     sft: SFTConfig
     align: AlignConfig
+    rl: RLConfig | None = Field(None, description="the rl stage runs only with an [rl] table")
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:
+        if self.rl is not None and self.rl.max_new_tokens >= self.model.max_seq_len:
+            raise ValueError(
+                f"rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a prompt in "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
         for stage in ("pretrain", "sft", "align"):
             seq = getattr(self, stage).seq_len
             if seq > self.model.max_seq_len:

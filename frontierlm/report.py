@@ -70,6 +70,55 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     return ["training_curves.png", "validation_bpb.png"]
 
 
+def plot_rl(run_dir: Path, out: Path) -> str:
+    """The rl stage's reward curve (per rollout batch, mean and +-1 std over its completions),
+    sampling accuracy, and the held-out evaluations; KL, clip fraction, length and entropy."""
+    records = MetricsLog(run_dir / "rl" / "metrics.jsonl").read()
+    initial = read_record(run_dir / "rl")["metrics"]
+    steps = np.array([r["step"] for r in records])
+    fig, (rew, stats) = plt.subplots(1, 2, figsize=(11, 3.6))
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    rew.plot(steps, mean, lw=1, label="rollout reward mean")
+    rew.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    rew.plot(steps, [r["accuracy"] for r in records], lw=1, label="rollout accuracy")
+    for key, label in (("sampled_reward", "held-out sampled reward"),
+                       ("greedy_accuracy", "held-out greedy accuracy")):  # fmt: skip
+        points = [(r["step"], r[f"val_{key}"]) for r in records if f"val_{key}" in r]
+        if f"initial_val_{key}" in initial:
+            points.insert(0, (0, initial[f"initial_val_{key}"]))
+        if points:
+            rew.plot(*zip(*points, strict=True), "o-", label=label)
+    rew.set_title("rl: reward")
+    _style(rew)
+    for key in ("kl", "clip_fraction", "entropy"):
+        if records and key in records[0]:
+            stats.plot(steps, [r[key] for r in records], lw=1, label=key)
+    stats.plot(
+        steps,
+        [r["response_length"] / max(1.0, records[0]["response_length"]) for r in records],
+        lw=1,
+        label="response length (x first)",
+    )
+    stats.set_title("rl: KL, clipping, entropy, length")
+    _style(stats)
+    _save(fig, out / "rl_reward.png")
+    return "rl_reward.png"
+
+
+def rl_section(run_dir: Path, out: Path) -> list[str]:
+    """The report's RL section, when the run has an rl stage."""
+    if not (run_dir / "rl" / "stage.json").is_file():
+        return []
+    m = read_record(run_dir / "rl")["metrics"]
+    png = plot_rl(run_dir, out)
+    lines = ["## RL", "", "| held-out metric | before | after |", "| --- | ---: | ---: |"]
+    for key in ("greedy_accuracy", "greedy_reward", "sampled_reward"):
+        if f"val_{key}" in m:
+            lines.append(f"| {key} | {m[f'initial_val_{key}']:.4f} | {m[f'val_{key}']:.4f} |")
+    return [*lines, "", f"![{png}](report/{png})", ""]
+
+
 def loss_vs_bytes(
     records: list[dict[str, Any]],
     bytes_per_step: float | None = None,
@@ -237,7 +286,9 @@ def build_report(run_dir: Path, out: Path) -> str:
     records = {
         name: read_record(run_dir / name)
         for name, stage in STAGES.items()
-        if name != "report" and stage.in_pipeline
+        if name != "report"
+        and stage.in_pipeline
+        and (not stage.optional or (run_dir / name / "stage.json").is_file())
     }
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
     lines = [
@@ -280,6 +331,7 @@ def build_report(run_dir: Path, out: Path) -> str:
         f"Model: {_fmt(pre['params'])} parameters, {_fmt(pre['tokens_seen'])} pretraining tokens.",
         "",
         *data_section(run_dir, out),
+        *rl_section(run_dir, out),
         *sweep_report_section(run_dir),
     ]
     lines += safety_section(run_dir)

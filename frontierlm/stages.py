@@ -46,6 +46,18 @@ class Stage:
     key_metric: str = ""
     distributed: bool = False  # under torchrun: every process takes part, not rank 0 alone
     in_pipeline: bool = True  # `frontierlm run` runs it (diloco is pretrain's alternative)
+    optional: bool = False  # runs only when the recipe has its table (e.g. [rl])
+
+    def enabled(self, cfg: RecipeConfig) -> bool:
+        return not self.optional or getattr(cfg, self.name) is not None
+
+    def deps_for(self, cfg: RecipeConfig) -> tuple[str, ...]:
+        """The stages whose outputs this one reads under `cfg`: optional stages the recipe
+        leaves out are not waited for, and rl started from a given model needs no sft."""
+        deps = tuple(d for d in self.deps if STAGES[d].enabled(cfg))
+        if self.name == "rl" and cfg.rl is not None and cfg.rl.init != "sft":
+            deps = tuple(d for d in deps if d != "sft")
+        return deps
 
     def function(self) -> Callable[[StageContext], dict[str, Any]]:
         module, func = self.entry.split(":")
@@ -107,6 +119,16 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "rl",
+            "frontierlm.posttrain.rl:run_rl_stage",
+            ("run", "rl"),
+            ("tokenizer", "sft"),
+            "RL (GRPO and variants, PPO) with verifiable or model rewards",
+            "val_greedy_accuracy",
+            distributed=True,
+            optional=True,
+        ),
+        Stage(
             "align",
             "frontierlm.posttrain.preference:run_align_stage",
             ("run", "align"),
@@ -127,7 +149,7 @@ STAGES: dict[str, Stage] = {
             "report",
             "frontierlm.report:run_report_stage",
             (),
-            ("data", "tokenizer", "tokenize", "pretrain", "sft", "align", "eval"),
+            ("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align", "eval"),
             "report.md and plots",
             "",
         ),
@@ -161,6 +183,17 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
+    if stage == "rl" and cfg.rl is not None:
+        files = []
+        if cfg.rl.init != "sft":
+            files.append(str(Path(cfg.rl.init) / "model.safetensors"))
+        if cfg.rl.task.kind == "gsm8k":
+            files.append(cfg.rl.task.gsm8k_path)
+        rm = cfg.rl.reward_model
+        if rm is not None and "reward_model" in cfg.rl.rewards:
+            files += [str(Path(rm.path) / "model.safetensors")] if rm.path else []
+            files += [s.path for s in rm.sources] if rm.path is None else []
+        return files
     if stage == "report":
         # A scaling-law sweep of this recipe (`frontierlm sweep`) joins the report: its result
         # is an input, so a sweep run after the report makes the next `run` redo the report.
@@ -218,7 +251,7 @@ def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
                 f"the current directory {Path.cwd()}); fix the path in the recipe"
             )
         h.update(f"{path}:{file_digest(p)}".encode())
-    for dep in stage.deps:
+    for dep in stage.deps_for(cfg):
         out = cfg.run.run_dir / dep
         if not (out / "stage.json").is_file():
             raise RuntimeError(
@@ -234,6 +267,11 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
     if launched_world_size() > 1:
         init_distributed(cfg.run)
     stage = STAGES[name]
+    if not stage.enabled(cfg):
+        raise ValueError(
+            f"the {name} stage is not configured: add a [{name}] table to the recipe "
+            f"(see recipes/rl-arithmetic.toml)"
+        )
     w = world()
     if w.size > 1 and not stage.distributed:
         if w.main:
@@ -291,5 +329,9 @@ def _run_stage(
 
 def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
     for name, stage in STAGES.items():
-        if stage.in_pipeline:
-            run_stage(cfg, name, force=force)
+        if not stage.in_pipeline:
+            continue
+        if not stage.enabled(cfg):
+            console.print(f"[dim]- {name}: no [{name}] table in the recipe, not run")
+            continue
+        run_stage(cfg, name, force=force)

@@ -14,8 +14,9 @@ import pytest
 from frontierlm.cli import main
 from frontierlm.stages import STAGES
 
-# `frontierlm run` runs these; diloco is pretrain's alternative, run on its own.
-PIPELINE = [name for name, stage in STAGES.items() if stage.in_pipeline]
+# `frontierlm run` runs these; diloco is pretrain's alternative, run on its own, and the micro
+# recipe has no [rl] table, so the optional rl stage is not part of its pipeline.
+PIPELINE = [name for name, stage in STAGES.items() if stage.in_pipeline and not stage.optional]
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "recipes" / "micro.toml")
