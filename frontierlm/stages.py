@@ -106,18 +106,26 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "synth",
+            "frontierlm.data.synthetic:run_synth_stage",
+            ("run", "synth", "sft", "align"),
+            ("tokenizer", "pretrain", "sft", "align"),
+            "sample, verify and keep synthetic data (only with a [synth] table)",
+            "kept",
+        ),
+        Stage(
             "eval",
             "frontierlm.eval.stage:run_eval_stage",
             ("run", "eval", "sft", "align"),
             ("tokenizer", "tokenize", "pretrain", "sft", "align"),
-            "bpb of every model, preference margin, greedy samples",
+            "bpb of every model, preference margin, samples, eval tasks",
             "align_chat_bpb",
         ),
         Stage(
             "report",
             "frontierlm.report:run_report_stage",
             (),
-            ("data", "tokenizer", "tokenize", "pretrain", "sft", "align", "eval"),
+            ("data", "tokenizer", "tokenize", "pretrain", "sft", "align", "synth", "eval"),
             "report.md and plots",
             "",
         ),
@@ -151,7 +159,24 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
+    if stage == "eval":
+        from frontierlm.eval.tasks import load_spec, spec_path, task_files
+
+        files = []
+        for task in cfg.eval.tasks:
+            files += [_display_path(spec_path(task).resolve()), *task_files(load_spec(task))]
+        return files
+    if stage == "synth" and cfg.synth is not None:
+        files = [cfg.synth.source]
+        if cfg.synth.dedup_against_sft:
+            files += [s.path for s in cfg.sft.sources]
+        return files
     return []
+
+
+def enabled(cfg: RecipeConfig, name: str) -> bool:
+    """Whether a stage takes part in this recipe: `synth` only when the recipe has [synth]."""
+    return name != "synth" or cfg.synth is not None
 
 
 def _display_path(path: Path) -> str:
@@ -201,6 +226,8 @@ def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
             )
         h.update(f"{path}:{file_digest(p)}".encode())
     for dep in stage.deps:
+        if not enabled(cfg, dep):
+            continue
         out = cfg.run.run_dir / dep
         if not (out / "stage.json").is_file():
             raise RuntimeError(
@@ -216,6 +243,11 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
     if launched_world_size() > 1:
         init_distributed(cfg.run)
     stage = STAGES[name]
+    if not enabled(cfg, name):
+        raise ValueError(
+            f"stage {name!r} is not configured: add a [{name}] table to the recipe "
+            "(e.g. recipes/quickstart-synth.toml)"
+        )
     w = world()
     if w.size > 1 and not stage.distributed:
         if w.main:
@@ -273,4 +305,5 @@ def _run_stage(
 
 def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
     for name in STAGES:
-        run_stage(cfg, name, force=force)
+        if enabled(cfg, name):
+            run_stage(cfg, name, force=force)

@@ -42,3 +42,10 @@ def exact_match(completion: str, reference: str, fallback: str = "none") -> bool
     """True when the completion's final answer equals the reference's (`#### N` or a bare N)."""
     expected = extract_answer(reference) or normalize_number(reference)
     return expected is not None and extract_answer(completion, fallback) == expected
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number anywhere in `text`, normalised: lm-evaluation-harness's gsm8k
+    "flexible-extract" (which ignores `####` and takes the last number it finds)."""
+    numbers = NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
