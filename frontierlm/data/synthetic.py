@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from frontierlm.console import console, track
 from frontierlm.data.dedup import normalize
 
 PASS = "pass"
+WORD = re.compile(r"\w+")
 
 
 @dataclass
@@ -145,7 +147,8 @@ def exact_match_judge(item: SourceItem, texts: list[str]) -> list[Judgement]:
 
 
 def words(text: str) -> list[str]:
-    return normalize(text).split()
+    """Lower-case word tokens, punctuation dropped."""
+    return WORD.findall(normalize(text))
 
 
 def fidelity(passage: str, reply: str, n: int) -> tuple[float, float]:
