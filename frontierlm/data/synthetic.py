@@ -216,9 +216,7 @@ def read_source(cfg: SynthConfig) -> tuple[list[SourceItem], Counter]:
     malformed: Counter = Counter()
     items: list[SourceItem] = []
     lo, hi = cfg.take
-    needed = (
-        (cfg.prompt_field, cfg.reference_field) if cfg.mode == "verify" else (cfg.text_field,)
-    )
+    needed = (cfg.prompt_field, cfg.reference_field) if cfg.mode == "verify" else (cfg.text_field,)
     with open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip() or not lo <= hash_fraction(line.strip()) < hi:

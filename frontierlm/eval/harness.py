@@ -47,7 +47,9 @@ def run_task(
         if spec.kind == "bpb":
             out = evaluate_text_bpb(model, tok, spec, items, batch_size)
         elif spec.kind == "multiple_choice":
-            out = evaluate_multiple_choice(model, tok, tok.token_to_id(BOS), spec, items, batch_size)
+            out = evaluate_multiple_choice(
+                model, tok, tok.token_to_id(BOS), spec, items, batch_size
+            )
         elif spec.kind == "exact_match":
             out = evaluate_exact_match(model, tok, spec, items)
         else:

@@ -70,7 +70,9 @@ class FrontierLMEval(LM):
             model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
             self.model = load_model_dir(model_dir, device).eval()
             tokenizer = tokenizer or _find_tokenizer(model_dir)
-        self.tok = load_tokenizer(Path(tokenizer)) if isinstance(tokenizer, str | Path) else tokenizer
+        self.tok = (
+            load_tokenizer(Path(tokenizer)) if isinstance(tokenizer, str | Path) else tokenizer
+        )
         self.bos = self.tok.token_to_id(BOS)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
@@ -81,7 +83,9 @@ class FrontierLMEval(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tok, self.bos, *req.args) for req in requests]
-        return [(s.logprob, s.greedy) for s in score_continuations(self.model, pairs, self.batch_size)]
+        return [
+            (s.logprob, s.greedy) for s in score_continuations(self.model, pairs, self.batch_size)
+        ]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []

@@ -161,9 +161,10 @@ class TaskSpec(Strict):
                 for c in pool
                 if c is not item
                 and c != item
-                and (self.fewshot_match is None or c.get(self.fewshot_match) == item.get(
-                    self.fewshot_match
-                ))
+                and (
+                    self.fewshot_match is None
+                    or c.get(self.fewshot_match) == item.get(self.fewshot_match)
+                )
             ]
             rng = random.Random(self.fewshot_seed * 1_000_003 + index)
             shots = rng.sample(candidates, min(self.fewshot, len(candidates)))
@@ -172,9 +173,7 @@ class TaskSpec(Strict):
             for s in shots
         ]
         parts.append(self.fill(self.prompt, item, "prompt"))
-        return self.fill(self.description, item, "description") + self.fewshot_delimiter.join(
-            parts
-        )
+        return self.fill(self.description, item, "description") + self.fewshot_delimiter.join(parts)
 
 
 def _short(item: dict[str, Any]) -> str:
@@ -212,7 +211,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def shipped_tasks() -> dict[str, Path]:
     folder = resources.files("frontierlm.eval") / "tasks"
-    return {p.name.removesuffix(".toml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+    return {
+        p.name.removesuffix(".toml"): Path(str(p))
+        for p in folder.iterdir()
+        if p.name.endswith(".toml")
+    }
 
 
 def spec_path(name_or_path: str) -> Path:

@@ -84,7 +84,9 @@ def test_regeneration_limit_and_drop_reasons():
     key = lambda item, reply: text_key(item.prompt, reply)  # noqa: E731
     for limit in (0, 1, 2):
         rounds_seen.clear()
-        result = synthesize(items, sample, exact_match_judge, key, existing, max_regenerations=limit)
+        result = synthesize(
+            items, sample, exact_match_judge, key, existing, max_regenerations=limit
+        )
         assert rounds_seen == list(range(limit + 1))
         assert [k["item"].line for k in result.kept] == [2]
         assert result.dropped == {"duplicate_of_existing": 1, "wrong_answer": 1}
@@ -143,8 +145,9 @@ def test_synth_stage_writes_verified_chats_sft_reads(tmp_path, monkeypatch, smal
     source.write_text("".join(json.dumps(p) + "\n" for p in problems) + "not json\n")
     renderer = ChatRenderer(tok)
     scripts = {
-        tuple(renderer.render([Message("user", p["question"])], add_generation_prompt=True).ids):
-        tok.encode(r, add_special_tokens=False).ids
+        tuple(
+            renderer.render([Message("user", p["question"])], add_generation_prompt=True).ids
+        ): tok.encode(r, add_special_tokens=False).ids
         for p, r in zip(problems, replies, strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
@@ -164,5 +167,7 @@ def test_synth_stage_writes_verified_chats_sft_reads(tmp_path, monkeypatch, smal
     assert stats["dropped"] == {"wrong_answer": 1, "duplicate_of_existing": 1, "malformed_json": 1}
     assert [r["items"] for r in stats["rounds"]] == [3, 2, 2]
     assert stats["samples"] == 2 * (3 + 2 + 2) and metrics["acceptance_rate"] == 1 / 3
-    chats = load_conversations(ChatSource(name="synth", path=str(work / "synth.jsonl"), format="qa"))
+    chats = load_conversations(
+        ChatSource(name="synth", path=str(work / "synth.jsonl"), format="qa")
+    )
     assert [(c[0].content, c[1].content) for c in chats] == [(problems[0]["question"], replies[0])]

@@ -12,21 +12,29 @@ import pytest
 # lm-eval is a test dependency (pip install -e ".[dev]"); tasks read local files only.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import lm_eval  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-from scripted_lm import ScriptedLM  # noqa: E402
+import lm_eval
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+from scripted_lm import ScriptedLM
 
-from frontierlm.eval.harness import run_task  # noqa: E402
-from frontierlm.eval.lm_eval_adapter import FrontierLMEval  # noqa: E402
-from frontierlm.eval.tasks import TaskSpec  # noqa: E402
-from frontierlm.tokenizer.train import BOS, END  # noqa: E402
+from frontierlm.eval.harness import run_task
+from frontierlm.eval.lm_eval_adapter import FrontierLMEval
+from frontierlm.eval.tasks import TaskSpec
+from frontierlm.tokenizer.train import BOS, END
 
 ITEMS = [
-    {"question": "What do cows drink?", "choices": ["water", "milk from the moon", "oil"], "label": 0},
+    {
+        "question": "What do cows drink?",
+        "choices": ["water", "milk from the moon", "oil"],
+        "label": 0,
+    },
     {"question": "Which is a colour?", "choices": ["blue", "seven"], "label": 0},
     {"question": "Pick the animal.", "choices": ["a stone", "a fast brown horse"], "label": 1},
-    {"question": "Where is Paris?", "choices": ["in France", "under the sea", "on Mars"], "label": 0},
+    {
+        "question": "Where is Paris?",
+        "choices": ["in France", "under the sea", "on Mars"],
+        "label": 0,
+    },
     {"question": "How many legs has a cat?", "choices": ["four", "eleven"], "label": 0},
     {"question": "Is ice cold?", "choices": ["yes", "no, it is hot"], "label": 0},
 ]
@@ -39,14 +47,20 @@ def write_task(folder, name: str, data: str, body: str) -> None:
     )
 
 
-def test_loglikelihood_equals_our_multiple_choice_scores(tmp_path, small_tokenizer, make_random_model):
+def test_loglikelihood_equals_our_multiple_choice_scores(
+    tmp_path, small_tokenizer, make_random_model
+):
     tok, _ = small_tokenizer
     model = make_random_model(vocab_size=tok.get_vocab_size(), max_seq_len=64)
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
     spec = TaskSpec(
-        name="mc", kind="multiple_choice", data=str(data), prompt="Question: {question}\nAnswer:",
-        choices_field="choices", gold="label",
+        name="mc",
+        kind="multiple_choice",
+        data=str(data),
+        prompt="Question: {question}\nAnswer:",
+        choices_field="choices",
+        gold="label",
     )
     ours = run_task(spec, model, tok)
     adapter = FrontierLMEval(pretrained=model, tokenizer=tok, batch_size=5)
@@ -56,14 +70,20 @@ def test_loglikelihood_equals_our_multiple_choice_scores(tmp_path, small_tokeniz
         for i, c in enumerate(item["choices"])
     ]
     theirs = [lp for lp, _ in adapter.loglikelihood(requests)]
-    assert theirs == pytest.approx([x for r in ours["items"] for x in r["loglikelihoods"]], abs=1e-5)
+    assert theirs == pytest.approx(
+        [x for r in ours["items"] for x in r["loglikelihoods"]], abs=1e-5
+    )
     # a context ending in a space: lm-eval moves the space to the continuation
     a = adapter.loglikelihood([Instance("loglikelihood", {}, ("Answer: ", "blue"), 0)])[0][0]
     b = adapter.loglikelihood([Instance("loglikelihood", {}, ("Answer:", " blue"), 0)])[0][0]
     assert a == pytest.approx(b, abs=1e-6)
 
     # The whole harness, offline: the same items as a local lm-eval task.
-    write_task(tmp_path, "local_mc", str(data), """\
+    write_task(
+        tmp_path,
+        "local_mc",
+        str(data),
+        """\
         output_type: multiple_choice
         doc_to_text: "Question: {{question}}\\nAnswer:"
         doc_to_choice: "{{choices}}"
@@ -71,9 +91,12 @@ def test_loglikelihood_equals_our_multiple_choice_scores(tmp_path, small_tokeniz
         metric_list:
           - metric: acc
           - metric: acc_norm
-        """)
+        """,
+    )
     out = lm_eval.simple_evaluate(
-        model=adapter, tasks=["local_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model=adapter,
+        tasks=["local_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         num_fewshot=0,
     )
     metrics = out["results"]["local_mc"]
@@ -112,7 +135,12 @@ GSM = [
     {"question": "Q three?", "answer": "#### 7"},
     {"question": "Q four?", "answer": "#### 42"},
 ]
-REPLIES = [" 9 * 2 = 18\n#### 18", " It is 1,000 in all.\n#### 1,000", " The answer is 7.", " #### 41"]
+REPLIES = [
+    " 9 * 2 = 18\n#### 18",
+    " It is 1,000 in all.\n#### 1,000",
+    " The answer is 7.",
+    " #### 41",
+]
 
 
 def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_tokenizer):
@@ -121,18 +149,28 @@ def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_token
     data.write_text("".join(json.dumps(i) + "\n" for i in GSM))
     bos = tok.token_to_id(BOS)
     scripts = {
-        (bos, *tok.encode(f"Question: {g['question']}\nAnswer:", add_special_tokens=False).ids):
-        tok.encode(r, add_special_tokens=False).ids
+        (
+            bos,
+            *tok.encode(f"Question: {g['question']}\nAnswer:", add_special_tokens=False).ids,
+        ): tok.encode(r, add_special_tokens=False).ids
         for g, r in zip(GSM, REPLIES, strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
     spec = TaskSpec(
-        name="gsm", kind="exact_match", data=str(data), prompt="Question: {question}\nAnswer:",
-        until=["Question:"], max_new_tokens=32,
+        name="gsm",
+        kind="exact_match",
+        data=str(data),
+        prompt="Question: {question}\nAnswer:",
+        until=["Question:"],
+        max_new_tokens=32,
     )
     ours = run_task(spec, model, tok)["metrics"]
     # lm-eval's gsm8k.yaml, zero-shot, on the local file
-    write_task(tmp_path, "local_gsm8k", str(data), """\
+    write_task(
+        tmp_path,
+        "local_gsm8k",
+        str(data),
+        """\
         output_type: generate_until
         doc_to_text: "Question: {{question}}\\nAnswer:"
         doc_to_target: "{{answer}}"
@@ -160,10 +198,13 @@ def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_token
                 group_select: -1
                 regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"
               - function: "take_first"
-        """)
+        """,
+    )
     adapter = FrontierLMEval(pretrained=model, tokenizer=tok)
     out = lm_eval.simple_evaluate(
-        model=adapter, tasks=["local_gsm8k"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model=adapter,
+        tasks=["local_gsm8k"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         num_fewshot=0,
     )
     metrics = out["results"]["local_gsm8k"]

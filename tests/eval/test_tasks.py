@@ -11,14 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scripted_lm import ScriptedLM
 
 from frontierlm.eval.harness import run_task
 from frontierlm.eval.loglik import encode_pair, score_continuations
 from frontierlm.eval.pass_at_k import pass_at_k, run_python_tests
 from frontierlm.eval.tasks import EvalTaskError, TaskSpec, load_spec
 from frontierlm.tokenizer.train import BOS, END
-
-from scripted_lm import ScriptedLM
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -27,7 +26,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 MC_ITEMS = [
-    {"question": "What do cows drink?", "choices": ["water", "milk from the moon", "oil"], "label": 0},
+    {
+        "question": "What do cows drink?",
+        "choices": ["water", "milk from the moon", "oil"],
+        "label": 0,
+    },
     {"question": "Which is a colour?", "choices": ["blue", "seven"], "label": "blue"},
     {"question": "Pick the animal.", "choices": ["a stone", "a fast brown horse"], "label": "B"},
 ]
@@ -49,8 +52,12 @@ def test_multiple_choice_equals_a_hand_computation(tmp_path, small_tokenizer, ma
     model = make_random_model(vocab_size=tok.get_vocab_size(), max_seq_len=128)
     data = write_jsonl(tmp_path / "mc.jsonl", MC_ITEMS)
     spec = TaskSpec(
-        name="mc", kind="multiple_choice", data=data, prompt="Question: {question}\nAnswer:",
-        choices_field="choices", gold="label",
+        name="mc",
+        kind="multiple_choice",
+        data=data,
+        prompt="Question: {question}\nAnswer:",
+        choices_field="choices",
+        gold="label",
     )
     result = run_task(spec, model, tok, batch_size=3)
     golds = [0, 0, 1]
@@ -86,7 +93,9 @@ def test_acc_and_acc_norm_differ_where_length_matters(tmp_path, small_tokenizer)
     # so the sum prefers "x" (acc) and the per-byte score prefers the long answer (acc_norm).
     items = [{"question": "q", "choices": ["x", "the history of the world"], "label": 1}]
     data = write_jsonl(tmp_path / "mc.jsonl", items)
-    spec = TaskSpec(name="mc", kind="multiple_choice", data=data, choices_field="choices", gold="label")
+    spec = TaskSpec(
+        name="mc", kind="multiple_choice", data=data, choices_field="choices", gold="label"
+    )
     model = UniformLM(tok.get_vocab_size())
     result = run_task(spec, model, tok)
     n_tokens = [len(encode_pair(tok, 0, "q", " " + c)[1]) for c in items[0]["choices"]]
@@ -95,7 +104,9 @@ def test_acc_and_acc_norm_differ_where_length_matters(tmp_path, small_tokenizer)
     assert result["items"][0]["loglikelihoods"] == pytest.approx(expected, rel=1e-5)
     assert result["metrics"] == {"acc": 0.0, "acc_norm": 1.0, "chance": 0.5}
     # Letter choices have one byte each: the two rules agree.
-    letters = TaskSpec(name="l", kind="multiple_choice", data=data, choices=["A", "B"], gold="label")
+    letters = TaskSpec(
+        name="l", kind="multiple_choice", data=data, choices=["A", "B"], gold="label"
+    )
     out = run_task(letters, model, tok)
     assert out["metrics"]["acc"] == out["metrics"]["acc_norm"]
 
@@ -148,8 +159,15 @@ def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer):
         [{"question": f"Train {i}?", "answer": f"Add.\n#### {i}"} for i in range(5)],
     )
     spec = TaskSpec(
-        name="gsm", kind="exact_match", data=test, prompt="Question: {question}\nAnswer:",
-        target="{answer}", fewshot=2, fewshot_data=train, until=["Question:"], max_new_tokens=40,
+        name="gsm",
+        kind="exact_match",
+        data=test,
+        prompt="Question: {question}\nAnswer:",
+        target="{answer}",
+        fewshot=2,
+        fewshot_data=train,
+        until=["Question:"],
+        max_new_tokens=40,
     )
     pool = spec.fewshot_pool()
     bos = tok.token_to_id(BOS)
@@ -159,7 +177,9 @@ def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer):
         # lm-eval's layout: k worked examples, blank lines between, then the question.
         shots = context.split("\n\n")
         assert len(shots) == 3 and shots[-1] == f"Question: {item['question']}\nAnswer:"
-        assert all(s.startswith("Question: Train ") and "\nAnswer: Add.\n#### " in s for s in shots[:2])
+        assert all(
+            s.startswith("Question: Train ") and "\nAnswer: Add.\n#### " in s for s in shots[:2]
+        )
         prompt = (bos, *tok.encode(context, add_special_tokens=False).ids)
         scripts[prompt] = tok.encode(reply, add_special_tokens=False).ids
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
@@ -176,13 +196,22 @@ def test_pass_at_k_task_counts_correct_samples(tmp_path, small_tokenizer):
     tok, _ = small_tokenizer
     data = write_jsonl(tmp_path / "t.jsonl", GSM_ITEMS[:2])
     spec = TaskSpec(
-        name="p", kind="pass_at_k", data=data, prompt="Question: {question}\nAnswer:",
-        samples=3, k=[1, 2], temperature=0.7, until=["Question:"], max_new_tokens=30,
+        name="p",
+        kind="pass_at_k",
+        data=data,
+        prompt="Question: {question}\nAnswer:",
+        samples=3,
+        k=[1, 2],
+        temperature=0.7,
+        until=["Question:"],
+        max_new_tokens=30,
     )
     bos = tok.token_to_id(BOS)
     scripts = {
-        (bos, *tok.encode(f"Question: {item['question']}\nAnswer:", add_special_tokens=False).ids):
-        tok.encode(reply, add_special_tokens=False).ids
+        (
+            bos,
+            *tok.encode(f"Question: {item['question']}\nAnswer:", add_special_tokens=False).ids,
+        ): tok.encode(reply, add_special_tokens=False).ids
         for item, reply in zip(GSM_ITEMS[:2], [" #### 18", " #### 3"], strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
@@ -208,7 +237,15 @@ def test_humaneval_canonical_solutions_pass(tmp_path):
 
 
 def test_shipped_specs_load_and_fit_their_items():
-    for name in ("mmlu", "mmlu_cloze", "gsm8k", "gsm8k_chat", "gsm8k_pass", "humaneval", "wikitext2"):
+    for name in (
+        "mmlu",
+        "mmlu_cloze",
+        "gsm8k",
+        "gsm8k_chat",
+        "gsm8k_pass",
+        "humaneval",
+        "wikitext2",
+    ):
         spec = load_spec(name)
         items = spec.items(5)
         assert len(items) == 5 or spec.kind == "bpb"
@@ -220,7 +257,9 @@ def test_shipped_specs_load_and_fit_their_items():
     five = mmlu.model_copy(update={"fewshot": 5})
     item = five.items(1)[0]
     context = five.context(item, five.fewshot_pool(), 0)
-    assert context.count("\nAnswer:") == 6 and context.endswith("D. " + item["choices"][3] + "\nAnswer:")
+    assert context.count("\nAnswer:") == 6 and context.endswith(
+        "D. " + item["choices"][3] + "\nAnswer:"
+    )
 
 
 def test_bad_specs_and_items_name_the_problem(tmp_path):
@@ -236,7 +275,7 @@ def test_bad_specs_and_items_name_the_problem(tmp_path):
         spec.context(spec.items()[0], [], 0)
     (tmp_path / "broken.jsonl").write_text('{"a": 1}\nnot json\n')
     spec = TaskSpec(name="t", kind="exact_match", data=str(tmp_path / "broken.jsonl"))
-    with pytest.raises(EvalTaskError, match="broken.jsonl:2: not JSON"):
+    with pytest.raises(EvalTaskError, match=r"broken\.jsonl:2: not JSON"):
         spec.items()
 
 
