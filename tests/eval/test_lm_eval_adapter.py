@@ -210,3 +210,82 @@ def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_token
     metrics = out["results"]["local_gsm8k"]
     assert metrics["exact_match,strict-match"] == ours["exact_match_strict"] == 0.5
     assert metrics["exact_match,flexible-extract"] == ours["exact_match_flexible"] == 0.75
+
+
+@pytest.mark.slow  # transformers + lm-eval's hf class: ~70 s under this machine's load
+def test_exported_model_in_lm_evals_own_hf_class_equals_our_evaluator(
+    tmp_path, small_tokenizer, make_random_model
+):
+    """The issue's check: our model exported to Hugging Face format, scored by lm-eval's own
+    `hf` model class (transformers), gives the accuracy and the per-choice log-likelihoods of
+    FrontierLM's evaluator on the FrontierLM checkpoint."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from frontierlm.model.hf import export_hf
+    from frontierlm.tokenizer.train import save_tokenizer
+
+    tok, _ = small_tokenizer
+    model = make_random_model(vocab_size=tok.get_vocab_size(), max_seq_len=64)
+    tok_dir = tmp_path / "tokenizer"
+    save_tokenizer(tok, tok_dir)
+    export_hf(model, tmp_path / "hf", tok_dir)
+    # lm-eval's hf class adds BOS through the tokenizer's post-processor (add_bos_token=True);
+    # ours prepends it in code, so give the exported tokenizer one.
+    with_bos = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    bos = tok.token_to_id(BOS)
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", bos)]
+    )
+    with_bos.bos_token = "<|bos|>"
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
+    spec = TaskSpec(
+        name="mc",
+        kind="multiple_choice",
+        data=str(data),
+        prompt="Question: {question}\nAnswer:",
+        choices_field="choices",
+        gold="label",
+    )
+    ours = run_task(spec, model, tok)
+    write_task(
+        tmp_path,
+        "local_mc_hf",
+        str(data),
+        """\
+        output_type: multiple_choice
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+          - metric: acc_norm
+        """,
+    )
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(
+        pretrained=str(tmp_path / "hf"),
+        tokenizer=with_bos,
+        add_bos_token=True,
+        device="cpu",
+        dtype="float32",
+        batch_size=4,
+    )
+    out = lm_eval.simple_evaluate(
+        model=hf,
+        tasks=["local_mc_hf"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        num_fewshot=0,
+        log_samples=True,
+    )
+    metrics = out["results"]["local_mc_hf"]
+    assert metrics["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+    assert metrics["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"])
+    samples = sorted(out["samples"]["local_mc_hf"], key=lambda s: s["doc_id"])
+    theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    mine = [r["loglikelihoods"] for r in ours["items"]]
+    for a, b in zip(theirs, mine, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
