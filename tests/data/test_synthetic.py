@@ -171,3 +171,43 @@ def test_synth_stage_writes_verified_chats_sft_reads(tmp_path, monkeypatch, smal
         ChatSource(name="synth", path=str(work / "synth.jsonl"), format="qa")
     )
     assert [(c[0].content, c[1].content) for c in chats] == [(problems[0]["question"], replies[0])]
+
+
+def test_dpo_reward_judge_is_the_implicit_reward(small_tokenizer, make_random_model):
+    import torch
+
+    from frontierlm.data.synthetic import dpo_reward_judge
+    from frontierlm.tokenizer.chat import ChatRenderer, Message
+
+    tok, _ = small_tokenizer
+    policy = make_random_model(vocab_size=tok.get_vocab_size(), seed=1, max_seq_len=128)
+    reference = make_random_model(vocab_size=tok.get_vocab_size(), seed=2, max_seq_len=128)
+    renderer = ChatRenderer(tok)
+    item = SourceItem(1, "What is 2 + 2?", "#### 4")
+    replies = ["It is 4.\n#### 4", "Five."]
+
+    def logp(model, reply: str) -> float:  # log p(reply + END | chat prompt), by hand
+        prompt = renderer.render([Message("user", item.prompt)], add_generation_prompt=True).ids
+        full = prompt + renderer.encode_text(reply) + [renderer.end]
+        with torch.no_grad():
+            lp = model(torch.tensor([full[:-1]]))[0].log_softmax(-1)
+        return sum(float(lp[t - 1, full[t]]) for t in range(len(prompt), len(full)))
+
+    rewards = [0.1 * (logp(policy, r) - logp(reference, r)) for r in replies]
+    threshold = (rewards[0] + rewards[1]) / 2
+    judged = dpo_reward_judge(policy, reference, 0.1, renderer, threshold)(item, replies)
+    assert [j.score for j in judged] == pytest.approx(rewards, abs=1e-5)
+    best = max(range(2), key=rewards.__getitem__)
+    assert [j.verdict for j in judged] == [
+        PASS if i == best else "below_threshold" for i in range(2)
+    ]
+
+
+def test_synth_stage_needs_a_synth_table(tmp_path):
+    from frontierlm.config import load_config
+    from frontierlm.stages import run_stage
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "recipes" / "micro.toml", [f"--run.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"add a \[synth\] table"):
+        run_stage(cfg, "synth")
