@@ -110,7 +110,7 @@ STAGES: dict[str, Stage] = {
             "frontierlm.data.synthetic:run_synth_stage",
             ("run", "synth", "sft", "align"),
             ("tokenizer", "pretrain", "sft", "align"),
-            "sample, verify and keep synthetic data (only with a [synth] table)",
+            "sample, verify and keep synthetic data (recipes with a synth table)",
             "kept",
         ),
         Stage(
