@@ -5,6 +5,7 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm generate|chat|serve MODEL [...] (sampling from a model, inference/commands.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from frontierlm.config import ConfigError, load_config
 from frontierlm.console import console
+from frontierlm.inference import commands as inference_commands
 from frontierlm.stages import STAGES, run_pipeline, run_stage
 from frontierlm.train.parallel import launched_world_size, shutdown_distributed
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_tok.add_argument("out", help="output directory")
     export_tok.add_argument("--to", choices=["tiktoken"], default="tiktoken")
     export_tok.add_argument("--name", default="frontierlm", help="the tiktoken Encoding's name")
+    inference_commands.add_parsers(sub)
     train_clf = sub.add_parser(
         "train-classifier",
         help="train the quality classifier (reference text vs random web) for data.quality_model",
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": export_command,
         "export-tokenizer": export_tokenizer_command,
         "train-classifier": train_classifier_command,
+        **inference_commands.COMMANDS,
     }
     if args.command in commands:
         if rest:

@@ -19,7 +19,8 @@ from frontierlm.console import console, track
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.eval.harness import run_task
 from frontierlm.eval.tasks import load_spec
-from frontierlm.inference.generate import greedy
+from frontierlm.inference.engine import generate
+from frontierlm.inference.sampling import SamplingParams
 from frontierlm.posttrain.batches import fixed_batches, pad_batch
 from frontierlm.posttrain.preference import dpo_eval_fn, split_pairs
 from frontierlm.posttrain.sft import sft_examples
@@ -53,7 +54,8 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
     models = {
         name: load_model_dir(ctx.path(name) / "model", device).eval() for name in MODEL_STAGES
     }
-    stop = {tok.token_to_id(t) for t in (END, EOS, BOS)}
+    stop = tuple(tok.token_to_id(t) for t in (END, EOS, BOS))
+    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0, stop_ids=stop)
 
     bos_id = tok.token_to_id(BOS) if cfg.pretrain.document_mask else None
 
@@ -72,13 +74,18 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
         results[f"{name}_chat_bpb"] = chat["bpb"]
         console.print(f"  {name:<9} text bpb {text['bpb']:.4f}   chat bpb {chat['bpb']:.4f}")
         samples.append(f"\n## {name}\n")
-        for prompt in cfg.eval.prompts:
-            ids = [tok.token_to_id(BOS), *tok.encode(prompt, add_special_tokens=False).ids]
-            out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
+        prompts = [
+            [tok.token_to_id(BOS), *tok.encode(p, add_special_tokens=False).ids]
+            for p in cfg.eval.prompts
+        ]
+        chats = [
+            renderer.render([Message("user", p)], add_generation_prompt=True).ids
+            for p in cfg.eval.chat_prompts
+        ]
+        outs = [tok.decode(c.ids) for c in generate(model, prompts + chats, greedy)]
+        for prompt, out in zip(cfg.eval.prompts, outs, strict=False):
             samples.append(f"- **{prompt}**{out}\n")
-        for prompt in cfg.eval.chat_prompts:
-            ids = renderer.render([Message("user", prompt)], add_generation_prompt=True).ids
-            out = tok.decode(greedy(model, ids, cfg.eval.max_new_tokens, stop))
+        for prompt, out in zip(cfg.eval.chat_prompts, outs[len(prompts) :], strict=True):
             samples.append(f"- user: {prompt}\n  assistant: {out}\n")
 
     dpo = dpo_eval_fn(cfg.align, models["sft"], val_pairs, pad_id)(models["align"])

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from frontierlm.config import ModelConfig
+from frontierlm.model.kv_cache import LayerCache
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import apply_rope
 
@@ -176,6 +177,30 @@ def _flex(
     return out[..., :v_dim]
 
 
+def attend_cached(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One decode step's attention: q (batch, heads, 1, dim) for each sequence's new token
+    against its cached keys and values (batch, kv_heads, kv_len, dim); mask (batch, 1, 1,
+    kv_len) marks the positions each sequence may see. The query heads of a KV group become the
+    rows of one attention, so every cached key and value is read once, not once per head."""
+    batch, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, dim).to(keys.dtype)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    else:
+        scores = (q @ keys.transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)
+        scores = (softcap * torch.tanh(scores.float() / softcap)).masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(values.dtype) @ values
+    return out.reshape(batch, heads, 1, values.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -201,8 +226,11 @@ class Attention(nn.Module):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         mask: AttentionMask = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """cos/sin None: a NoPE layer (no rotary positions)."""
+        """cos/sin None: a NoPE layer (no rotary positions). With `cache`, the keys and values
+        are stored in it; in a decode step (one token per sequence) attention reads them back
+        from it, under `mask` (batch, 1, 1, kv_len)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -212,7 +240,14 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        out = attend(q, k, v, mask, self.scale, self.softcap)
+        if cache is None:
+            out = attend(q, k, v, mask, self.scale, self.softcap)
+        elif cache.decoding:
+            keys, values = cache.append(k, v, mask.shape[-1])
+            out = attend_cached(q, keys, values, mask, self.scale, self.softcap)
+        else:  # a prompt from position 0: its own causal attention, keys and values kept
+            cache.fill(k, v)
+            out = attend(q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         if self.gated:  # lets a head output nothing, which curbs attention sinks
             out = out * torch.sigmoid(self.g_proj(x))

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from frontierlm.config import ModelConfig
-from frontierlm.model.attention import AttentionMask, attend
+from frontierlm.model.attention import AttentionMask, attend, attend_cached
+from frontierlm.model.kv_cache import LayerCache
 from frontierlm.model.norm import RMSNorm
 from frontierlm.model.rope import apply_rope, yarn_mscale
 
@@ -67,8 +68,11 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         mask: AttentionMask = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """cos/sin None: a NoPE layer (the rope slices stay unrotated)."""
+        """cos/sin None: a NoPE layer (the rope slices stay unrotated). With `cache`, the
+        normalised latent and the rotated key are stored in it, and a decode step attends in
+        the latent space (see `_decode`)."""
         batch, seq, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -81,7 +85,13 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(1)  # (batch, 1, seq, rope): one rotated key for all heads
         if cos is not None:
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        latent = self.kv_a_layernorm(latent)
+        if cache is not None:
+            entry = torch.cat([latent.unsqueeze(1).to(k_rope.dtype), k_rope], dim=-1)
+            if cache.decoding:
+                return self._decode(q_nope, q_rope, cache, entry, mask)
+            cache.fill(entry)
+        kv = self.kv_b_proj(latent)
         kv = kv.view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
@@ -89,3 +99,25 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
         out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
+
+    def _decode(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        cache: LayerCache,
+        entry: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per sequence, attending over cached latents without expanding them: the
+        key expansion is folded into the query (q_nope W_k . latent = q_nope . W_k latent) and
+        the value expansion applied once to the attention-weighted latent, so the step reads
+        latent + rope values per cached token for all heads together (MQA over the latent)."""
+        batch = q_nope.shape[0]
+        cached, _ = cache.append(entry, None, mask.shape[-1])  # (batch, 1, kv_len, latent+rope)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        w_k, w_v = w.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bhqn,hnl->bhql", q_nope, w_k.to(q_nope.dtype))
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)
+        out = attend_cached(q, cached, cached[..., : self.latent_dim], mask, self.scale)
+        out = torch.einsum("bhql,hvl->bhqv", out, w_v.to(out.dtype))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, self.n_heads * self.v_dim))

@@ -13,6 +13,7 @@ from torch import nn
 
 from frontierlm.config import ModelConfig
 from frontierlm.model.attention import Attention, AttentionMask, attention_mask
+from frontierlm.model.kv_cache import KVCache, LayerCache
 from frontierlm.model.mla import MultiHeadLatentAttention
 from frontierlm.model.mlp import SwiGLU
 from frontierlm.model.moe import MoE
@@ -46,8 +47,9 @@ class Block(nn.Module):
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         mask: AttentionMask,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + (self.attn_out_norm(attn) if self.sandwich else attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + (self.mlp_out_norm(mlp) if self.sandwich else mlp)
@@ -114,6 +116,69 @@ class Transformer(nn.Module):
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         return logits
+
+    # Inference with a KV cache (frontierlm/inference/engine.py drives these two).
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run prompts (rows of `input_ids`, right-padded) from position 0 into cache `slots`;
+        return the logits (rows, vocab) at each row's last prompt token (`last`: its index).
+        Padding after a prompt is never attended to by the prompt (causal) and is overwritten
+        by the decode steps that follow."""
+        seq = input_ids.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        special = any(self.layer_windows) or self.cfg.attn_softcap is not None
+        flex = input_ids.is_cuda and special
+        masks = {
+            w: attention_mask(seq, None, w, flex, input_ids.device) for w in set(self.layer_windows)
+        }
+        x = self._embed(input_ids)
+        for i, (layer, window, rope) in enumerate(
+            zip(self.layers, self.layer_windows, self.layer_rope, strict=True)
+        ):
+            cached = cache.for_prompts(i, slots)
+            x = layer(x, cos if rope else None, sin if rope else None, masks[window], cached)
+        return self._logits(x[torch.arange(x.shape[0], device=x.device), last])
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+        key_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step for every cache slot: `tokens` (slots,) at `positions` (slots,);
+        attention spans cache positions `key_index` (arange(kv_len), every position < kv_len
+        that a sequence has reached). Returns next-token logits (slots, vocab). Shapes depend
+        only on the slot count and kv_len, so the step can be replayed as a CUDA graph."""
+        cos = self.rope_cos[positions][:, None, None]  # (slots, 1, 1, rope_dim)
+        sin = self.rope_sin[positions][:, None, None]
+        seen = key_index[None] <= positions[:, None]  # (slots, kv_len)
+        masks = {}
+        for window in set(self.layer_windows):
+            keep = seen if window is None else seen & (positions[:, None] - key_index < window)
+            masks[window] = keep[:, None, None]
+        x = self._embed(tokens[:, None])
+        for i, (layer, window, rope) in enumerate(
+            zip(self.layers, self.layer_windows, self.layer_rope, strict=True)
+        ):
+            cached = cache.for_tokens(i, positions)
+            x = layer(x, cos if rope else None, sin if rope else None, masks[window], cached)
+        return self._logits(x[:, 0])
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x * x.new_full((), self.cfg.d_model**0.5) if self.cfg.embed_scale else x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden))
+        cap = self.cfg.final_softcap
+        return cap * torch.tanh(logits / cap) if cap is not None else logits
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
