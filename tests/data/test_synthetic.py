@@ -122,7 +122,7 @@ def test_synth_stage_writes_verified_chats_sft_reads(tmp_path, monkeypatch, smal
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-    from scripted_lm import ScriptedLM
+    from scripted_lm import ScriptedLM, drive_with_reference_generate
 
     from frontierlm.config import ChatSource, load_config
     from frontierlm.data.synthetic import run_synth_stage
@@ -151,6 +151,7 @@ def test_synth_stage_writes_verified_chats_sft_reads(tmp_path, monkeypatch, smal
         for p, r in zip(problems, replies, strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
+    drive_with_reference_generate(monkeypatch)
     monkeypatch.setattr("frontierlm.train.checkpoint.load_model_dir", lambda *a, **k: model)
     monkeypatch.chdir(root)
     cfg = load_config(

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import lm_eval
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
-from scripted_lm import ScriptedLM
+from scripted_lm import ScriptedLM, drive_with_reference_generate
 
 from frontierlm.eval.harness import run_task
 from frontierlm.eval.lm_eval_adapter import FrontierLMEval
@@ -143,7 +143,7 @@ REPLIES = [
 ]
 
 
-def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_tokenizer):
+def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_tokenizer, monkeypatch):
     tok, _ = small_tokenizer
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in GSM))
@@ -156,6 +156,7 @@ def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_token
         for g, r in zip(GSM, REPLIES, strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
+    drive_with_reference_generate(monkeypatch)
     spec = TaskSpec(
         name="gsm",
         kind="exact_match",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from scripted_lm import ScriptedLM
+from scripted_lm import ScriptedLM, drive_with_reference_generate
 
 from frontierlm.eval.harness import run_task
 from frontierlm.eval.loglik import encode_pair, score_continuations
@@ -151,7 +151,7 @@ GSM_REPLIES = [
 ]
 
 
-def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer):
+def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer, monkeypatch):
     tok, _ = small_tokenizer
     test = write_jsonl(tmp_path / "test.jsonl", GSM_ITEMS)
     train = write_jsonl(
@@ -183,6 +183,7 @@ def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer):
         prompt = (bos, *tok.encode(context, add_special_tokens=False).ids)
         scripts[prompt] = tok.encode(reply, add_special_tokens=False).ids
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
+    drive_with_reference_generate(monkeypatch)
     result = run_task(spec, model, tok)
     assert sorted(model.seen_prompts) == sorted(scripts)
     assert [r["strict"] for r in result["items"]] == [True, True, False, False]
@@ -191,7 +192,7 @@ def test_gsm8k_exact_match_on_a_scripted_model(tmp_path, small_tokenizer):
     assert result["items"][0]["completion"] == " 9 * 2 = 18\n#### 18\n\n"
 
 
-def test_pass_at_k_task_counts_correct_samples(tmp_path, small_tokenizer):
+def test_pass_at_k_task_counts_correct_samples(tmp_path, small_tokenizer, monkeypatch):
     """n samples of a scripted model (the same reply each time): all right or all wrong."""
     tok, _ = small_tokenizer
     data = write_jsonl(tmp_path / "t.jsonl", GSM_ITEMS[:2])
@@ -215,6 +216,7 @@ def test_pass_at_k_task_counts_correct_samples(tmp_path, small_tokenizer):
         for item, reply in zip(GSM_ITEMS[:2], [" #### 18", " #### 3"], strict=True)
     }
     model = ScriptedLM(tok.get_vocab_size(), scripts, tok.token_to_id(END))
+    drive_with_reference_generate(monkeypatch)
     result = run_task(spec, model, tok)
     assert [r["correct"] for r in result["items"]] == [3, 0]
     assert result["metrics"] == {"pass@1": 0.5, "pass@2": 0.5}
