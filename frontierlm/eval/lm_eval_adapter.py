@@ -29,20 +29,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from frontierlm.eval.exact_match import stop_ids
 from frontierlm.eval.loglik import encode_pair, score_continuations
 from frontierlm.inference.engine import generate
+from frontierlm.inference.loader import load_inference_model
 from frontierlm.inference.sampling import SamplingParams
 from frontierlm.tokenizer.train import BOS, load_tokenizer
-
-
-def _find_tokenizer(model_dir: Path) -> Path:
-    """runs/<name>/<stage>[/model] -> runs/<name>/tokenizer (as `frontierlm export` looks)."""
-    for parent in (model_dir, model_dir.parent, model_dir.parent.parent):
-        if (parent / "tokenizer" / "tokenizer.json").is_file():
-            return parent / "tokenizer"
-        if (parent / "tokenizer.json").is_file():
-            return parent
-    raise FileNotFoundError(
-        f"no tokenizer found near {model_dir}; pass tokenizer=runs/<name>/tokenizer"
-    )
 
 
 @register_model("frontierlm")
@@ -57,19 +46,15 @@ class FrontierLMEval(LM):
         **_: Any,  # lm-eval passes max_batch_size and others the class has no use for
     ) -> None:
         super().__init__()
-        from frontierlm.train.checkpoint import load_model_dir
-
         if pretrained is None:
-            raise ValueError("frontierlm: give pretrained=<model or stage directory>")
+            raise ValueError("frontierlm: give pretrained=<model, stage or exported HF directory>")
         if isinstance(pretrained, torch.nn.Module):
             self.model = pretrained
             if tokenizer is None:
                 raise ValueError("frontierlm: a model object needs tokenizer=")
-        else:
-            path = Path(pretrained)
-            model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
-            self.model = load_model_dir(model_dir, device).eval()
-            tokenizer = tokenizer or _find_tokenizer(model_dir)
+        else:  # the loader `frontierlm generate` uses: stage, model or exported HF directory
+            loaded = load_inference_model(pretrained, tokenizer, device)
+            self.model, tokenizer = loaded.model, loaded.tokenizer
         self.tok = (
             load_tokenizer(Path(tokenizer)) if isinstance(tokenizer, str | Path) else tokenizer
         )

@@ -290,3 +290,12 @@ def test_exported_model_in_lm_evals_own_hf_class_equals_our_evaluator(
     mine = [r["loglikelihoods"] for r in ours["items"]]
     for a, b in zip(theirs, mine, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+    # and our adapter pointed at the exported directory (loaded back through load_hf)
+    adapter = FrontierLMEval(pretrained=str(tmp_path / "hf"))
+    requests = [
+        Instance("loglikelihood", item, (f"Question: {item['question']}\nAnswer:", " " + c), i)
+        for item in ITEMS
+        for i, c in enumerate(item["choices"])
+    ]
+    got = [lp for lp, _ in adapter.loglikelihood(requests)]
+    assert got == pytest.approx([x for r in mine for x in r], abs=1e-4)
