@@ -1242,6 +1242,95 @@ class EvalConfig(Strict):
     prompts: list[str] = Field(default_factory=lambda: ["The meaning of life is"])
     chat_prompts: list[str] = Field(default_factory=lambda: ["What is 12 plus 30?"])
     max_new_tokens: int = Field(48, ge=1)
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="evaluation tasks: names of shipped specs (frontierlm/eval/tasks/*.toml: "
+        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2) or paths to "
+        "your own .toml specs",
+    )
+    task_models: list[Literal["pretrain", "sft", "align"]] = Field(
+        default_factory=lambda: ["pretrain", "sft", "align"],
+        min_length=1,
+        description="the run's models every task is evaluated on",
+    )
+    task_limit: int | None = Field(None, ge=1, description="at most this many items per task")
+    task_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="task name -> item limit, over task_limit"
+    )
+    task_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring")
+
+    @model_validator(mode="after")
+    def _tasks(self) -> EvalConfig:
+        from frontierlm.eval.tasks import EvalTaskError, load_spec
+
+        names = []
+        for i, task in enumerate(self.tasks):
+            try:
+                names.append(load_spec(task).name)
+            except EvalTaskError as err:
+                raise ValueError(f"eval.tasks[{i}]: {err}") from None
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"eval.tasks: task names repeat: {dup}")
+        if unknown := sorted(set(self.task_limits) - set(names)):
+            raise ValueError(f"eval.task_limits: {unknown} are not in eval.tasks {names}")
+        return self
+
+
+class SynthConfig(Strict):
+    """`frontierlm synth`: sample from a model, score, keep the best accepted sample per item.
+
+    mode "verify": prompts -> `samples` replies each -> scored by `scorer` -> the best reply
+    scoring >= `threshold` kept as a question/answer chat (sft's "qa" format); an item with none
+    is sampled again, at most `max_regenerations` times. mode "rephrase": passages -> the model
+    rephrases each -> replies inside the n-gram fidelity bounds kept as documents."""
+
+    mode: Literal["verify", "rephrase"] = "verify"
+    source: str = Field(min_length=1, description="JSONL (.gz/.xz) of prompts or passages")
+    prompt_field: str = Field("question", description="verify: the field holding the prompt")
+    reference_field: str = Field("answer", description="verify: the reference (#### N) field")
+    text_field: str = Field("text", description="rephrase: the field holding the passage")
+    take: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="a seeded hash range of the source's records (as sft sources take theirs)",
+    )
+    max_items: int | None = Field(None, ge=1, description="use at most this many source items")
+    model: Literal["pretrain", "sft", "align"] = Field("sft", description="which model samples")
+    scorer: Literal["exact_match", "dpo_reward"] = Field(
+        "exact_match",
+        description="exact_match: 1 when the reply's final number equals the reference's (GSM8K "
+        "verifier), else 0; dpo_reward: the align model's implicit reward against the SFT "
+        "model, beta * (log p_align - log p_sft) of the reply",
+    )
+    threshold: float = Field(1.0, description="keep a reply only if its score is >= this")
+    samples: int = Field(4, ge=1, description="replies sampled per item per round")
+    max_regenerations: int = Field(
+        2, ge=0, le=2, description="extra rounds for an item with no accepted reply (Kimi K2: 2)"
+    )
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(200, ge=1)
+    batch_items: int = Field(16, ge=1, description="source items sampled together")
+    dedup_against_sft: bool = Field(
+        True, description="drop replies whose chat already is in sft.sources (normalised text)"
+    )
+    rephrase_prompt: str = Field(
+        "Rephrase the following passage in your own words, keeping every fact:\n\n{text}",
+        description="rephrase: the user turn, {text} is the passage",
+    )
+    min_word_recall: float = Field(
+        0.5, ge=0, le=1, description="rephrase: share of the passage's distinct words kept"
+    )
+    max_ngram_copy: float = Field(
+        0.7, ge=0, le=1, description="rephrase: most of the reply's word n-grams found verbatim"
+    )
+    copy_ngram: int = Field(4, ge=1, description="rephrase: n of the copy check")
+
+    @model_validator(mode="after")
+    def _check(self) -> SynthConfig:
+        lo, hi = self.take
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"take={list(self.take)} must satisfy 0 <= lo < hi <= 1")
+        return self
 
 
 class RecipeConfig(Strict):
@@ -1256,6 +1345,9 @@ class RecipeConfig(Strict):
     align: AlignConfig
     rl: RLConfig | None = Field(None, description="the rl stage runs only with an [rl] table")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    synth: SynthConfig | None = Field(
+        None, description="synthetic data (`frontierlm synth`); the stage runs only when set"
+    )
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:

@@ -282,6 +282,42 @@ def sweep_report_section(run_dir: Path) -> list[str]:
     return sweep_section(json.loads(path.read_text()), "sweep/")
 
 
+def task_section(tasks: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """One row per (task, model) of `eval.tasks`: items scored and every metric."""
+    if not tasks:
+        return []
+    lines = [
+        "## Evaluation tasks",
+        "",
+        "| task | model | items | metrics | seconds |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
+    for task, per_model in tasks.items():
+        for model, m in per_model.items():
+            shown = ", ".join(
+                f"{k} {_fmt(v)}" for k, v in m.items() if k not in ("n", "seconds", "tokens")
+            )
+            lines.append(f"| {task} | {model} | {m['n']:,} | {shown} | {m['seconds']:.1f} |")
+    return [*lines, "", "Per-item records: `eval/<task>.json`.", ""]
+
+
+def synth_section(record: dict[str, Any] | None) -> list[str]:
+    """Kept and dropped items of the synth stage, when the recipe ran it."""
+    if record is None:
+        return []
+    m = record["metrics"]
+    dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items()) or "none"
+    return [
+        "## Synthetic data",
+        "",
+        f"{m['mode']} with the {m['model']} model, scored by {m['scorer']}: kept "
+        f"{m['kept']:,} of {m['items']:,} items ({100 * m['acceptance_rate']:.1f}%), "
+        f"{m['samples_accepted']:,} of {m['samples']:,} samples accepted; dropped: {dropped}. "
+        "Output: `synth/synth.jsonl`, counts: `synth/stats.json`.",
+        "",
+    ]
+
+
 def build_report(run_dir: Path, out: Path) -> str:
     records = {
         name: read_record(run_dir / name)
@@ -330,6 +366,8 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         f"Model: {_fmt(pre['params'])} parameters, {_fmt(pre['tokens_seen'])} pretraining tokens.",
         "",
+        *task_section(ev.get("tasks", {})),
+        *synth_section(records.get("synth")),
         *data_section(run_dir, out),
         *rl_section(run_dir, out),
         *sweep_report_section(run_dir),

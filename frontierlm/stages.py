@@ -138,18 +138,27 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "synth",
+            "frontierlm.data.synthetic:run_synth_stage",
+            ("run", "synth", "sft", "align"),
+            ("tokenizer", "pretrain", "sft", "align"),
+            "sample, verify and keep synthetic data (recipes with a synth table)",
+            "kept",
+            optional=True,
+        ),
+        Stage(
             "eval",
             "frontierlm.eval.stage:run_eval_stage",
             ("run", "eval", "sft", "align"),
             ("tokenizer", "tokenize", "pretrain", "sft", "align"),
-            "bpb of every model, preference margin, greedy samples",
+            "bpb of every model, preference margin, samples, eval tasks",
             "align_chat_bpb",
         ),
         Stage(
             "report",
             "frontierlm.report:run_report_stage",
             (),
-            ("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align", "eval"),
+            ("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align", "synth", "eval"),
             "report.md and plots",
             "",
         ),
@@ -199,6 +208,18 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         # is an input, so a sweep run after the report makes the next `run` redo the report.
         sweep = cfg.run.run_dir / "sweep" / "sweep.json"
         return [str(sweep)] if sweep.is_file() else []
+    if stage == "eval":
+        from frontierlm.eval.tasks import load_spec, spec_path, task_files
+
+        files = []
+        for task in cfg.eval.tasks:
+            files += [_display_path(spec_path(task).resolve()), *task_files(load_spec(task))]
+        return files
+    if stage == "synth" and cfg.synth is not None:
+        files = [cfg.synth.source]
+        if cfg.synth.dedup_against_sft:
+            files += [s.path for s in cfg.sft.sources]
+        return files
     return []
 
 
@@ -270,7 +291,7 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
     if not stage.enabled(cfg):
         raise ValueError(
             f"the {name} stage is not configured: add a [{name}] table to the recipe "
-            f"(see recipes/rl-arithmetic.toml)"
+            f"(e.g. recipes/rl-arithmetic.toml, recipes/quickstart-synth.toml)"
         )
     w = world()
     if w.size > 1 and not stage.distributed:

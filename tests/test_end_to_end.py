@@ -58,6 +58,13 @@ def test_every_stage_finishes_with_real_outputs(micro_run):
     results = json.loads((micro_run / "eval" / "results.json").read_text())
     assert set(results) >= {"pretrain_text_bpb", "sft_chat_bpb", "align_val_margin"}
     assert results["sft_chat_bpb"] < results["pretrain_chat_bpb"]
+    # eval.tasks: every task on the sft model, 4 items each, a file per task
+    assert {t: m["sft"]["n"] for t, m in results["tasks"].items()} == {
+        "mmlu_cloze": 4,
+        "gsm8k_chat": 4,
+    }
+    mc = json.loads((micro_run / "eval" / "mmlu_cloze.json").read_text())
+    assert 0 <= mc["sft"]["metrics"]["acc_norm"] <= 1 and len(mc["sft"]["items"]) == 4
     report = (micro_run / "report.md").read_text()
     assert "| pretrain |" in report and "unigram" in report
     assert "## Data steps" in report

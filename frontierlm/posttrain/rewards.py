@@ -46,6 +46,13 @@ def exact_match(completion: str, reference: str, fallback: str = "none") -> bool
     return expected is not None and extract_answer(completion, fallback) == expected
 
 
+def extract_last_number(text: str) -> str | None:
+    """The last number anywhere in `text`, normalised: lm-evaluation-harness's gsm8k
+    "flexible-extract" (which ignores `####` and takes the last number it finds)."""
+    numbers = NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
 # ----------------------------------------------------------------------------- reward functions
 # A reward function scores a batch: (prompts, completions, references) -> one float each, the
 # signature TRL's reward functions have (prompts and completions as text). RL names them in
