@@ -5,6 +5,9 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
+frontierlm data utility RUN [--from A] [--to B] [--mixture-out FILE]
+frontierlm safety RUN [--model align] [--judge-model DIR]
+frontierlm doctor [--path DIR] [thresholds]   (preflight; under torchrun also all-reduce)
 frontierlm plan [--flops C | --gpu-hours H | --dollars USD] [--params N | --recipe R] [--tokens D]
 frontierlm sweep RECIPE --sizes 64x2,128x3 --tokens 0.2M,0.4M  (then: plan --law sweep.json)
 frontierlm generate|chat|serve MODEL [...] (sampling from a model, inference/commands.py)
@@ -18,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from frontierlm.atomic import write_text
 from frontierlm.config import ConfigError, load_config
 from frontierlm.console import console
 from frontierlm.inference import commands as inference_commands
@@ -170,6 +174,104 @@ def tokenizer_report_command(argv: list[str]) -> int:
     return 0
 
 
+def safety_command(argv: list[str]) -> int:
+    """`frontierlm safety RUN`: instruction hierarchy and refusals (frontierlm/eval/safety.py)."""
+    from rich.table import Table
+
+    from frontierlm.eval.safety import HH_RED_TEAM, ChatModel, evaluate_safety
+    from frontierlm.model import load
+    from frontierlm.tokenizer.train import load_tokenizer
+
+    parser = argparse.ArgumentParser(
+        prog="frontierlm safety",
+        description="instruction-hierarchy (conflicting instructions at two privilege levels) "
+        "and refusal (HH red-team requests) evaluation of a run's chat model; writes "
+        "RUN/safety/results.json and samples.md, which the report includes",
+    )
+    parser.add_argument("run", help="run directory, e.g. runs/quickstart")
+    parser.add_argument("--model", default="align", help="stage (align, sft) or model directory")
+    parser.add_argument("--n-refusal", type=int, default=100, help="red-team prompts scored")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--judge-model", help="a chat model directory as the refusal judge")
+    parser.add_argument("--hh", default=str(HH_RED_TEAM), help="HH harmless-base JSONL.gz")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    try:
+        stage_model = run / args.model / "model"
+        model = load(stage_model if stage_model.is_dir() else Path(args.model))
+        tok = load_tokenizer(run / "tokenizer")
+        chat = ChatModel(model, tok, args.max_new_tokens)
+        judge = None
+        if args.judge_model:
+            judge = ChatModel(load(Path(args.judge_model)), tok, max_new_tokens=3)
+        results, samples = evaluate_safety(chat, args.n_refusal, args.seed, judge, Path(args.hh))
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error in safety:[/] {err}")
+        return 1
+    results["model"] = args.model
+    out = run / "safety"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "samples.md", "\n".join(samples))
+    table = Table(title=f"safety: {run.name} / {args.model}")
+    for col in ("evaluation", "score", "95% CI", "n"):
+        table.add_column(col)
+    rows = [("instruction hierarchy: followed the higher level", results["instruction_hierarchy"])]
+    rows += [(f"  {k}", v) for k, v in results["instruction_hierarchy"]["by_pair"].items()]
+    rows += [("refusal of HH red-team requests (rule judge)", results["refusal"]["rule_judge"])]
+    if "model_judge" in results["refusal"]:
+        rows += [("refusal (model judge)", results["refusal"]["model_judge"])]
+    for name, r in rows:
+        table.add_row(
+            name, f"{r['rate']:.3f}", f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}", str(r["n"])
+        )
+    console.print(table)
+    skipped = results["instruction_hierarchy"]["levels_not_in_tokenizer"]
+    if skipped:
+        console.print(f"[yellow]  roles missing from this tokenizer, not tested: {skipped}")
+    console.print(f"  -> {out}/results.json, {out}/samples.md")
+    return 0
+
+
+def utility_command(argv: list[str]) -> int:
+    """`frontierlm data utility RUN`: its own parser, as `tokenizer report` (see there)."""
+    from frontierlm.eval.utility import mixture_toml, print_report, utility_report
+
+    parser = argparse.ArgumentParser(
+        prog="frontierlm data utility",
+        description="rank a pretraining run's token sources and documents by how much the "
+        "training between two of its models lowered their loss (see frontierlm/eval/utility.py)",
+    )
+    parser.add_argument("run", help="run directory, e.g. runs/quickstart")
+    parser.add_argument(
+        "--from",
+        dest="frm",
+        default="oldest",
+        help="init | oldest | latest | final | STEP | DIR (default: the oldest kept checkpoint)",
+    )
+    parser.add_argument("--to", default="final", help="as --from (default: the final model)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=400_000, help="score evenly spaced windows up to this"
+    )
+    parser.add_argument("--json", help="write the table (and per-document ranks) here")
+    parser.add_argument("--mixture-out", help="write a [[pretrain.mixture]] recipe fragment here")
+    parser.add_argument("--recipe", help="the fragment's base recipe (with --mixture-out)")
+    args = parser.parse_args(argv)
+    try:
+        report = utility_report(Path(args.run), args.frm, args.to, args.max_tokens)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error in data utility:[/] {err}")
+        return 1
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.mixture_out:
+        Path(args.mixture_out).write_text(mixture_toml(report, args.recipe))
+        console.print(f"  mixture fragment -> {args.mixture_out}")
+    return 0
+
+
 def train_classifier_command(args: argparse.Namespace) -> int:
     from frontierlm.data.quality import (
         DEFAULT_NEGATIVES,
@@ -267,6 +369,14 @@ def sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:
+        from frontierlm.doctor import main as doctor
+
+        return doctor(argv[1:])
+    if argv[:1] == ["safety"]:
+        return safety_command(argv[1:])
+    if argv[:2] == ["data", "utility"]:
+        return utility_command(argv[2:])
     if argv[:2] == ["tokenizer", "report"]:
         return tokenizer_report_command(argv[2:])
     if argv[:2] == ["data", "train-classifier"]:

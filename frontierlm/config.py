@@ -32,6 +32,19 @@ class Strict(BaseModel):
 # ----------------------------------------------------------------------------- run
 
 
+class OffloadConfig(Strict):
+    """Checkpoints copied to S3-compatible storage (train/offload.py); off while bucket is unset.
+    Credentials come from the environment / ~/.aws as boto3 reads them, never from the recipe."""
+
+    bucket: str | None = Field(None, description="bucket name; None = no offload")
+    endpoint_url: str | None = Field(
+        None, description="S3 API endpoint (MinIO, R2, ...); None = AWS S3"
+    )
+    prefix: str = Field("frontierlm", description="key prefix; keys are PREFIX/RUN/STAGE/step_N/")
+    region: str | None = Field(None, description="region name, where the store needs one")
+    retries: int = Field(5, ge=1, description="boto3 attempts per request")
+
+
 class RunConfig(Strict):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.-]+$", description="run directory name")
     out_dir: str = Field("runs", description="parent of the run directory")
@@ -50,6 +63,7 @@ class RunConfig(Strict):
         description="the accelerator's dense bf16 peak, for MFU; unset: looked up by GPU name "
         "(train/metrics.py), no MFU where unknown (CPUs)",
     )
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -854,8 +868,15 @@ class LoopConfig(Strict):
         True,
         description="token losses from hidden states and the head weight one chunk of tokens at "
         "a time, never holding the [tokens, vocab] logits (train/losses.py; >= 4x less memory "
-        "at a 128k vocabulary, not slower on CPU); off: from the full logits (also when z_loss "
-        "is on, which needs them)",
+        "at a 128k vocabulary); off: from the full logits (also when z_loss "
+        "is on, which needs them; bf16 steps on CPU as fast, fp32 ~1.1x slower)",
+    )
+    qk_clip: float | None = Field(
+        None,
+        gt=0,
+        description="QK-clip threshold tau (Kimi K2's MuonClip, train/qk_clip.py): after each "
+        "optimizer step, heads whose largest attention logit exceeded tau have W_q/W_k scaled "
+        "down to bring it to tau; the max logit per layer is logged. None = off; Kimi K2 used 100",
     )
 
     @model_validator(mode="after")
@@ -907,6 +928,11 @@ class MixtureStage(Strict):
 
 class PretrainConfig(LoopConfig):
     steps: int = Field(300, ge=1)
+    mode: Literal["local", "diloco"] = Field(
+        "local",
+        description='"diloco": train across the islands of the [diloco] table (as `frontierlm '
+        'diloco`); "local": one process, or data parallel under torchrun',
+    )
     # Pretraining loss is smooth once warm: a step at 1.5x the median is a bad batch or an
     # instability, not noise. Post-training losses (DPO) swing more; there the guard is off.
     # Gradient norms are not judged by default: an MoE router settling moves them 5x and more
@@ -971,6 +997,75 @@ class PretrainConfig(LoopConfig):
                 "up, or leave the last stage's steps/fraction/tokens unset so it takes the rest"
             )
         return ends
+
+
+class DilocoConfig(Strict):
+    """Training across islands that sync rarely (frontierlm/distributed/): `frontierlm diloco
+    RECIPE`, or `pretrain.mode = "diloco"`. pretrain.batch_size stays the global batch: each of
+    the islands takes batch_size / islands sequences per inner step."""
+
+    islands: int = Field(4, ge=1, description="M: islands, one process each")
+    inner_steps: int = Field(50, ge=1, description="H: inner steps between outer syncs")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: DiLoCo / Streaming DiLoCo, the islands meet at every sync; async: "
+        "decoupled islands that never wait, with a staleness-weighted outer step",
+    )
+    outer_lr: float = Field(0.7, gt=0, description="outer Nesterov SGD learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    fragments: int = Field(
+        1, ge=1, description="P: Streaming DiLoCo fragments synced at staggered steps; 1 = plain"
+    )
+    overlap: int = Field(
+        0,
+        ge=0,
+        description="inner steps an exchange runs in the background before its result is "
+        "applied (Streaming DiLoCo's tau); must be below inner_steps / fragments",
+    )
+    codec: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        "fp32", description="outer gradients on the wire; int8/int4 with one scale per block"
+    )
+    block_size: int = Field(128, ge=2, description="values per quantisation scale")
+    staleness_power: float = Field(
+        1.0, ge=0, description="async: a contribution s outer steps stale weighs (1 + s)^-p"
+    )
+    dynamic_inner_steps: bool = Field(
+        True, description="async: a slower island syncs after H / slowdown steps"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="async: drop an island silent this long")
+    rejoin_wait_s: float = Field(
+        0.0, ge=0, description="async: how long the run waits for a dropped island to return"
+    )
+    bandwidth_mbit: list[float] = Field(
+        default_factory=lambda: [0.0],
+        description="simulated WAN bandwidth per island, Mbit/s (one value for all); 0 = none",
+    )
+    latency_ms: list[float] = Field(default_factory=lambda: [0.0], description="per exchange")
+    slowdown: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="compute slowdown per island (3 = a step takes 3x as long)",
+    )
+    threads: int = Field(1, ge=0, description="torch CPU threads per island; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _per_island(self) -> DilocoConfig:
+        for key in ("bandwidth_mbit", "latency_ms", "slowdown"):
+            values = getattr(self, key)
+            if len(values) not in (1, self.islands):
+                raise ValueError(
+                    f"diloco.{key} has {len(values)} values for {self.islands} islands: give "
+                    "one value for all, or one per island"
+                )
+        if any(s < 1 for s in self.slowdown):
+            raise ValueError("diloco.slowdown values must be >= 1 (1 = full speed)")
+        if self.fragments > 1 and self.mode == "async":
+            raise ValueError("diloco.fragments > 1 (streaming) applies to mode = 'sync' only")
+        if self.overlap and self.overlap >= self.inner_steps // self.fragments:
+            raise ValueError(
+                f"diloco.overlap={self.overlap} must be below inner_steps / fragments "
+                f"= {self.inner_steps // self.fragments}"
+            )
+        return self
 
 
 class ChatSource(Strict):
@@ -1052,11 +1147,228 @@ class AlignConfig(LoopConfig):
         return self
 
 
+class ArithmeticTaskConfig(Strict):
+    """Procedural arithmetic (posttrain/arithmetic.py): 'What is 17 + 25?' -> '#### 42'."""
+
+    digits: int = Field(1, ge=1, le=6, description="operands have up to this many digits")
+    operators: str = Field("+", pattern=r"^[+*-]+$", description="drawn from '+-*'")
+    terms: int = Field(2, ge=2, le=6)
+    seed: int = Field(1, ge=0, description="problem stream of the RL prompts (SFT: use another)")
+
+
+class RLTaskConfig(Strict):
+    """Where the RL prompts and their reference answers come from."""
+
+    kind: Literal["arithmetic", "gsm8k"] = "arithmetic"
+    arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig)
+    gsm8k_path: str = Field("data/gsm8k/train.jsonl.gz", description="question/answer JSONL")
+    gsm8k_max_prompts: int | None = Field(None, ge=1)
+    eval_prompts: int = Field(
+        64, ge=1, description="held-out prompts for the greedy and sampled evaluation"
+    )
+    eval_samples: int = Field(
+        4, ge=0, description="samples per held-out prompt for the sampled mean reward; 0 = none"
+    )
+
+
+class RewardModelConfig(LoopConfig):
+    """A Bradley-Terry reward model (posttrain/reward_model.py), trained from the SFT model on
+    preference pairs when `rl.rewards` names "reward_model" and `path` is unset."""
+
+    path: str | None = Field(None, description="a trained reward model directory to load")
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    sources: list[ChatSource] = Field(default_factory=list)
+
+
+class RLConfig(LoopConfig):
+    """RL with verifiable or model rewards (posttrain/rl.py). Each optimizer step trains on
+    `batch_size * grad_accum` completions: `num_generations` samples of each of
+    `batch_size * grad_accum / num_generations` prompts; a rollout batch serves
+    `num_iterations` steps. Defaults follow TRL 1.16's GRPOConfig."""
+
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seq_len: int = Field(
+        256, ge=8, description="unused by rl (prompt + max_new_tokens must fit max_seq_len)"
+    )
+    prefetch: int = Field(
+        0, ge=0, le=0, description="must be 0: rollouts come from the model being trained"
+    )
+    init: str = Field(
+        "sft", description="'sft' (the run's SFT model) or a FrontierLM model directory"
+    )
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="how per-token losses are aggregated (TRL's names and formulas)"
+    )
+    num_generations: int = Field(8, ge=2, description="G: completions per prompt")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per rollout batch")
+    epsilon_low: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clip; unset = epsilon_low (TRL); DAPO uses 0.28"
+    )
+    beta: float = Field(
+        0.0, ge=0, description="KL weight: k3 per token in the loss (GRPO), in the reward (PPO)"
+    )
+    ref_sync_every: int = Field(
+        0, ge=0, description="copy the policy into the reference every N steps; 0 = never"
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="advantage std normalisation; unset: none for dr_grpo, else group"
+    )
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, description="max completion length (stop included)")
+    mask_truncated: bool = Field(False, description="no loss on completions that hit the limit")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop all-correct/all-wrong groups and sample more prompts"
+    )
+    max_refills: int = Field(3, ge=0, description="extra rollout rounds for dynamic sampling")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO soft overlong punishment over the last N tokens; 0 = off"
+    )
+    length_penalty: float = Field(
+        0.0, ge=0, description="reward -= this * completion length / max_new_tokens"
+    )
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"exact_match": 1.0},
+        min_length=1,
+        description="reward function name -> weight (posttrain/rewards.py REWARD_FUNCTIONS, "
+        "or reward_model)",
+    )
+    reward_model: RewardModelConfig | None = None
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: value loss weight")
+    cliprange_value: float = Field(0.2, gt=0, description="PPO: value clip")
+    task: RLTaskConfig = Field(default_factory=RLTaskConfig)
+
+    @model_validator(mode="after")
+    def _groups(self) -> RLConfig:
+        rollout = self.batch_size * self.grad_accum
+        if rollout % self.num_generations:
+            raise ValueError(
+                f"batch_size * grad_accum = {rollout} completions per step must divide by "
+                f"num_generations={self.num_generations} (whole groups per step)"
+            )
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"batch_size={self.batch_size} must divide by num_generations="
+                f"{self.num_generations}: a micro-batch holds whole groups"
+            )
+        if "reward_model" in self.rewards and self.reward_model is None:
+            raise ValueError("rewards names reward_model: add an [rl.reward_model] table")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer={self.overlong_buffer} must be below max_new_tokens="
+                f"{self.max_new_tokens}"
+            )
+        return self
+
+    @property
+    def advantage_scale(self) -> str:
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
+
+
 class EvalConfig(Strict):
     bpb_batches: int = Field(32, ge=1, description="batches of validation tokens for bpb")
     prompts: list[str] = Field(default_factory=lambda: ["The meaning of life is"])
     chat_prompts: list[str] = Field(default_factory=lambda: ["What is 12 plus 30?"])
     max_new_tokens: int = Field(48, ge=1)
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="evaluation tasks: names of shipped specs (frontierlm/eval/tasks/*.toml: "
+        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2) or paths to "
+        "your own .toml specs",
+    )
+    task_models: list[Literal["pretrain", "sft", "align"]] = Field(
+        default_factory=lambda: ["pretrain", "sft", "align"],
+        min_length=1,
+        description="the run's models every task is evaluated on",
+    )
+    task_limit: int | None = Field(None, ge=1, description="at most this many items per task")
+    task_limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="task name -> item limit, over task_limit"
+    )
+    task_batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring")
+
+    @model_validator(mode="after")
+    def _tasks(self) -> EvalConfig:
+        from frontierlm.eval.tasks import EvalTaskError, load_spec
+
+        names = []
+        for i, task in enumerate(self.tasks):
+            try:
+                names.append(load_spec(task).name)
+            except EvalTaskError as err:
+                raise ValueError(f"eval.tasks[{i}]: {err}") from None
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"eval.tasks: task names repeat: {dup}")
+        if unknown := sorted(set(self.task_limits) - set(names)):
+            raise ValueError(f"eval.task_limits: {unknown} are not in eval.tasks {names}")
+        return self
+
+
+class SynthConfig(Strict):
+    """`frontierlm synth`: sample from a model, score, keep the best accepted sample per item.
+
+    mode "verify": prompts -> `samples` replies each -> scored by `scorer` -> the best reply
+    scoring >= `threshold` kept as a question/answer chat (sft's "qa" format); an item with none
+    is sampled again, at most `max_regenerations` times. mode "rephrase": passages -> the model
+    rephrases each -> replies inside the n-gram fidelity bounds kept as documents."""
+
+    mode: Literal["verify", "rephrase"] = "verify"
+    source: str = Field(min_length=1, description="JSONL (.gz/.xz) of prompts or passages")
+    prompt_field: str = Field("question", description="verify: the field holding the prompt")
+    reference_field: str = Field("answer", description="verify: the reference (#### N) field")
+    text_field: str = Field("text", description="rephrase: the field holding the passage")
+    take: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="a seeded hash range of the source's records (as sft sources take theirs)",
+    )
+    max_items: int | None = Field(None, ge=1, description="use at most this many source items")
+    model: Literal["pretrain", "sft", "align"] = Field("sft", description="which model samples")
+    scorer: Literal["exact_match", "dpo_reward"] = Field(
+        "exact_match",
+        description="exact_match: 1 when the reply's final number equals the reference's (GSM8K "
+        "verifier), else 0; dpo_reward: the align model's implicit reward against the SFT "
+        "model, beta * (log p_align - log p_sft) of the reply",
+    )
+    threshold: float = Field(1.0, description="keep a reply only if its score is >= this")
+    samples: int = Field(4, ge=1, description="replies sampled per item per round")
+    max_regenerations: int = Field(
+        2, ge=0, le=2, description="extra rounds for an item with no accepted reply (Kimi K2: 2)"
+    )
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(200, ge=1)
+    batch_items: int = Field(16, ge=1, description="source items sampled together")
+    dedup_against_sft: bool = Field(
+        True, description="drop replies whose chat already is in sft.sources (normalised text)"
+    )
+    rephrase_prompt: str = Field(
+        "Rephrase the following passage in your own words, keeping every fact:\n\n{text}",
+        description="rephrase: the user turn, {text} is the passage",
+    )
+    min_word_recall: float = Field(
+        0.5, ge=0, le=1, description="rephrase: share of the passage's distinct words kept"
+    )
+    max_ngram_copy: float = Field(
+        0.7, ge=0, le=1, description="rephrase: most of the reply's word n-grams found verbatim"
+    )
+    copy_ngram: int = Field(4, ge=1, description="rephrase: n of the copy check")
+
+    @model_validator(mode="after")
+    def _check(self) -> SynthConfig:
+        lo, hi = self.take
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"take={list(self.take)} must satisfy 0 <= lo < hi <= 1")
+        return self
 
 
 class RecipeConfig(Strict):
@@ -1066,17 +1378,37 @@ class RecipeConfig(Strict):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    diloco: DilocoConfig = Field(default_factory=DilocoConfig)
     sft: SFTConfig
     align: AlignConfig
+    rl: RLConfig | None = Field(None, description="the rl stage runs only with an [rl] table")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    synth: SynthConfig | None = Field(
+        None, description="synthetic data (`frontierlm synth`); the stage runs only when set"
+    )
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:
+        if self.rl is not None and self.rl.max_new_tokens >= self.model.max_seq_len:
+            raise ValueError(
+                f"rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a prompt in "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
         for stage in ("pretrain", "sft", "align"):
             seq = getattr(self, stage).seq_len
             if seq > self.model.max_seq_len:
                 raise ValueError(
                     f"{stage}.seq_len={seq} exceeds model.max_seq_len={self.model.max_seq_len}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _qk_clip_needs_no_norm(self) -> RecipeConfig:
+        for stage in ("pretrain", "sft", "align"):
+            if getattr(self, stage).qk_clip is not None and self.model.qk_norm:
+                raise ValueError(
+                    f"{stage}.qk_clip is set with model.qk_norm = true: the norm undoes any "
+                    "rescaling of W_q/W_k (and already bounds the logits); unset one of them"
                 )
         return self
 
@@ -1120,7 +1452,11 @@ class RecipeConfig(Strict):
         for source in dump["data"]["sources"]:
             source.pop("mixture")
             source.pop("epochs")
+        # Where checkpoints are copied changes no result: not part of any fingerprint.
+        dump["run"].pop("offload")
         dump["token_sources"] = self.token_sources_json()
+        if dump["pretrain"]["mode"] == "local":  # recipes from before the field keep their hash
+            dump["pretrain"].pop("mode")
         return json.dumps({n: dump[n] for n in names}, sort_keys=True)
 
 

@@ -119,6 +119,91 @@ def plot_align(run_dir: Path, out: Path) -> str | None:
     return "align_metrics.png"
 
 
+def plot_rl(run_dir: Path, out: Path) -> str:
+    """The rl stage's reward curve (per rollout batch, mean and +-1 std over its completions),
+    sampling accuracy, and the held-out evaluations; KL, clip fraction, length and entropy."""
+    records = MetricsLog(run_dir / "rl" / "metrics.jsonl").read()
+    initial = read_record(run_dir / "rl")["metrics"]
+    steps = np.array([r["step"] for r in records])
+    fig, (rew, stats) = plt.subplots(1, 2, figsize=(11, 3.6))
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    rew.plot(steps, mean, lw=1, label="rollout reward mean")
+    rew.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    rew.plot(steps, [r["accuracy"] for r in records], lw=1, label="rollout accuracy")
+    for key, label in (("sampled_reward", "held-out sampled reward"),
+                       ("greedy_accuracy", "held-out greedy accuracy")):  # fmt: skip
+        points = [(r["step"], r[f"val_{key}"]) for r in records if f"val_{key}" in r]
+        if f"initial_val_{key}" in initial:
+            points.insert(0, (0, initial[f"initial_val_{key}"]))
+        if points:
+            rew.plot(*zip(*points, strict=True), "o-", label=label)
+    rew.set_title("rl: reward")
+    _style(rew)
+    for key in ("kl", "clip_fraction", "entropy"):
+        if records and key in records[0]:
+            stats.plot(steps, [r[key] for r in records], lw=1, label=key)
+    stats.plot(
+        steps,
+        [r["response_length"] / max(1.0, records[0]["response_length"]) for r in records],
+        lw=1,
+        label="response length (x first)",
+    )
+    stats.set_title("rl: KL, clipping, entropy, length")
+    _style(stats)
+    _save(fig, out / "rl_reward.png")
+    return "rl_reward.png"
+
+
+def rl_section(run_dir: Path, out: Path) -> list[str]:
+    """The report's RL section, when the run has an rl stage."""
+    if not (run_dir / "rl" / "stage.json").is_file():
+        return []
+    m = read_record(run_dir / "rl")["metrics"]
+    png = plot_rl(run_dir, out)
+    lines = ["## RL", "", "| held-out metric | before | after |", "| --- | ---: | ---: |"]
+    for key in ("greedy_accuracy", "greedy_reward", "sampled_reward"):
+        if f"val_{key}" in m:
+            lines.append(f"| {key} | {m[f'initial_val_{key}']:.4f} | {m[f'val_{key}']:.4f} |")
+    return [*lines, "", f"![{png}](report/{png})", ""]
+
+
+def loss_vs_bytes(
+    records: list[dict[str, Any]],
+    bytes_per_step: float | None = None,
+    islands: int = 1,
+    smooth: int = 10,
+) -> list[tuple[float, float]]:
+    """(bytes communicated by all workers so far, train loss averaged over the last `smooth`
+    steps) per step of one metrics log: a DiLoCo island's records carry its own `bytes_sent`
+    (times `islands`, as every island sends as much); a data-parallel run sends a fixed
+    `bytes_per_step`."""
+    points = []
+    window: list[float] = []
+    for r in records:
+        if "loss" not in r:
+            continue
+        window = [*window[-(smooth - 1) :], float(r["loss"])] if smooth > 1 else [r["loss"]]
+        sent = (
+            r["step"] * bytes_per_step if bytes_per_step is not None else r["bytes_sent"] * islands
+        )
+        points.append((float(sent), sum(window) / len(window)))
+    return points
+
+
+def plot_loss_vs_bytes(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Train loss against bytes communicated (log scale), one line per run: DiLoCo vs. DDP."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        xs = [max(x, 1.0) for x, _ in points]
+        ax.plot(xs, [y for _, y in points], label=label, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_ylabel("train loss (10-step mean)")
+    _style(ax)
+    ax.set_xlabel("bytes communicated (all workers)")
+    _save(fig, path)
+
+
 def read_data_steps(run_dir: Path) -> list[dict[str, Any]]:
     """The data stage's per-step stats; `seconds` and `counts` default for stats.json files
     written before steps recorded them (None: not measured, which is not 0 seconds)."""
@@ -210,6 +295,31 @@ def data_section(run_dir: Path, out: Path) -> list[str]:
     return ["## Data steps", "", *data_steps_table(steps), "", f"![{png}](report/{png})", ""]
 
 
+def safety_section(run_dir: Path) -> list[str]:
+    """The scores `frontierlm safety RUN` wrote, when it was run."""
+    path = run_dir / "safety" / "results.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    hierarchy, refusal = results["instruction_hierarchy"], results["refusal"]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        return f"| {name} | {r['rate']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['n']} |"
+
+    lines = [
+        f"## Safety (`frontierlm safety`, model `{results.get('model', '?')}`)",
+        "",
+        "| evaluation | score | 95% CI (Wilson) | n |",
+        "| --- | ---: | --- | ---: |",
+        row("instruction hierarchy: followed the higher-privileged instruction", hierarchy),
+        *[row(f"&nbsp;&nbsp;{pair}", r) for pair, r in hierarchy["by_pair"].items()],
+        row("refusal of HH red-team requests, rule judge", refusal["rule_judge"]),
+    ]
+    if "model_judge" in refusal:
+        lines.append(row("refusal, model judge", refusal["model_judge"]))
+    return [*lines, "", "Samples: `safety/samples.md`.", ""]
+
+
 def sweep_report_section(run_dir: Path) -> list[str]:
     """The scaling-law sweep's section (fitted law, runs, plot) once `frontierlm sweep` has run
     on this recipe, else nothing."""
@@ -221,8 +331,50 @@ def sweep_report_section(run_dir: Path) -> list[str]:
     return sweep_section(json.loads(path.read_text()), "sweep/")
 
 
+def task_section(tasks: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """One row per (task, model) of `eval.tasks`: items scored and every metric."""
+    if not tasks:
+        return []
+    lines = [
+        "## Evaluation tasks",
+        "",
+        "| task | model | items | metrics | seconds |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
+    for task, per_model in tasks.items():
+        for model, m in per_model.items():
+            shown = ", ".join(
+                f"{k} {_fmt(v)}" for k, v in m.items() if k not in ("n", "seconds", "tokens")
+            )
+            lines.append(f"| {task} | {model} | {m['n']:,} | {shown} | {m['seconds']:.1f} |")
+    return [*lines, "", "Per-item records: `eval/<task>.json`.", ""]
+
+
+def synth_section(record: dict[str, Any] | None) -> list[str]:
+    """Kept and dropped items of the synth stage, when the recipe ran it."""
+    if record is None:
+        return []
+    m = record["metrics"]
+    dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items()) or "none"
+    return [
+        "## Synthetic data",
+        "",
+        f"{m['mode']} with the {m['model']} model, scored by {m['scorer']}: kept "
+        f"{m['kept']:,} of {m['items']:,} items ({100 * m['acceptance_rate']:.1f}%), "
+        f"{m['samples_accepted']:,} of {m['samples']:,} samples accepted; dropped: {dropped}. "
+        "Output: `synth/synth.jsonl`, counts: `synth/stats.json`.",
+        "",
+    ]
+
+
 def build_report(run_dir: Path, out: Path) -> str:
-    records = {name: read_record(run_dir / name) for name in STAGES if name != "report"}
+    records = {
+        name: read_record(run_dir / name)
+        for name, stage in STAGES.items()
+        if name != "report"
+        and stage.in_pipeline
+        and (not stage.optional or (run_dir / name / "stage.json").is_file())
+    }
     pre, ev = records["pretrain"]["metrics"], records["eval"]["metrics"]
     loss_type = records["align"]["metrics"].get("loss_type", "sigmoid")
     lines = [
@@ -274,9 +426,13 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         f"Model: {_fmt(pre['params'])} parameters, {_fmt(pre['tokens_seen'])} pretraining tokens.",
         "",
+        *task_section(ev.get("tasks", {})),
+        *synth_section(records.get("synth")),
         *data_section(run_dir, out),
+        *rl_section(run_dir, out),
         *sweep_report_section(run_dir),
     ]
+    lines += safety_section(run_dir)
     for png in plot_curves(run_dir, out):
         lines.append(f"![{png}](report/{png})")
     if png := plot_align(run_dir, out):

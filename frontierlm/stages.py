@@ -45,6 +45,19 @@ class Stage:
     summary: str  # which metric the report shows, and what the stage does
     key_metric: str = ""
     distributed: bool = False  # under torchrun: every process takes part, not rank 0 alone
+    in_pipeline: bool = True  # `frontierlm run` runs it (diloco is pretrain's alternative)
+    optional: bool = False  # runs only when the recipe has its table (e.g. [rl])
+
+    def enabled(self, cfg: RecipeConfig) -> bool:
+        return not self.optional or getattr(cfg, self.name) is not None
+
+    def deps_for(self, cfg: RecipeConfig) -> tuple[str, ...]:
+        """The stages whose outputs this one reads under `cfg`: optional stages the recipe
+        leaves out are not waited for, and rl started from a given model needs no sft."""
+        deps = tuple(d for d in self.deps if STAGES[d].enabled(cfg))
+        if self.name == "rl" and cfg.rl is not None and cfg.rl.init != "sft":
+            deps = tuple(d for d in deps if d != "sft")
+        return deps
 
     def function(self) -> Callable[[StageContext], dict[str, Any]]:
         module, func = self.entry.split(":")
@@ -88,6 +101,15 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "diloco",
+            "frontierlm.distributed.launch:run_diloco_stage",
+            ("run", "model", "pretrain", "diloco"),
+            ("tokenizer", "tokenize"),
+            "pretrain across islands that sync rarely (DiLoCo family)",
+            "val_bpb",
+            in_pipeline=False,
+        ),
+        Stage(
             "sft",
             "frontierlm.posttrain.sft:run_sft_stage",
             ("run", "sft"),
@@ -95,6 +117,16 @@ STAGES: dict[str, Stage] = {
             "supervised fine-tuning on chats",
             "val_bpb",
             distributed=True,
+        ),
+        Stage(
+            "rl",
+            "frontierlm.posttrain.rl:run_rl_stage",
+            ("run", "rl"),
+            ("tokenizer", "sft"),
+            "RL (GRPO and variants, PPO) with verifiable or model rewards",
+            "val_greedy_accuracy",
+            distributed=True,
+            optional=True,
         ),
         Stage(
             "align",
@@ -106,18 +138,27 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "synth",
+            "frontierlm.data.synthetic:run_synth_stage",
+            ("run", "synth", "sft", "align"),
+            ("tokenizer", "pretrain", "sft", "align"),
+            "sample, verify and keep synthetic data (recipes with a synth table)",
+            "kept",
+            optional=True,
+        ),
+        Stage(
             "eval",
             "frontierlm.eval.stage:run_eval_stage",
             ("run", "eval", "sft", "align"),
             ("tokenizer", "tokenize", "pretrain", "sft", "align"),
-            "bpb of every model, preference margin, greedy samples",
+            "bpb of every model, preference margin, samples, eval tasks",
             "align_chat_bpb",
         ),
         Stage(
             "report",
             "frontierlm.report:run_report_stage",
             (),
-            ("data", "tokenizer", "tokenize", "pretrain", "sft", "align", "eval"),
+            ("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align", "synth", "eval"),
             "report.md and plots",
             "",
         ),
@@ -151,11 +192,34 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]
+    if stage == "rl" and cfg.rl is not None:
+        files = []
+        if cfg.rl.init != "sft":
+            files.append(str(Path(cfg.rl.init) / "model.safetensors"))
+        if cfg.rl.task.kind == "gsm8k":
+            files.append(cfg.rl.task.gsm8k_path)
+        rm = cfg.rl.reward_model
+        if rm is not None and "reward_model" in cfg.rl.rewards:
+            files += [str(Path(rm.path) / "model.safetensors")] if rm.path else []
+            files += [s.path for s in rm.sources] if rm.path is None else []
+        return files
     if stage == "report":
         # A scaling-law sweep of this recipe (`frontierlm sweep`) joins the report: its result
         # is an input, so a sweep run after the report makes the next `run` redo the report.
         sweep = cfg.run.run_dir / "sweep" / "sweep.json"
         return [str(sweep)] if sweep.is_file() else []
+    if stage == "eval":
+        from frontierlm.eval.tasks import load_spec, spec_path, task_files
+
+        files = []
+        for task in cfg.eval.tasks:
+            files += [_display_path(spec_path(task).resolve()), *task_files(load_spec(task))]
+        return files
+    if stage == "synth" and cfg.synth is not None:
+        files = [cfg.synth.source]
+        if cfg.synth.dedup_against_sft:
+            files += [s.path for s in cfg.sft.sources]
+        return files
     return []
 
 
@@ -196,7 +260,10 @@ def read_record(out_dir: Path) -> dict[str, Any]:
 def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
     h = hashlib.sha256()
     h.update(stage.name.encode())
-    h.update(cfg.section_json(*stage.sections).encode())
+    sections = stage.sections
+    if stage.name == "pretrain" and cfg.pretrain.mode == "diloco":
+        sections += ("diloco",)
+    h.update(cfg.section_json(*sections).encode())
     for path in external_files(cfg, stage.name):
         p = Path(path)
         if not p.is_file():
@@ -205,7 +272,7 @@ def fingerprint(cfg: RecipeConfig, stage: Stage) -> str:
                 f"the current directory {Path.cwd()}); fix the path in the recipe"
             )
         h.update(f"{path}:{file_digest(p)}".encode())
-    for dep in stage.deps:
+    for dep in stage.deps_for(cfg):
         out = cfg.run.run_dir / dep
         if not (out / "stage.json").is_file():
             raise RuntimeError(
@@ -221,6 +288,11 @@ def run_stage(cfg: RecipeConfig, name: str, force: bool = False) -> dict[str, An
     if launched_world_size() > 1:
         init_distributed(cfg.run)
     stage = STAGES[name]
+    if not stage.enabled(cfg):
+        raise ValueError(
+            f"the {name} stage is not configured: add a [{name}] table to the recipe "
+            f"(e.g. recipes/rl-arithmetic.toml, recipes/quickstart-synth.toml)"
+        )
     w = world()
     if w.size > 1 and not stage.distributed:
         if w.main:
@@ -277,5 +349,10 @@ def _run_stage(
 
 
 def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
-    for name in STAGES:
+    for name, stage in STAGES.items():
+        if not stage.in_pipeline:
+            continue
+        if not stage.enabled(cfg):
+            console.print(f"[dim]- {name}: no [{name}] table in the recipe, not run")
+            continue
         run_stage(cfg, name, force=force)

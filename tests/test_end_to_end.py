@@ -14,6 +14,10 @@ import pytest
 from frontierlm.cli import main
 from frontierlm.stages import STAGES
 
+# `frontierlm run` runs these; diloco is pretrain's alternative, run on its own, and the micro
+# recipe has no [rl] table, so the optional rl stage is not part of its pipeline.
+PIPELINE = [name for name, stage in STAGES.items() if stage.in_pipeline and not stage.optional]
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "recipes" / "micro.toml")
 
@@ -35,7 +39,7 @@ def micro_run(tmp_path_factory):
 
 
 def test_every_stage_finishes_with_real_outputs(micro_run):
-    for stage in STAGES:
+    for stage in PIPELINE:
         assert (micro_run / stage / "stage.json").is_file(), stage
     assert not list(micro_run.glob("*.partial"))
     stats = json.loads((micro_run / "data" / "stats.json").read_text())
@@ -54,6 +58,13 @@ def test_every_stage_finishes_with_real_outputs(micro_run):
     results = json.loads((micro_run / "eval" / "results.json").read_text())
     assert set(results) >= {"pretrain_text_bpb", "sft_chat_bpb", "align_val_margin"}
     assert results["sft_chat_bpb"] < results["pretrain_chat_bpb"]
+    # eval.tasks: every task on the sft model, 4 items each, a file per task
+    assert {t: m["sft"]["n"] for t, m in results["tasks"].items()} == {
+        "mmlu_cloze": 4,
+        "gsm8k_chat": 4,
+    }
+    mc = json.loads((micro_run / "eval" / "mmlu_cloze.json").read_text())
+    assert 0 <= mc["sft"]["metrics"]["acc_norm"] <= 1 and len(mc["sft"]["items"]) == 4
     report = (micro_run / "report.md").read_text()
     assert "| pretrain |" in report and "unigram" in report
     assert "## Data steps" in report
@@ -65,7 +76,7 @@ def test_second_run_skips_everything_and_changed_config_reruns_downstream(micro_
     out = str(micro_run.parent)
     before = {
         s: stage_record(micro_run, s)["started"] + stage_record(micro_run, s)["fingerprint"]
-        for s in STAGES
+        for s in PIPELINE
     }
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -75,13 +86,13 @@ def test_second_run_skips_everything_and_changed_config_reruns_downstream(micro_
         assert time.perf_counter() - t0 < 10
         after = {
             s: stage_record(micro_run, s)["started"] + stage_record(micro_run, s)["fingerprint"]
-            for s in STAGES
+            for s in PIPELINE
         }
         assert after == before
         # Change only SFT's learning rate: SFT and everything after it rerun, nothing before.
         assert main(["run", MICRO, f"--run.out_dir={out}", "--sft.lr=1e-3"]) == 0
         changed = {
-            s for s in STAGES if stage_record(micro_run, s)["fingerprint"] != before[s][-16:]
+            s for s in PIPELINE if stage_record(micro_run, s)["fingerprint"] != before[s][-16:]
         }
         assert changed == {"sft", "align", "eval", "report"}
     finally:
@@ -153,7 +164,7 @@ def test_torchrun_two_processes_run_the_training_stages(micro_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("up to date, skipped") == 3, "one console speaks for the job"
     run_dir = tmp_path / "two" / "micro"
-    for stage in STAGES:
+    for stage in PIPELINE:
         assert (run_dir / stage / "stage.json").is_file(), stage
     for stage, steps in (("pretrain", 12), ("sft", 4), ("align", 4)):
         records = [

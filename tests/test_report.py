@@ -61,7 +61,7 @@ def fake_run(run_dir: Path, steps: list[dict]) -> None:
         "eval": ev,
     }
     for name, stage in STAGES.items():
-        if name == "report":
+        if name == "report" or stage.optional:  # no [rl] or [synth] table in this run
             continue
         (run_dir / name).mkdir(parents=True)
         record = {"key_metric": stage.key_metric, "wall_s": 1.0, "metrics": metrics.get(name, {})}
@@ -146,3 +146,35 @@ def test_report_plots_the_align_metrics(tmp_path):
     # An align stage from before these metrics: no figure, no failure.
     fake_run(tmp_path / "old", STEPS)
     assert "align_metrics.png" not in build_report(tmp_path / "old", out)
+
+
+def test_report_shows_eval_tasks_and_synth(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    fake_run(run_dir, STEPS)
+    record = json.loads((run_dir / "eval" / "stage.json").read_text())
+    record["metrics"]["tasks"] = {
+        "mmlu": {"sft": {"n": 40, "seconds": 3.5, "acc": 0.3, "acc_norm": 0.275, "chance": 0.25}}
+    }
+    (run_dir / "eval" / "stage.json").write_text(json.dumps(record))
+    assert "## Synthetic data" not in build_report(run_dir, out)
+    (run_dir / "synth").mkdir()
+    synth = {
+        "mode": "verify",
+        "model": "sft",
+        "scorer": "exact_match",
+        "items": 50,
+        "kept": 4,
+        "acceptance_rate": 0.08,
+        "samples": 560,
+        "samples_accepted": 5,
+        "dropped": {"wrong_answer": 45, "duplicate_of_existing": 1},
+    }
+    (run_dir / "synth" / "stage.json").write_text(
+        json.dumps({"key_metric": "kept", "wall_s": 2.0, "metrics": synth})
+    )
+    text = build_report(run_dir, out)
+    assert "| mmlu | sft | 40 | acc 0.3000, acc_norm 0.2750, chance 0.2500 | 3.5 |" in text
+    assert "kept 4 of 50 items (8.0%), 5 of 560 samples accepted" in text
+    assert "dropped: wrong_answer 45, duplicate_of_existing 1" in text
+    assert "| synth |" in text

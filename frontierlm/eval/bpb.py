@@ -69,3 +69,26 @@ def bits_per_byte(
     if ntokens == 0:
         raise ValueError("bits_per_byte: no scored tokens in the evaluation batches")
     return {"bpb": nats / math.log(2) / nbytes, "loss": nats / ntokens, "tokens": float(ntokens)}
+
+
+def document_windows(
+    documents: list[list[int]], seq_len: int, batch_size: int, pad_id: int
+) -> Iterable[dict[str, torch.Tensor]]:
+    """Each document's tokens cut into windows of `seq_len` predicted tokens (each window starts
+    with the token before its first target), padded into batches; padding is not scored."""
+    windows = [
+        doc[start : start + seq_len + 1]
+        for doc in documents
+        for start in range(0, len(doc) - 1, seq_len)
+    ]
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        width = max(len(w) for w in chunk) - 1
+        inputs = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        targets = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, w in enumerate(chunk):
+            inputs[r, : len(w) - 1] = torch.tensor(w[:-1])
+            targets[r, : len(w) - 1] = torch.tensor(w[1:])
+            mask[r, : len(w) - 1] = 1
+        yield {"input_ids": inputs, "targets": targets, "loss_mask": mask}

@@ -4,6 +4,8 @@ text bpb    held-out pretraining documents (tokenize stage's val split)
 chat bpb    assistant tokens of held-out SFT chats
 preference  on held-out preference pairs: the aligned model's mean implicit reward margin and
             accuracy (SFT model as reference), and both models' log-prob accuracy
+tasks       `eval.tasks` (frontierlm/eval/tasks.py): one `<task>.json` per task with every
+            model's metrics and per-item records; the metrics also go into results.json
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 
 from frontierlm.console import console, track
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
+from frontierlm.eval.harness import run_task
+from frontierlm.eval.tasks import load_spec
 from frontierlm.inference.engine import generate
 from frontierlm.inference.sampling import SamplingParams
 from frontierlm.posttrain.align import compare_on_pairs, split_pairs
@@ -96,6 +100,33 @@ def evaluate_models(ctx: StageContext) -> dict[str, Any]:
         f"{pref['ref_accuracy']:.3f}; log-prob accuracy {pref['logp_accuracy']:.3f} "
         f"(SFT model {pref['sft_logp_accuracy']:.3f})"
     )
+    if cfg.eval.tasks:
+        results["tasks"] = run_tasks(ctx, tok, models)
     (ctx.work_dir / "results.json").write_text(json.dumps(results, indent=2))
     (ctx.work_dir / "samples.md").write_text("".join(samples))
     return results
+
+
+def run_tasks(ctx: StageContext, tok, models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every `eval.tasks` task on every `eval.task_models` model: `<task>.json` per task,
+    {task: {model: metrics}} returned for results.json."""
+    cfg = ctx.cfg.eval
+    summary: dict[str, dict[str, Any]] = {}
+    for task in cfg.tasks:
+        spec = load_spec(task)
+        limit = cfg.task_limits.get(spec.name, cfg.task_limit)
+        per_model = {}
+        for name in track(cfg.task_models, f"task {spec.name}", total=len(cfg.task_models)):
+            result = run_task(
+                spec, models[name], tok, limit, cfg.task_batch_size, seed=ctx.cfg.run.seed
+            )
+            per_model[name] = result
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+            console.print(f"  {spec.name:<12} {name:<9} n={result['n']:<5} {shown}")
+        record = {"task": spec.name, "kind": spec.kind, "spec": spec.model_dump(), **per_model}
+        (ctx.work_dir / f"{spec.name}.json").write_text(json.dumps(record, indent=1))
+        summary[spec.name] = {
+            name: {"n": r["n"], "seconds": r["seconds"], **r["metrics"]}
+            for name, r in per_model.items()
+        }
+    return summary

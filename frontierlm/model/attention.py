@@ -202,6 +202,10 @@ def attend_cached(
 
 
 class Attention(nn.Module):
+    # Called as logit_observer(q, k, scale) on the rotated queries and keys when set:
+    # training hooks (train/qk_clip.py) read the attention logits there; the model never does.
+    logit_observer = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -239,6 +243,8 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.logit_observer is not None:
+            self.logit_observer(q, k, self.scale)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
             out = attend(q, k, v, mask, self.scale, self.softcap)

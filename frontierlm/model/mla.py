@@ -37,6 +37,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MultiHeadLatentAttention(nn.Module):
+    logit_observer = None  # as Attention's: a training hook on the rotated q and k
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, heads = cfg.d_model, cfg.n_heads
@@ -97,6 +99,8 @@ class MultiHeadLatentAttention(nn.Module):
 
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        if self.logit_observer is not None:
+            self.logit_observer(q, k, self.scale)
         out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
 

@@ -1,4 +1,5 @@
-"""Verifiable rewards: answer extraction and exact-match checking for GSM8K-style answers.
+"""Verifiable rewards: answer extraction and exact-match checking for GSM8K-style answers, and
+the reward functions RL names in its config (exact match, format).
 
 Shared by RL (reward functions), evaluation (exact match) and synthetic data (the verifier), so
 all three judge an answer the same way. A GSM8K reference ends with `#### 72`; a model's answer
@@ -9,6 +10,7 @@ last number in the text, as lm-evaluation-harness's flexible-extract filter does
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -42,3 +44,53 @@ def exact_match(completion: str, reference: str, fallback: str = "none") -> bool
     """True when the completion's final answer equals the reference's (`#### N` or a bare N)."""
     expected = extract_answer(reference) or normalize_number(reference)
     return expected is not None and extract_answer(completion, fallback) == expected
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number anywhere in `text`, normalised: lm-evaluation-harness's gsm8k
+    "flexible-extract" (which ignores `####` and takes the last number it finds)."""
+    numbers = NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+# ----------------------------------------------------------------------------- reward functions
+# A reward function scores a batch: (prompts, completions, references) -> one float each, the
+# signature TRL's reward functions have (prompts and completions as text). RL names them in
+# `rl.rewards` (name -> weight); the weighted sum is the reward of a completion.
+
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
+
+
+def exact_match_reward(
+    prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]
+) -> list[float]:
+    """1.0 when the completion's `#### N` answer equals the reference's, else 0.0 (no fallback
+    to the last number: the format is part of the task)."""
+    return [float(exact_match(c, r)) for c, r in zip(completions, references, strict=True)]
+
+
+def format_reward(
+    prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]
+) -> list[float]:
+    """1.0 when the completion ends with exactly one `#### N` final-answer line (whatever N)."""
+    scores = []
+    for text in completions:
+        lines = text.strip().splitlines()
+        last_is_answer = bool(lines) and FINAL_ANSWER.fullmatch(lines[-1].strip()) is not None
+        scores.append(float(last_is_answer and text.count("####") == 1))
+    return scores
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {
+    "exact_match": exact_match_reward,
+    "format": format_reward,
+}
+# "reward_model" is built by the rl stage (it needs a trained model): see reward_model.py.
+MODEL_REWARDS = ("reward_model",)
+
+
+def reward_function(name: str) -> RewardFn:
+    if name not in REWARD_FUNCTIONS:
+        known = sorted([*REWARD_FUNCTIONS, *MODEL_REWARDS])
+        raise ValueError(f"rl.rewards: no reward function called {name!r}; known: {known}")
+    return REWARD_FUNCTIONS[name]

@@ -14,6 +14,9 @@ Vocabulary layout, the ids stable across vocab sizes where they can be:
   7..vocab_size-1      the 256 byte symbols, then merges in the order the trainer learned them
   vocab_size           TOOL, the tool-result role marker
   vocab_size+1...      `<|reserved_i|>` slots, for special tokens a later stage may need
+  then                 DEVELOPER, the developer role (between system and user in privilege),
+                       last so that it moves no id the tokens above had before it existed;
+                       tokenizers trained before it lack it (chat.py refuses the role there)
 Tokens after the trained vocabulary are appended (as Llama 3 appends its 256 specials to 128k
 BPE tokens) so adding them never shifts a merge's id: shards and checkpoints of a tokenizer
 trained before they existed keep their meaning.
@@ -35,7 +38,9 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END = "<|end|>"
 TOOL = "<|tool|>"
-# Trained first, at fixed ids; TOOL and the reserved slots follow the trained vocabulary.
+DEVELOPER = "<|developer|>"
+# Trained first, at fixed ids; TOOL, DEVELOPER and the reserved slots follow the trained
+# vocabulary.
 CORE_SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
 
 
@@ -104,8 +109,8 @@ def train_tokenizer(
     reserved_special_tokens: int = 0,
 ) -> Tokenizer:
     """Train on `texts`, consumed once as a stream (pass a generator to keep the corpus on
-    disk); `vocab_size` counts the core special tokens, bytes and merges, and TOOL plus the
-    reserved slots come on top. Small corpora may stop short of `vocab_size` merges."""
+    disk); `vocab_size` counts the core special tokens, bytes and merges, and TOOL, DEVELOPER
+    and the reserved slots come on top. Small corpora may stop short of `vocab_size` merges."""
     tok = new_tokenizer(pre_tokenizer)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -115,7 +120,8 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens([TOOL, *(reserved_token(i) for i in range(reserved_special_tokens))])
+    reserved = [reserved_token(i) for i in range(reserved_special_tokens)]
+    tok.add_special_tokens([TOOL, *reserved, DEVELOPER])
     return tok
 
 
@@ -139,7 +145,7 @@ def capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{% if message['role'] not in ['system', 'developer', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown chat role ' + message['role']) }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"

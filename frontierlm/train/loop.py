@@ -15,12 +15,13 @@ sharded (see checkpoint.py) and resume on any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from frontierlm.train.checkpoint import (
 )
 from frontierlm.train.fp8 import convert_to_float8
 from frontierlm.train.metrics import MetricsLog, peak_flops
+from frontierlm.train.offload import CheckpointStore, Offloader, pull_latest
 from frontierlm.train.optim import build_optimizer
 from frontierlm.train.parallel import (
     all_mean,
@@ -52,6 +54,7 @@ from frontierlm.train.parallel import (
     world,
 )
 from frontierlm.train.prefetch import Prefetcher
+from frontierlm.train.qk_clip import QKClip
 from frontierlm.train.schedule import lr_at, peak_lr
 from frontierlm.train.stability import LayerStats, SpikeGuard
 
@@ -69,6 +72,17 @@ class TrainTask:
     tokens_key: str = "input_ids"  # tensor whose numel counts as processed tokens
 
 
+class OuterSync(Protocol):
+    """An outer loop around the inner steps (DiLoCo islands, frontierlm/distributed/): `start`
+    adopts the shared starting point and returns the step to start from (an island that joins
+    late starts at the data position it owns); `after_step` runs after every optimizer step,
+    before that step's evaluation, and returns numbers for its metrics record."""
+
+    def start(self, model: nn.Module, step: int) -> int: ...
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float]: ...
+
+
 def _accepted(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return [r for r in records if "loss" in r]
 
@@ -81,6 +95,7 @@ def train(
     device: torch.device,
     run: RunConfig | None = None,
     export: bool = True,
+    outer: OuterSync | None = None,
 ) -> dict[str, float]:
     """Train `model` for `cfg.steps` optimizer steps; write checkpoints, metrics and (with
     `export`) the final model under `work_dir`; return the last train and eval metrics. `run`
@@ -90,7 +105,7 @@ def train(
     A spike (see SpikeGuard) throws its batch away and runs the step again on the next one;
     `cfg.spike_max_skips` skips in a row roll the run back to the latest checkpoint and move the
     data past the window that caused them (the data offset travels in the checkpoints). Every
-    event goes to `events.jsonl`."""
+    event goes to `events.jsonl`. `outer` wraps the steps in an outer loop (see OuterSync)."""
     run = run or RunConfig()
     # Fails on every process alike, before any collective call could leave one waiting.
     check_batch_split(cfg.batch_size, f"{task.name}.batch_size")
@@ -109,11 +124,21 @@ def train(
     # the model's own questions (MoE losses and loads) and is what checkpoints hold.
     trained = parallelize(model, run.parallel, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
+    qk_clip = QKClip(model, cfg.qk_clip) if cfg.qk_clip is not None else None
     step, data_offset = 0, 0
+    offloader = None
+    if run.offload.bucket is not None:
+        store = CheckpointStore(run.offload, run.name, task.name)
+        if main:  # an empty local disk resumes from the newest complete stored checkpoint
+            pull_latest(store, ckpt_root)
+            offloader = Offloader(store, ckpt_root, cfg.keep_checkpoints)
+        barrier()
     if checkpoints := list_checkpoints(ckpt_root):
         state = load_checkpoint(checkpoints[-1], model, optimizer)
         step, data_offset = int(state["step"]), int(state["extra"].get("data_offset", 0))
         console.print(f"[yellow]{task.name}: resuming from {checkpoints[-1]} (step {step})")
+    if outer is not None:
+        step = outer.start(model, step)
 
     def history_up_to(step: int) -> list[dict[str, float]]:
         """The accepted records up to `step`, read by every process once rank 0 has cut the
@@ -135,7 +160,8 @@ def train(
         lambda index: rank_rows(task.batch(index), task.name), cfg.prefetch, pin_memory=on_gpu
     )
 
-    with batches, progress_bar() as bar:
+    # A crash still lets the checkpoints already written reach the store.
+    with batches, progress_bar() as bar, offloader or contextlib.nullcontext():
         job = bar.add_task(task.name, total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -148,6 +174,8 @@ def train(
             totals: dict[str, float | torch.Tensor] = {}
             tokens = 0
             data_step = step + data_offset
+            if qk_clip is not None:
+                qk_clip.begin_step()
             for micro in range(cfg.grad_accum):
                 rows = batches(data_step * cfg.grad_accum + micro)
                 batch = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
@@ -225,12 +253,15 @@ def train(
             done = step + 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            clip_stats = qk_clip.after_step() if qk_clip is not None else {}
             guard.accept(totals["loss"], grad_norm)
             skips_in_a_row = 0
             # The expert loads of the whole global batch, as one process would have counted
             # them: the selection biases then move alike on every process.
             all_sum_(moe.load for moe in model.moe_layers())
             expert_stats = model.after_optimizer_step(lr_scale=lr / peak_lr(cfg))
+            if outer is not None:
+                expert_stats = {**expert_stats, **outer.after_step(done, model)}
             elapsed = time.perf_counter() - t0
             record = {
                 "step": done,
@@ -240,6 +271,7 @@ def train(
                 "tokens_per_s": tokens / elapsed,
                 **totals,
                 **expert_stats,
+                **clip_stats,
             }
             if peak is not None:
                 record["mfu"] = tokens * flops_per_token / elapsed / peak
@@ -260,8 +292,16 @@ def train(
             every = cfg.checkpoint_every
             if every and (done % every == 0 or done == cfg.steps):
                 extra = {"task": task.name, "data_offset": data_offset}
-                save_checkpoint(ckpt_root, done, model, optimizer, extra, cfg.keep_checkpoints)
+                # With offload, local pruning waits for each upload (the offloader prunes).
+                keep = cfg.keep_checkpoints if offloader is None else 1 << 30
+                saved = save_checkpoint(ckpt_root, done, model, optimizer, extra, keep)
+                if offloader is not None:
+                    offloader.submit(saved)
             step = done
+    if qk_clip is not None:
+        qk_clip.remove()
+    if offloader is not None:
+        offloader.close()  # every checkpoint stored (or the reason why not) before the end
     if export:
         save_model_dir(work_dir / "model", model)
     barrier()  # rank 0's last record is on disk for every process to read
@@ -275,7 +315,16 @@ def train(
 
 
 # Step bookkeeping and speed, left out of the metrics a stage reports at the end.
-_PER_STEP = {"step", "lr", "grad_norm", "step_s", "tokens_per_s", "mfu", "peak_memory_gib"}
+_PER_STEP = {
+    "step",
+    "lr",
+    "grad_norm",
+    "step_s",
+    "tokens_per_s",
+    "mfu",
+    "peak_memory_gib",
+    "qk_clipped_heads",
+}
 
 
 def _as_floats(values: list[float | torch.Tensor]) -> list[float]:

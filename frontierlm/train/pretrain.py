@@ -88,6 +88,10 @@ def val_bpb_fn(
 
 
 def run_pretrain_stage(ctx: StageContext) -> dict[str, float]:
+    if ctx.cfg.pretrain.mode == "diloco":
+        from frontierlm.distributed.launch import run_diloco_stage
+
+        return run_diloco_stage(ctx)
     cfg, device = ctx.cfg, ctx.device
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(ctx.path("tokenizer"))

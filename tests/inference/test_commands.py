@@ -128,7 +128,7 @@ def test_loading_from_a_model_dir_or_a_stage_dir_finds_the_runs_tokenizer(
 
     save_model_dir(tmp_path / "small", make_random_model(vocab_size=300, d_model=32, n_layers=1))
     with pytest.raises(
-        ValueError, match=r"\(1025 tokens\) does not fit the model .* \(vocab 300\)"
+        ValueError, match=r"\(1026 tokens\) does not fit the model .* \(vocab 300\)"
     ):
         load_inference_model(tmp_path / "small", tokenizer=tiny_run.parent / "tokenizer")
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):

@@ -19,6 +19,7 @@ from frontierlm.tokenizer.shards import (
 from frontierlm.tokenizer.train import (
     BOS,
     CORE_SPECIAL_TOKENS,
+    DEVELOPER,
     TOOL,
     load_tokenizer,
     token_byte_lengths,
@@ -29,8 +30,9 @@ transformers = pytest.importorskip("transformers")
 
 def test_vocab_and_special_tokens(small_tokenizer):
     tok, path = small_tokenizer
-    # 1024 trained (core specials, bytes, merges), then the tool-role token.
-    assert tok.get_vocab_size() == 1025 and tok.token_to_id(TOOL) == 1024
+    # 1024 trained (core specials, bytes, merges), then the tool- and developer-role tokens.
+    assert tok.get_vocab_size() == 1026 and tok.token_to_id(TOOL) == 1024
+    assert tok.token_to_id(DEVELOPER) == 1025
     # Core special tokens take the first ids, in order, and never split.
     core = CORE_SPECIAL_TOKENS
     assert [tok.token_to_id(t) for t in core] == list(range(len(core)))
@@ -329,9 +331,13 @@ def test_streamed_training_reserved_slots_and_wide_vocab(sample_texts, tmp_path)
     tok = train_tokenizer(stream(), 600, pre_tokenizer="o200k", reserved_special_tokens=3)
     assert len(consumed) == len(sample_texts)
     same = train_tokenizer(list(sample_texts), 600, pre_tokenizer="o200k")
-    assert same.get_vocab() == {
-        k: v for k, v in tok.get_vocab().items() if not k.startswith("<|reserved")
-    }
+
+    # Reserved slots sit between TOOL and DEVELOPER, which is last: no other id moves.
+    def kept(vocab: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in vocab.items() if not k.startswith("<|reserved") and k != DEVELOPER}
+
+    assert kept(same.get_vocab()) == kept(tok.get_vocab())
+    assert (same.token_to_id(DEVELOPER), tok.token_to_id(DEVELOPER)) == (601, 604)
     # Appended after the trained vocabulary, special (never split, no bytes), in order.
     assert [tok.token_to_id(reserved_token(i)) for i in range(3)] == [601, 602, 603]
     ids = tok.encode(f"a{reserved_token(1)}b", add_special_tokens=False).ids
@@ -339,7 +345,8 @@ def test_streamed_training_reserved_slots_and_wide_vocab(sample_texts, tmp_path)
     assert tok.decode(ids, skip_special_tokens=False) == f"a{reserved_token(1)}b"
     # A vocabulary past 65536 ids writes uint32 shards that decode back.
     wide = train_tokenizer(sample_texts[:50], 600, reserved_special_tokens=70_000)
-    assert wide.get_vocab_size() == 600 + 1 + 70_000
+    assert wide.get_vocab_size() == 600 + 1 + 70_000 + 1
+    assert wide.token_to_id(DEVELOPER) == 600 + 1 + 70_000
     write_token_shards([(f"d{i}", t) for i, t in enumerate(sample_texts[:60])], wide, tmp_path, 0.2)
     train = TokenSplit.open(tmp_path, "train")
     assert train.tokens.dtype == np.uint32

@@ -81,8 +81,9 @@ def test_report_against_writes_files_and_flops(small_tokenizer, larger_tokenizer
     assert ratio < 1  # the larger vocab needs fewer FLOPs per byte
     english_bpt = large["compression"]["english"]["bytes_per_token"]
     assert flops_large["flops_per_byte"]["english"] == pytest.approx(6 * 1e9 / english_bpt)
-    assert flops_large["embedding_head_params"] == 2 * 512 * 2049
-    assert flops_large["extra_embedding_head_params"] == 2 * 512 * (2049 - 1025)
+    # 2048 trained + the tool and developer role tokens (1024 + 2 for the small one).
+    assert flops_large["embedding_head_params"] == 2 * 512 * 2050
+    assert flops_large["extra_embedding_head_params"] == 2 * 512 * (2050 - 1026)
 
 
 def test_default_baseline_is_gpt2_split_of_the_same_vocab(small_tokenizer):

@@ -1,0 +1,1 @@
+"""Training across islands that sync rarely: DiLoCo, Streaming DiLoCo, decoupled islands."""

@@ -1,0 +1,257 @@
+"""DiLoCo and Streaming DiLoCo: islands that train alone and meet every H steps.
+
+Each island runs the ordinary training loop (train/loop.py) on its own share of the data, with
+its own inner optimizer (AdamW or Muon). Every H inner steps it computes the pseudo-gradient
+(global weights minus its local weights); the islands average their pseudo-gradients across
+islands only, an outer Nesterov SGD (Douillard et al. 2023: lr 0.7, momentum 0.9) moves the
+global weights, and every island adopts them and goes on.
+
+Streaming DiLoCo (Douillard et al. 2025) splits the parameters into P fragments synchronised at
+staggered steps (fragment p at steps = (p + 1) H / P mod H), so each exchange is 1/P of the model.
+The exchange runs on a background thread: its result is applied `overlap` inner steps later,
+during which the island keeps computing; the island's own progress in that window is kept on top
+of the new global fragment. Outer gradients travel as fp32, bf16, int8 or 4-bit (quantize.py).
+
+The average is a two-phase all-reduce of payloads (as a ring would move them): every island
+sends chunk j of its encoded pseudo-gradient to island j (all_to_all), island j decodes, averages
+and re-encodes its chunk, then the averaged chunks are all-gathered and decoded. Every island
+decodes the same bytes, so the global weights stay identical everywhere; each island sends and
+receives 2 (M - 1) / M of one payload per exchange, the figure the ledger counts.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from frontierlm.distributed.quantize import Codec, padded_length
+from frontierlm.distributed.wan import Ledger, Wan, hold_until
+from frontierlm.train.metrics import MetricsLog
+
+
+def split_fragments(params: list[nn.Parameter], parts: int) -> list[list[nn.Parameter]]:
+    """`params` in order, cut into `parts` contiguous groups of about equal size."""
+    if parts > len(params):
+        raise ValueError(f"diloco.fragments={parts} exceeds the model's {len(params)} tensors")
+    total = sum(p.numel() for p in params)
+    groups: list[list[nn.Parameter]] = [[] for _ in range(parts)]
+    seen, index = 0, 0
+    for i, p in enumerate(params):
+        # The group in which the tensor's middle falls, moving on at most one group per tensor
+        # and leaving at least one tensor for each group still to come.
+        middle = (seen + p.numel() / 2) * parts / total
+        index = min(max(index, int(middle)), index + 1 if groups[index] else index)
+        index = max(index, parts - (len(params) - i))
+        groups[index].append(p)
+        seen += p.numel()
+    return groups
+
+
+def fragment_offsets(inner_steps: int, parts: int) -> list[int]:
+    """The step (mod H) at which each fragment syncs; the last one at multiples of H."""
+    return [((p + 1) * inner_steps // parts) % inner_steps for p in range(parts)]
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def unflatten_into(vector: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(vector[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+
+
+def island_mean(
+    group: dist.ProcessGroup, vector: torch.Tensor, codec: Codec
+) -> tuple[torch.Tensor, int]:
+    """The mean over the group's islands of `vector` (CPU fp32), each sent through `codec`;
+    returns it and the bytes this island sent (it receives as many)."""
+    size, n = group.size(), vector.numel()
+    padded = padded_length(n, size * codec.align)
+    x = torch.zeros(padded)
+    x[:n] = vector
+    chunk = padded // size
+    if size == 1:  # nothing to exchange, but the same rounding as with company
+        return codec.decode(codec.encode(x), padded)[:n], 0
+    payload = codec.payload_bytes(chunk)
+    send = torch.cat([codec.encode(part) for part in x.view(size, chunk)])
+    received = torch.empty(size * payload, dtype=torch.uint8)
+    group.alltoall_base(received, send, [payload] * size, [payload] * size).wait()
+    mine = torch.stack(
+        [codec.decode(received[j * payload : (j + 1) * payload], chunk) for j in range(size)]
+    ).mean(dim=0)
+    gathered = [torch.empty(payload, dtype=torch.uint8) for _ in range(size)]
+    group.allgather([gathered], [codec.encode(mine)]).wait()
+    mean = torch.cat([codec.decode(part, chunk) for part in gathered])[:n]
+    return mean, 2 * (size - 1) * payload
+
+
+class OuterNesterov:
+    """Nesterov SGD on the global weights of one fragment, stepped with a pseudo-gradient."""
+
+    def __init__(self, global_weights: list[torch.Tensor], lr: float, momentum: float) -> None:
+        self.weights = global_weights
+        self.optimizer = torch.optim.SGD(
+            global_weights, lr=lr, momentum=momentum, nesterov=momentum > 0
+        )
+
+    def step(self, pseudo_gradient: torch.Tensor) -> None:
+        offset = 0
+        for w in self.weights:
+            n = w.numel()
+            w.grad = pseudo_gradient[offset : offset + n].view_as(w).to(w.device, w.dtype)
+            offset += n
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+@dataclass
+class _InFlight:
+    fragment: int
+    future: Future
+    due: int  # the inner step at which its result is applied
+    snapshot: torch.Tensor  # the local fragment when its pseudo-gradient was taken
+
+
+class DilocoSync:
+    """The outer loop of one synchronous island, called by the training loop after every inner
+    step (`after_step`); `group` holds the islands (one process each), this one at `island`."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        island: int,
+        wan: Wan,
+        *,
+        inner_steps: int,
+        total_steps: int,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        fragments: int = 1,
+        overlap: int = 0,
+        codec: Codec | None = None,
+        global_log: MetricsLog | None = None,
+    ) -> None:
+        if overlap >= inner_steps // fragments:
+            raise ValueError(
+                f"diloco.overlap={overlap} must be below the steps between a fragment's syncs "
+                f"(inner_steps / fragments = {inner_steps // fragments})"
+            )
+        self.group, self.island, self.wan = group, island, wan
+        self.inner_steps, self.total_steps = inner_steps, total_steps
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
+        self.n_fragments, self.overlap = fragments, overlap
+        self.codec = codec or Codec()
+        self.global_log = global_log
+        self.ledger = Ledger()
+        self.outer_steps = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
+        self.in_flight: list[_InFlight] = []
+
+    # -------------------------------------------------------------- the loop's hooks
+
+    def start(self, model: nn.Module, step: int) -> int:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():  # every island starts from island 0's weights
+            weights = flat(params).cpu()
+            options = dist.BroadcastOptions()
+            options.rootRank = 0
+            self.group.broadcast([weights], options).wait()
+            unflatten_into(weights, params)
+        self.fragments = split_fragments(params, self.n_fragments)
+        self.global_weights = [[p.detach().clone() for p in frag] for frag in self.fragments]
+        self.outer = [
+            OuterNesterov(weights, self.outer_lr, self.outer_momentum)
+            for weights in self.global_weights
+        ]
+        self.offsets = fragment_offsets(self.inner_steps, self.n_fragments)
+        self.last_sync = [step] * self.n_fragments
+        self.mark = time.perf_counter()
+        return step
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.mark
+        slowdown = self.wan.slowdown[self.island]
+        if slowdown > 1:  # a slower island: its step takes `slowdown` times as long
+            time.sleep((slowdown - 1) * elapsed)
+        self.ledger.compute_s += time.perf_counter() - self.mark
+        final = step >= self.total_steps
+        for job in [j for j in self.in_flight if j.due <= step or final]:
+            self._apply(job)
+        for p in range(self.n_fragments):
+            due = step % self.inner_steps == self.offsets[p]
+            if (due or final) and self.last_sync[p] < step:
+                job = self._launch(p, step, 0 if final else self.overlap)
+                if job.due <= step:
+                    self._apply(job)
+        if final:
+            self.executor.shutdown(wait=True)
+        self.mark = time.perf_counter()
+        return {"outer_step": self.outer_steps, **self.ledger.record()}
+
+    # -------------------------------------------------------------- exchanges
+
+    def _launch(self, p: int, step: int, overlap: int) -> _InFlight:
+        local = flat(self.fragments[p])
+        pseudo_gradient = flat(self.global_weights[p]) - local
+        self.last_sync[p] = step
+        future = self.executor.submit(self._exchange, pseudo_gradient.cpu())
+        job = _InFlight(p, future, step + overlap, local)
+        self.in_flight.append(job)
+        return job
+
+    def _exchange(self, pseudo_gradient: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """On the exchange thread: wait for every island, then average over the (simulated)
+        link. Returns the mean and the seconds it spent on the link."""
+        started = time.perf_counter()
+        self.group.allreduce([torch.zeros(1)]).wait()  # arrival: waits for the slowest island
+        arrived = time.perf_counter()
+        self.ledger.extra["arrival_wait_s"] = round(
+            self.ledger.extra.get("arrival_wait_s", 0.0) + arrived - started, 4
+        )
+        mean, sent = island_mean(self.group, pseudo_gradient, self.codec)
+        members = list(range(self.group.size()))
+        hold_until(arrived, self.wan.exchange_seconds(sent, rounds=2, members=members))
+        comm = time.perf_counter() - arrived
+        self.ledger.bytes_sent += sent
+        self.ledger.bytes_received += sent
+        self.ledger.exchanges += 1
+        self.ledger.comm_s += comm
+        return mean, comm
+
+    @torch.no_grad()
+    def _apply(self, job: _InFlight) -> None:
+        blocked = time.perf_counter()
+        mean, comm = job.future.result()
+        blocked = time.perf_counter() - blocked
+        # Time the island stood still: on the link (exposed communication) or for others.
+        exposed = min(blocked, comm)
+        self.ledger.extra["comm_exposed_s"] = round(
+            self.ledger.extra.get("comm_exposed_s", 0.0) + exposed, 4
+        )
+        self.ledger.wait_s += blocked - exposed
+        self.in_flight.remove(job)
+        p = job.fragment
+        self.outer[p].step(mean)
+        local = self.fragments[p]
+        progress = flat(local) - job.snapshot  # steps taken while the exchange ran
+        unflatten_into(flat(self.global_weights[p]) + progress, local)
+        self.outer_steps += 1
+        if self.global_log is not None:
+            self.global_log.write(
+                {"outer_step": self.outer_steps, "fragment": p, **self.ledger.record()}
+            )

@@ -1,0 +1,149 @@
+"""One island: a process that runs the ordinary pretraining loop on its share of the data, with
+DiLoCo's outer loop around it. Started by the launcher (launch.py); an asynchronous island that
+died can be restarted by hand while the run goes on:
+
+    python -m frontierlm.distributed.island runs/NAME/diloco.partial ISLAND
+
+It reads the job the launcher wrote (`diloco_job.json`: config, store address), pulls the newest
+global weights and the data position it owns, and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed import PrefixStore, TCPStore
+
+from frontierlm.config import RecipeConfig
+from frontierlm.distributed.async_islands import AsyncIsland
+from frontierlm.distributed.diloco import DilocoSync
+from frontierlm.distributed.quantize import Codec
+from frontierlm.distributed.wan import Wan
+from frontierlm.model import Transformer
+from frontierlm.stages import STAGES, StageContext
+from frontierlm.tokenizer.shards import TokenSplit
+from frontierlm.tokenizer.train import BOS, load_tokenizer
+from frontierlm.train.loop import TrainTask, train
+from frontierlm.train.metrics import MetricsLog
+from frontierlm.train.pretrain import ShuffledWindows, lm_loss, val_bpb_fn
+
+JOB_FILE = "diloco_job.json"
+
+
+def island_plan(cfg: RecipeConfig) -> list[dict[str, int]]:
+    """Per island: sequences per inner step, inner steps in all, steps between syncs. Sync
+    islands all run pretrain.steps; async ones share the same total tokens in proportion to
+    their speed (1 / slowdown), and with dynamic_inner_steps sync after H / slowdown steps."""
+    d, loop = cfg.diloco, cfg.pretrain
+    wan = wan_of(cfg)
+    batch = loop.batch_size // d.islands
+    if d.mode == "sync":
+        return [{"batch": batch, "steps": loop.steps, "inner": d.inner_steps}] * d.islands
+    speeds = [1 / s for s in wan.slowdown]
+    total = loop.steps * d.islands
+    plan = []
+    for s, speed in zip(wan.slowdown, speeds, strict=True):
+        steps = max(1, round(total * speed / sum(speeds)))
+        inner = max(1, round(d.inner_steps / s)) if d.dynamic_inner_steps else d.inner_steps
+        plan.append({"batch": batch, "steps": steps, "inner": inner})
+    return plan
+
+
+def wan_of(cfg: RecipeConfig) -> Wan:
+    d = cfg.diloco
+    return Wan.build(d.islands, d.bandwidth_mbit, d.latency_ms, d.slowdown)
+
+
+def store_timeout(cfg: RecipeConfig) -> timedelta:
+    return timedelta(seconds=max(600.0, 4 * cfg.diloco.timeout_s))
+
+
+def run_island(work_dir: Path, island: int) -> dict[str, float]:
+    job = json.loads((work_dir / JOB_FILE).read_text())
+    cfg = RecipeConfig.model_validate(job["config"])
+    d = cfg.diloco
+    if not 0 <= island < d.islands:
+        raise ValueError(f"island {island} does not exist: this run has islands 0-{d.islands - 1}")
+    if d.threads:
+        torch.set_num_threads(d.threads)
+    if cfg.run.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", island % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    ctx = StageContext(cfg=cfg, stage=STAGES["diloco"], work_dir=work_dir)
+    plan = island_plan(cfg)[island]
+    loop = cfg.pretrain.model_copy(
+        update={"batch_size": plan["batch"], "steps": plan["steps"], "checkpoint_every": 0}
+    )
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every island
+    tok = load_tokenizer(ctx.path("tokenizer"))
+    model = Transformer(cfg.model, tok.get_vocab_size())
+    bos_id = tok.token_to_id(BOS) if loop.document_mask else None
+    train_split = TokenSplit.open(ctx.path("tokenize"), "train")
+    windows = ShuffledWindows(
+        train_split.tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id
+    )
+    islands = d.islands
+    # Island i owns batches i, i + M, i + 2M, ...: together the islands read one stream.
+    evaluate = val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id)
+    task = TrainTask(
+        name=f"island{island}",
+        batch=lambda index: windows(index * islands + island),
+        loss=lm_loss,
+        evaluate=evaluate if island == 0 else (lambda model: {}),
+    )
+    store = TCPStore(job["host"], job["port"], is_master=False, timeout=store_timeout(cfg))
+    wan, codec = wan_of(cfg), Codec(d.codec, d.block_size)
+    island_dir = work_dir / "islands" / str(island)
+    if d.mode == "sync":
+        group = dist.ProcessGroupGloo(
+            PrefixStore("islands", store), island, islands, store_timeout(cfg)
+        )
+        outer = DilocoSync(
+            group,
+            island,
+            wan,
+            inner_steps=plan["inner"],
+            total_steps=plan["steps"],
+            outer_lr=d.outer_lr,
+            outer_momentum=d.outer_momentum,
+            fragments=d.fragments,
+            overlap=d.overlap,
+            codec=codec,
+            global_log=MetricsLog(work_dir / "diloco.jsonl") if island == 0 else None,
+        )
+    else:
+        outer = AsyncIsland(
+            store,
+            island,
+            wan,
+            inner_steps=plan["inner"],
+            total_steps=plan["steps"],
+            tokens_per_step=loop.batch_size * loop.seq_len * loop.grad_accum,
+            codec=codec,
+        )
+    # Island 0 (sync) writes the final global weights, which every island holds at the end.
+    export = island == 0 and d.mode == "sync"
+    return train(model, loop, task, island_dir, device, cfg.run, export=export, outer=outer)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m frontierlm.distributed.island WORK_DIR ISLAND", file=sys.stderr)
+        return 2
+    work_dir = Path(argv[0])
+    if not (work_dir / JOB_FILE).is_file():
+        print(f"error: {work_dir / JOB_FILE} not found: start the run with `frontierlm diloco`")
+        return 1
+    run_island(work_dir, int(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

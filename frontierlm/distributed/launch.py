@@ -1,0 +1,194 @@
+"""`frontierlm diloco RECIPE` (or pretrain.mode = "diloco"): start the islands and see them
+through.
+
+The launcher hosts the run's TCPStore (the islands' rendezvous; in async mode also their
+transport and heartbeats), starts one process per island (`python -m
+frontierlm.distributed.island`), and in async mode runs the coordinator that owns the global
+weights. Synchronous islands need each other: one that fails ends the run (restart it to start
+over). Asynchronous islands do not: one that dies is dropped and the run goes on; restarted by
+hand (the command is printed), it rejoins. At the end the launcher evaluates the global model on
+the held-out windows and writes it to `model/` like the pretrain stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from torch.distributed import TCPStore
+
+from frontierlm.atomic import write_text
+from frontierlm.console import console
+from frontierlm.distributed.async_islands import Coordinator
+from frontierlm.distributed.diloco import flat, unflatten_into
+from frontierlm.distributed.island import JOB_FILE, island_plan, store_timeout
+from frontierlm.distributed.quantize import Codec
+from frontierlm.model import Transformer
+from frontierlm.stages import StageContext
+from frontierlm.tokenizer.train import BOS, load_tokenizer
+from frontierlm.train.checkpoint import load_model_dir, save_model_dir
+from frontierlm.train.metrics import MetricsLog
+from frontierlm.train.parallel import launched_world_size
+from frontierlm.train.pretrain import val_bpb_fn
+
+
+def _check(cfg) -> None:
+    d, loop = cfg.diloco, cfg.pretrain
+    if launched_world_size() > 1:
+        raise NotImplementedError(
+            "diloco under torchrun (islands of several processes each) is not built yet "
+            "(issue 9): run `frontierlm diloco RECIPE` as one process; it starts the islands"
+        )
+    if loop.mixture:
+        raise NotImplementedError("pretrain.mixture with diloco is not built yet (issue 9)")
+    if loop.batch_size % d.islands:
+        raise ValueError(
+            f"pretrain.batch_size={loop.batch_size} does not divide by diloco.islands="
+            f"{d.islands}: it is the global batch, of which each island takes an equal share"
+        )
+
+
+def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
+    cfg, work_dir = ctx.cfg, ctx.work_dir
+    d = cfg.diloco
+    _check(cfg)
+    started = time.perf_counter()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                     timeout=store_timeout(cfg))  # fmt: skip
+    job = {"config": cfg.model_dump(mode="json"), "host": "127.0.0.1", "port": store.port}
+    write_text(work_dir / JOB_FILE, json.dumps(job))
+    torch.manual_seed(cfg.run.seed)
+    tok = load_tokenizer(ctx.path("tokenizer"))
+    model = Transformer(cfg.model, tok.get_vocab_size())
+    for name in ("diloco.jsonl", "events.jsonl"):  # a rerun starts over
+        (work_dir / name).unlink(missing_ok=True)
+    coordinator, thread = None, None
+    if d.mode == "async":
+        coordinator = Coordinator(
+            store,
+            flat([p for p in model.parameters() if p.requires_grad]),
+            d.islands,
+            Codec(d.codec, d.block_size),
+            outer_lr=d.outer_lr,
+            outer_momentum=d.outer_momentum,
+            staleness_power=d.staleness_power,
+            timeout_s=d.timeout_s,
+            rejoin_wait_s=d.rejoin_wait_s,
+            events=MetricsLog(work_dir / "events.jsonl"),
+        )
+        thread = threading.Thread(target=coordinator.run, name="diloco-coordinator", daemon=True)
+        thread.start()
+    processes = {}
+    for i in range(d.islands):
+        island_dir = work_dir / "islands" / str(i)
+        island_dir.mkdir(parents=True, exist_ok=True)
+        (island_dir / "metrics.jsonl").unlink(missing_ok=True)
+        log = (island_dir / "log.txt").open("w")
+        command = [sys.executable, "-m", "frontierlm.distributed.island", str(work_dir), str(i)]
+        processes[i] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ
+        )
+        write_text(island_dir / "pid", str(processes[i].pid))
+    console.print(
+        f"diloco: {d.islands} {d.mode} islands (H={d.inner_steps}, fragments={d.fragments}, "
+        f"codec={d.codec}); logs in {work_dir}/islands/*/log.txt"
+    )
+    if d.mode == "async":
+        console.print(
+            f"  restart a dead island with: python -m frontierlm.distributed.island {work_dir} I"
+        )
+    failed = _watch(processes, d.mode, coordinator, thread)
+    wall_s = time.perf_counter() - started
+    if d.mode == "sync":
+        if failed:
+            raise RuntimeError(
+                f"diloco: island(s) {failed} failed (see {work_dir}/islands/N/log.txt); "
+                "synchronous islands need each other, so the run stopped"
+            )
+        model = load_model_dir(work_dir / "islands" / "0" / "model")
+    else:
+        with torch.no_grad():
+            unflatten_into(coordinator.weights, [p for p in model.parameters() if p.requires_grad])
+    return _finish(ctx, model, wall_s, coordinator)
+
+
+def _watch(processes, mode: str, coordinator, thread: threading.Thread | None) -> list[int]:
+    """Wait for the islands; sync: stop all when one fails; async: until the coordinator is done
+    (a dead island is its business). Returns the islands whose process failed."""
+    failed: list[int] = []
+    while True:
+        for i, proc in processes.items():
+            if proc.poll() not in (None, 0) and i not in failed:
+                failed.append(i)
+                console.print(f"[red]diloco: island {i} exited with {proc.returncode}")
+                if coordinator is not None and i not in coordinator.alive | coordinator.finished:
+                    coordinator.dropped.add(i)  # died before it ever joined
+        if mode == "sync" and failed:
+            for proc in processes.values():
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in processes.values():
+                proc.wait()
+            return failed
+        if mode == "sync" and all(p.poll() is not None for p in processes.values()):
+            return failed
+        if mode == "async" and not thread.is_alive():
+            for proc in processes.values():
+                proc.wait()
+            return failed
+        time.sleep(0.2)
+
+
+def _finish(ctx: StageContext, model: Transformer, wall_s: float, coordinator) -> dict[str, float]:
+    cfg, work_dir, d, loop = ctx.cfg, ctx.work_dir, ctx.cfg.diloco, ctx.cfg.pretrain
+    device = ctx.device
+    model.to(device)
+    model.eval()
+    bos_id = load_tokenizer(ctx.path("tokenizer")).token_to_id(BOS) if loop.document_mask else None
+    with torch.no_grad():
+        evals = val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id)(model)
+    save_model_dir(work_dir / "model", model.cpu())
+    metrics: dict[str, float] = {f"val_{k}": v for k, v in evals.items()}
+    plan = island_plan(cfg)
+    totals = {"bytes_sent": 0, "bytes_received": 0, "tokens": 0}
+    solo_tokens_per_s = 0.0
+    islands_tokens_per_s = 0.0
+    for i in range(d.islands):
+        records = MetricsLog(work_dir / "islands" / str(i) / "metrics.jsonl").read()
+        if not records:
+            continue
+        last = records[-1]
+        # The island's own rate over its training steps (exchanges and waits included, process
+        # start-up and evaluations not): what the islands together deliver while they train.
+        span = sum(r["step_s"] for r in records if "step_s" in r)
+        islands_tokens_per_s += len(records) * plan[i]["batch"] * loop.seq_len / span
+        tokens = last["step"] * plan[i]["batch"] * loop.seq_len * loop.grad_accum
+        metrics[f"island{i}_span_s"] = span
+        keys = ("bytes_sent", "bytes_received", "compute_s", "comm_s", "comm_exposed_s", "wait_s")
+        for key in keys:
+            metrics[f"island{i}_{key}"] = float(last.get(key, 0.0))
+        metrics[f"island{i}_steps"] = float(last["step"])
+        totals["bytes_sent"] += last.get("bytes_sent", 0)
+        totals["bytes_received"] += last.get("bytes_received", 0)
+        totals["tokens"] += tokens
+        if last.get("compute_s"):  # what the island would do alone: compute, no comms
+            solo_tokens_per_s += tokens / last["compute_s"]
+    metrics |= {k: float(v) for k, v in totals.items()}
+    metrics["wall_s"] = wall_s
+    metrics["tokens_per_s"] = totals["tokens"] / wall_s
+    metrics["islands_tokens_per_s"] = islands_tokens_per_s
+    metrics["solo_tokens_per_s_sum"] = solo_tokens_per_s
+    if coordinator is not None:
+        metrics["outer_steps"] = float(coordinator.version)
+        metrics["contributed_tokens"] = float(coordinator.tokens)
+        metrics["dropped_islands"] = float(len(coordinator.dropped))
+    console.print(
+        f"diloco: val bpb {metrics.get('val_bpb', float('nan')):.4f}, "
+        f"{totals['bytes_sent'] / 1e6:,.1f} MB sent by all islands, {wall_s:.0f}s"
+    )
+    return metrics

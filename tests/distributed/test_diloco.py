@@ -1,0 +1,324 @@
+"""DiLoCo: the outer step against a hand computation (2 gloo processes), the quantisers'
+error bounds and byte counts, the real loop across 2 islands, staleness weighting and the
+dropping and rejoining of asynchronous islands."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed import PrefixStore, TCPStore
+
+from frontierlm.config import PretrainConfig, RunConfig
+from frontierlm.distributed.async_islands import Coordinator, put_bytes, staleness_weights
+from frontierlm.distributed.diloco import DilocoSync, fragment_offsets, split_fragments
+from frontierlm.distributed.quantize import CODECS, Codec
+from frontierlm.distributed.wan import Link, Wan
+from frontierlm.train.metrics import MetricsLog
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
+from loop_tasks import make_task, new_model
+
+ISLANDS = 2
+TIMEOUT_S = 120
+PRELOAD = ["frontierlm.distributed.diloco", "frontierlm.train.loop"]
+
+
+def _worker(island: int, port: int, job, args: tuple) -> None:
+    torch.set_num_threads(1)
+    store = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    group = dist.ProcessGroupGloo(
+        PrefixStore("islands", store), island, ISLANDS, timedelta(seconds=60)
+    )
+    job(island, group, *args)
+
+
+def spawn(job, *args) -> None:
+    """`job(island, group, *args)` in ISLANDS processes joined by a standalone gloo group."""
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = mp.start_processes(
+        _worker, args=(store.port, job, args), nprocs=ISLANDS, join=False, start_method="forkserver"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {ISLANDS} islands did not finish within {TIMEOUT_S} s (a hang?)")
+
+
+NO_WAN = Wan((Link(), Link()), (1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- outer step
+
+
+def _outer_job(island: int, group, out: Path, codec: str) -> None:
+    torch.manual_seed(island)  # different weights: start() must make them island 0's
+    model = torch.nn.Linear(4, 3)
+    sync = DilocoSync(
+        group, island, NO_WAN, inner_steps=2, total_steps=4, codec=Codec(codec, block=4)
+    )
+    sync.start(model, 0)
+    start = [p.detach().clone() for p in model.parameters()]
+    seen = {"start": [t.tolist() for t in start]}
+    for outer in (1, 2):
+        with torch.no_grad():  # "inner steps": each island moves its weights its own way
+            for k, p in enumerate(model.parameters()):
+                p.add_(0.1 * (island + 1) * outer + 0.01 * k)
+        sync.after_step(2 * outer - 1, model)  # not a sync step: nothing happens
+        sync.after_step(2 * outer, model)
+        seen[f"after{outer}"] = [p.detach().tolist() for p in model.parameters()]
+        seen[f"bytes{outer}"] = sync.ledger.bytes_sent
+    (out / f"island{island}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_outer_step_is_nesterov_on_the_mean_pseudo_gradient(tmp_path: Path, codec: str) -> None:
+    spawn(_outer_job, tmp_path, codec)
+    runs = [json.loads((tmp_path / f"island{i}.json").read_text()) for i in range(ISLANDS)]
+    assert runs[0]["start"] == runs[1]["start"]  # island 0's weights everywhere
+    lr, mu = 0.7, 0.9
+    weights = [torch.tensor(t) for t in runs[0]["start"]]
+    momentum = None
+    for outer in (1, 2):
+        # Pseudo-gradient of island i: global - local = -(0.1 (i + 1) outer + 0.01 k); the
+        # islands' mean, then torch's Nesterov: buf = mu buf + g; w -= lr (g + mu buf).
+        grads = [
+            -torch.full_like(w, sum(0.1 * (i + 1) * outer for i in range(ISLANDS)) / ISLANDS)
+            - 0.01 * k
+            for k, w in enumerate(weights)
+        ]
+        momentum = (
+            grads
+            if momentum is None
+            else [mu * b + g for b, g in zip(momentum, grads, strict=True)]
+        )
+        weights = [w - lr * (g + mu * b) for w, g, b in zip(weights, grads, momentum, strict=True)]
+        for run in runs:  # every island adopts the same global weights
+            for got, want in zip(run[f"after{outer}"], weights, strict=True):
+                tol = 1e-6 if codec == "fp32" else 0.02  # int8: within its quantisation step
+                assert torch.allclose(torch.tensor(got), want, atol=tol)
+        assert runs[0][f"after{outer}"] == runs[1][f"after{outer}"]
+    # 15 parameters padded to 16 (2 chunks of a 4-block); per exchange each island sends
+    # its other chunk in both phases: 2 * (M - 1) * payload(8 values).
+    payload = Codec(codec, block=4).payload_bytes(8)
+    assert runs[0]["bytes2"] == 2 * 2 * (ISLANDS - 1) * payload
+
+
+# ----------------------------------------------------------------------------- quantisers
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_codecs_round_trip_within_their_bound_and_count_bytes(name: str) -> None:
+    torch.manual_seed(0)
+    codec = Codec(name, block=64)
+    # Blocks of very different scales, exact zeros and a block of all zeros.
+    x = torch.randn(64 * 10) * torch.logspace(-4, 2, 10).repeat_interleave(64)
+    x[:64] = 0.0
+    x[100:110] = 0.0
+    payload = codec.encode(x)
+    assert payload.dtype == torch.uint8
+    expected = {"fp32": 4 * 640, "bf16": 2 * 640, "int8": 640 + 4 * 10, "int4": 320 + 4 * 10}
+    assert payload.numel() == codec.payload_bytes(640) == expected[name]
+    back = codec.decode(payload, 640)
+    error = (back - x).abs()
+    assert torch.all(error <= codec.error_bound(x))
+    assert torch.all(back[:64] == 0)
+    if name in ("int8", "int4"):  # the bound is tight: the worst value sits near half a step
+        step = x.view(10, 64).abs().amax(dim=1) / codec.qmax
+        assert (error.view(10, 64).amax(dim=1)[1:] / step[1:]).max() > 0.35
+
+
+def test_int4_packs_two_values_a_byte_with_exact_levels() -> None:
+    codec = Codec("int4", block=4)
+    x = torch.tensor([7.0, -7.0, 1.0, 0.0])  # scale 1: the levels themselves
+    payload = codec.encode(x)
+    assert payload[4:].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | (0 + 8) << 4]
+    assert codec.decode(payload, 4).tolist() == x.tolist()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        codec.encode(torch.ones(6))
+    with pytest.raises(ValueError, match="unknown codec"):
+        Codec("int3")
+
+
+def test_fragments_are_contiguous_balanced_and_staggered() -> None:
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 10, 30, 10, 10, 10)]
+    groups = split_fragments(params, 3)
+    assert [sum(p.numel() for p in g) for g in groups] == [20, 30, 30]
+    assert [p for g in groups for p in g] == params
+    assert fragment_offsets(50, 4) == [12, 25, 37, 0]
+    assert fragment_offsets(50, 1) == [0]
+
+
+def test_wan_times_exchanges_by_the_slowest_link() -> None:
+    wan = Wan.build(2, [100.0, 10.0], [20.0], [1.0, 3.0])
+    assert wan.slowdown == (1.0, 3.0)
+    # 1 MB at 10 Mbit/s = 0.8 s, plus two rounds of 20 ms.
+    assert wan.exchange_seconds(1_000_000, rounds=2, members=[0, 1]) == pytest.approx(0.84)
+    assert wan.point_seconds(0, 1_000_000) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"diloco\.latency_ms has 3 values for 2 islands"):
+        Wan.build(2, [1.0], [1.0, 2.0, 3.0], [1.0])
+
+
+# ----------------------------------------------------------------------------- the real loop
+
+
+def _loop_job(island: int, group, out: Path, fragments: int, overlap: int) -> None:
+    from frontierlm.train.loop import TrainTask, train
+
+    loop = PretrainConfig(steps=8, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
+    loop = loop.model_copy(update={"eval_every": 8, "checkpoint_every": 0})
+    model = new_model()
+    base = make_task(loop)
+    task = TrainTask("island", lambda i: base.batch(2 * i + island), base.loss, base.evaluate)
+    sync = DilocoSync(
+        group, island, NO_WAN, inner_steps=4, total_steps=8, fragments=fragments, overlap=overlap
+    )
+    result = train(model, loop, task, out / str(island), torch.device("cpu"), RunConfig(),
+                   export=False, outer=sync)  # fmt: skip
+    torch.save({k: v for k, v in model.state_dict().items()}, out / f"weights{island}.pt")
+    (out / f"result{island}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize(("fragments", "overlap"), [(1, 0), (2, 1)])
+def test_islands_train_the_real_loop_and_end_identical(
+    tmp_path: Path, fragments: int, overlap: int
+) -> None:
+    spawn(_loop_job, tmp_path, fragments, overlap)
+    a, b = (torch.load(tmp_path / f"weights{i}.pt") for i in range(ISLANDS))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the final flush leaves one global model
+    records = [MetricsLog(tmp_path / str(i) / "metrics.jsonl").read() for i in range(ISLANDS)]
+    assert records[0][0]["loss"] != records[1][0]["loss"]  # different data on each island
+    last = records[0][-1]
+    # fp32 payload of the model padded to 2 chunks; 2 syncs per fragment over 8 steps (two
+    # fragments: at steps 2, 6 and 4, 8, and the flush of the first's last 2 steps at 8).
+    n = sum(v.numel() for v in new_model().parameters())
+    assert last["exchanges"] == {1: 2, 2: 5}[fragments]
+    if fragments == 1:
+        assert last["bytes_sent"] == 2 * 2 * (ISLANDS - 1) * 4 * ((n + 1) // 2)
+    assert last["outer_step"] == last["exchanges"]
+    assert last["compute_s"] > 0 and "val_loss" in last
+
+
+# ----------------------------------------------------------------------------- async islands
+
+
+def _push(store, island: int, seq: int, base: int, delta: torch.Tensor, position: int) -> None:
+    put_bytes(store, f"push/{island}/{seq}", Codec().encode(delta).numpy().tobytes())
+    meta = {"base": base, "position": position, "tokens": 10}
+    store.set(f"meta/{island}/{seq}", json.dumps(meta))
+    store.add(f"pushed/{island}", 1)
+
+
+def test_staleness_weights_and_the_weighted_outer_step(tmp_path: Path) -> None:
+    assert staleness_weights([0, 0], 1.0, 2) == pytest.approx([1 / 2, 1 / 2])  # DiLoCo's mean
+    assert staleness_weights([0, 3], 0.5, 2) == pytest.approx([1 / 2, 1 / 4])
+    assert staleness_weights([1], 1.0, 4) == pytest.approx([1 / 8])  # absent islands: zero
+    assert staleness_weights([0, 0, 0], 1.0, 2) == pytest.approx([1 / 3] * 3)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    coordinator = Coordinator(store, torch.zeros(4), 2, Codec(), staleness_power=1.0,
+                              outer_momentum=0.0, outer_lr=1.0,
+                              events=MetricsLog(tmp_path / "events.jsonl"))  # fmt: skip
+    for i in range(2):
+        store.set(f"hb/{i}", str(time.time()))
+    # Version 0 -> 1 with island 0 alone (island 1 sends nothing yet: 1 of 2 is not enough).
+    _push(store, 0, 1, 0, torch.ones(4), position=5)
+    coordinator.poll()
+    assert coordinator.version == 0
+    _push(store, 0, 2, 0, torch.full((4,), 3.0), position=10)
+    coordinator.poll()
+    assert coordinator.version == 1
+    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0))  # lr 1, no momentum
+    # Then island 0 fresh (version 1, staleness 0) and island 1 from version 0 (staleness 1):
+    # 3 / 2 + 1 / (2 * 2) = 1.75.
+    _push(store, 0, 3, 1, torch.full((4,), 3.0), position=15)
+    _push(store, 1, 1, 0, torch.ones(4), position=5)
+    coordinator.poll()
+    assert coordinator.version == 2
+    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0 + 1.75))
+    assert store.get("pos/0") == b"15" and store.get("pos/1") == b"5"
+    events = MetricsLog(tmp_path / "events.jsonl").read()
+    assert events[-1]["staleness"] == [0, 1] and events[-1]["islands"] == [0, 1]
+
+
+def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) -> None:
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    log = MetricsLog(tmp_path / "events.jsonl")
+    coordinator = Coordinator(store, torch.zeros(4), 2, Codec(), timeout_s=0.5, events=log)
+    for i in range(2):
+        store.set(f"hb/{i}", str(time.time()))
+    coordinator.poll()
+    assert coordinator.alive == {0, 1}
+    time.sleep(0.6)
+    store.set("hb/0", str(time.time()))  # island 1 went silent
+    coordinator.poll()
+    assert coordinator.alive == {0} and coordinator.dropped == {1}
+    # The run goes on: one contribution from the one live island makes an outer step.
+    _push(store, 0, 1, 0, torch.ones(4), position=7)
+    coordinator.poll()
+    assert coordinator.version == 1
+    # One fresh contribution of two islands: half the mean and half the momentum (lr 0.7,
+    # Nesterov with momentum 0.45 on a fresh buffer: (1 + 0.45) g).
+    assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 1.45 * 0.5))
+    store.set("hb/1", str(time.time()))  # restarted
+    coordinator.poll()
+    assert coordinator.alive == {0, 1}
+    events = [(e["event"], e.get("island")) for e in log.read()]
+    assert events == [
+        ("joined", 0),
+        ("joined", 1),
+        ("dropped", 1),
+        ("outer_step", None),
+        ("rejoined", 1),
+    ]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_diloco_config_errors_name_the_key_and_fingerprints(tmp_path: Path) -> None:
+    from frontierlm.config import ConfigError, load_config
+    from frontierlm.stages import STAGES, fingerprint
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
+    with pytest.raises(ConfigError, match=r"diloco\.slowdown has 3 values for 4 islands"):
+        load_config(recipe, ["--diloco.slowdown=[1,2,3]"])
+    with pytest.raises(ConfigError, match=r"diloco\.overlap=25 must be below"):
+        load_config(recipe, ["--diloco.fragments=2", "--diloco.overlap=25"])
+    assert '"mode"' not in load_config(recipe).section_json("pretrain")  # old hashes stay
+    for dep in ("tokenizer", "tokenize"):
+        (tmp_path / "quickstart" / dep).mkdir(parents=True)
+        (tmp_path / "quickstart" / dep / "stage.json").write_text('{"fingerprint": "x"}')
+
+    def pretrain_fingerprint(*overrides: str) -> str:
+        cfg = load_config(recipe, [f"--run.out_dir={tmp_path}", *overrides])
+        return fingerprint(cfg, STAGES["pretrain"])
+
+    # The [diloco] table counts in pretrain's fingerprint only when pretrain runs DiLoCo.
+    assert pretrain_fingerprint() == pretrain_fingerprint("--diloco.islands=8")
+    diloco = pretrain_fingerprint("--pretrain.mode=diloco")
+    assert diloco != pretrain_fingerprint()
+    assert diloco != pretrain_fingerprint("--pretrain.mode=diloco", "--diloco.islands=8")
+
+
+def test_loss_vs_bytes_points_and_plot(tmp_path: Path) -> None:
+    from frontierlm.report import loss_vs_bytes, plot_loss_vs_bytes
+
+    island = [{"step": 1, "loss": 4.0, "bytes_sent": 0}, {"step": 2, "loss": 2.0, "bytes_sent": 10}]
+    assert loss_vs_bytes(island, islands=4, smooth=2) == [(0.0, 4.0), (40.0, 3.0)]
+    ddp = [{"step": 1, "loss": 4.0}, {"step": 2, "val_loss": 3.9}, {"step": 2, "loss": 3.0}]
+    assert loss_vs_bytes(ddp, bytes_per_step=100.0, smooth=1) == [(100.0, 4.0), (200.0, 3.0)]
+    plot_loss_vs_bytes(
+        {"a": loss_vs_bytes(island), "b": loss_vs_bytes(ddp, 100.0)}, tmp_path / "p.png"
+    )
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
