@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -47,14 +48,11 @@ def write_task(folder, name: str, data: str, body: str) -> None:
     )
 
 
-def test_loglikelihood_equals_our_multiple_choice_scores(
-    tmp_path, small_tokenizer, make_random_model
-):
-    tok, _ = small_tokenizer
-    model = make_random_model(vocab_size=tok.get_vocab_size(), max_seq_len=64)
+def mc_spec(tmp_path: Path) -> TaskSpec:
+    """The multiple-choice task over ITEMS, written to `tmp_path`."""
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
-    spec = TaskSpec(
+    return TaskSpec(
         name="mc",
         kind="multiple_choice",
         data=str(data),
@@ -62,6 +60,14 @@ def test_loglikelihood_equals_our_multiple_choice_scores(
         choices_field="choices",
         gold="label",
     )
+
+
+def test_loglikelihood_equals_our_multiple_choice_scores(
+    tmp_path, small_tokenizer, make_random_model
+):
+    tok, _ = small_tokenizer
+    model = make_random_model(vocab_size=tok.get_vocab_size(), max_seq_len=64)
+    spec = mc_spec(tmp_path)
     ours = run_task(spec, model, tok)
     adapter = FrontierLMEval(pretrained=model, tokenizer=tok, batch_size=5)
     requests = [
@@ -82,7 +88,7 @@ def test_loglikelihood_equals_our_multiple_choice_scores(
     write_task(
         tmp_path,
         "local_mc",
-        str(data),
+        spec.data,
         """\
         output_type: multiple_choice
         doc_to_text: "Question: {{question}}\\nAnswer:"
@@ -170,7 +176,7 @@ def test_gsm8k_exact_match_through_the_harness_equals_ours(tmp_path, small_token
     write_task(
         tmp_path,
         "local_gsm8k",
-        str(data),
+        spec.data,
         """\
         output_type: generate_until
         doc_to_text: "Question: {{question}}\\nAnswer:"
@@ -240,21 +246,12 @@ def test_exported_model_in_lm_evals_own_hf_class_equals_our_evaluator(
     )
     with_bos.bos_token = "<|bos|>"
 
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
-    spec = TaskSpec(
-        name="mc",
-        kind="multiple_choice",
-        data=str(data),
-        prompt="Question: {question}\nAnswer:",
-        choices_field="choices",
-        gold="label",
-    )
+    spec = mc_spec(tmp_path)
     ours = run_task(spec, model, tok)
     write_task(
         tmp_path,
         "local_mc_hf",
-        str(data),
+        spec.data,
         """\
         output_type: multiple_choice
         doc_to_text: "Question: {{question}}\\nAnswer:"
