@@ -33,8 +33,8 @@ def extract_answer(text: str, fallback: str = "none") -> str | None:
     `fallback="last_number"`) the last number in the text, else None."""
     if match := FINAL_ANSWER.search(text):
         return normalize_number(match.group(1))
-    if fallback == "last_number" and (numbers := NUMBER.findall(text)):
-        return normalize_number(numbers[-1])
+    if fallback == "last_number":
+        return extract_last_number(text)
     if fallback not in ("none", "last_number"):
         raise ValueError(f"fallback must be 'none' or 'last_number', not {fallback!r}")
     return None

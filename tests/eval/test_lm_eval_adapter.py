@@ -48,6 +48,18 @@ def write_task(folder, name: str, data: str, body: str) -> None:
     )
 
 
+# lm-eval's task config for the items of `mc_spec`, scored as our multiple-choice kind scores them.
+MC_TASK_YAML = """\
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
 def mc_spec(tmp_path: Path) -> TaskSpec:
     """The multiple-choice task over ITEMS, written to `tmp_path`."""
     data = tmp_path / "mc.jsonl"
@@ -89,15 +101,7 @@ def test_loglikelihood_equals_our_multiple_choice_scores(
         tmp_path,
         "local_mc",
         spec.data,
-        """\
-        output_type: multiple_choice
-        doc_to_text: "Question: {{question}}\\nAnswer:"
-        doc_to_choice: "{{choices}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-          - metric: acc_norm
-        """,
+        MC_TASK_YAML,
     )
     out = lm_eval.simple_evaluate(
         model=adapter,
@@ -252,15 +256,7 @@ def test_exported_model_in_lm_evals_own_hf_class_equals_our_evaluator(
         tmp_path,
         "local_mc_hf",
         spec.data,
-        """\
-        output_type: multiple_choice
-        doc_to_text: "Question: {{question}}\\nAnswer:"
-        doc_to_choice: "{{choices}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-          - metric: acc_norm
-        """,
+        MC_TASK_YAML,
     )
     from lm_eval.models.huggingface import HFLM
 
