@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 from frontierlm.posttrain.rewards import exact_match, extract_answer, normalize_number
-from tests.conftest import DATA
+
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def test_every_shipped_gsm8k_reference_has_an_answer():

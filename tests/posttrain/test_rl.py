@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ from frontierlm.posttrain.rl_losses import (
 from frontierlm.tokenizer.chat import ChatRenderer
 from frontierlm.tokenizer.train import train_tokenizer
 from frontierlm.train.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "data"
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -210,7 +214,6 @@ def test_reward_model_learns_hh_pairs(small_tokenizer, tmp_path):
         reward_model_accuracy,
         train_reward_model,
     )
-    from tests.conftest import DATA
 
     tok, _ = small_tokenizer
     renderer = ChatRenderer(tok)
@@ -247,7 +250,6 @@ def test_rl_stage_runs_skips_and_reports(small_tokenizer, tmp_path):
     from frontierlm.stages import STAGES, run_stage
     from frontierlm.tokenizer.train import save_tokenizer
     from frontierlm.train.checkpoint import save_model_dir
-    from tests.conftest import ROOT
 
     tok, _ = small_tokenizer
     overrides = [
@@ -286,7 +288,6 @@ def test_rl_stage_runs_skips_and_reports(small_tokenizer, tmp_path):
 
 def test_gsm8k_prompts_come_from_the_shipped_splits():
     from frontierlm.posttrain.rl import PromptSource
-    from tests.conftest import DATA
 
     cfg = RLConfig(
         task={"kind": "gsm8k", "gsm8k_path": str(DATA / "gsm8k" / "train.jsonl.gz"),
@@ -312,7 +313,6 @@ def test_grpo_climbs_the_arithmetic_task(tmp_path):
 
     from frontierlm.cli import main
     from frontierlm.stages import read_record
-    from tests.conftest import ROOT
 
     cwd = os.getcwd()
     os.chdir(ROOT)
