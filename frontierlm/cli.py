@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--flops", help="compute budgets per run instead of --tokens, e.g. 1e12,4e12"
     )
+    sweep.add_argument(
+        "--lr-search",
+        help="learning rates tried per size on its smallest budget, the best used for its other "
+        "budgets, e.g. 5e-3,1e-2,2e-2 (default: the recipe's pretrain.lr for every size)",
+    )
+    sweep.add_argument(
+        "--warmup-fraction", type=float, default=0.1, help="warmup as a share of each run's steps"
+    )
+    sweep.add_argument(
+        "--n-count",
+        choices=["non-embedding", "total"],
+        default="non-embedding",
+        help="the parameters the law's N counts: non-embedding (Kaplan et al.; default) or "
+        "total active parameters, embeddings included (Hoffmann et al.)",
+    )
     sweep.add_argument("--force", action="store_true", help="retrain points already done")
     inference_commands.add_parsers(sub)
     train_clf = sub.add_parser(
@@ -351,8 +366,18 @@ def sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
         sizes = parse_sizes(args.sizes)
         tokens = parse_amounts(args.tokens, "--tokens") if args.tokens else None
         flops = parse_amounts(args.flops, "--flops") if args.flops else None
+        lrs = parse_amounts(args.lr_search, "--lr-search") if args.lr_search else None
         cfg = load_config(args.recipe, overrides)
-        result = run_sweep(cfg, sizes, tokens, flops, force=args.force)
+        result = run_sweep(
+            cfg,
+            sizes,
+            tokens,
+            flops,
+            force=args.force,
+            lrs=lrs,
+            warmup_fraction=args.warmup_fraction,
+            n_count=args.n_count,
+        )
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         console.print(f"[red]error in sweep:[/] {err}")
         return 1

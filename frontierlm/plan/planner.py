@@ -188,6 +188,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         row["params"], row["tokens"] = each.optimal(compute)
         row["loss"] = float(each.loss(row["params"], row["tokens"]))
         optima[key] = row
+    if law is not None:
+        notes += law_notes(law, n, d)
 
     if model is None:
         shape = config_for_params(n, args.vocab, args.seq_len)
@@ -245,6 +247,40 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         },
         "recipe_snippet": recipe_snippet(cfg, vocab, seq_len, batch_seqs, steps, lr),
     }
+
+
+def law_notes(law: ScalingLaw, n: float, d: float) -> list[str]:
+    """What a fitted law can and cannot say at this plan's N and D: which parameters its N
+    counts, how well it fits its runs, and how far outside them the plan reaches."""
+    x = law.extra
+    notes = []
+    if x.get("n_count") == "non-embedding":
+        notes.append(
+            "the fitted law counts N without the embedding and output head (Kaplan et al.) and "
+            "its compute as 6 N D with that N: its N and D are non-embedding figures"
+        )
+    if "r2" in x:
+        notes.append(
+            f"the fitted law: alpha {law.alpha:.3f}, beta {law.beta:.3f}, R^2 {x['r2']:.4f} "
+            f"and RMS log residual {x['rms_log_residual']:.4f} over its {x.get('runs', '?')} runs"
+        )
+    if "n_range" in x and "d_range" in x:
+        (n0, n1), (d0, d1) = x["n_range"], x["d_range"]
+        reach = []
+        for name, value, low, high in (("N", n, n0, n1), ("D", d, d0, d1)):
+            if value > high:
+                reach.append(f"{name} {value / high:.2g}x past its largest run")
+            elif value < low:
+                reach.append(f"{name} {low / value:.2g}x below its smallest run")
+        span = f"measured on N {n0:.3g}-{n1:.3g}, D {d0:.3g}-{d1:.3g}"
+        if reach:
+            notes.append(
+                f"the fitted law was {span}; this plan extrapolates it ({', '.join(reach)}): "
+                "its exponents are a trend to check against a larger sweep, not a forecast"
+            )
+        else:
+            notes.append(f"the fitted law was {span}; this plan lies inside that range")
+    return notes
 
 
 def _optimum_row(name: str, law: ScalingLaw | None) -> dict[str, Any]:

@@ -237,8 +237,14 @@ def fit_law(
             if best is None or result.fun < best.fun:
                 best = result
     a, b, e, alpha, beta = best.x
-    law = ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
-    residuals = np.log(law.loss(n, d)) - log_l
+    law = ScalingLaw(
+        E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta)
+    )
+    predicted = law.loss(n, d)
+    residuals = np.log(predicted) - log_l
+    # R^2 of the losses themselves: the share of the runs' spread in loss the law explains.
+    spread = float(((loss - loss.mean()) ** 2).sum())
+    r2 = 1.0 - float(((loss - predicted) ** 2).sum()) / spread if spread > 0 else float("nan")
     return ScalingLaw(
         **{k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")},
         name="fit",
@@ -246,6 +252,8 @@ def fit_law(
         extra={
             "objective": float(best.fun),
             "rms_log_residual": float(np.sqrt(np.mean(residuals**2))),
+            "max_abs_residual": float(np.abs(loss - predicted).max()),  # nats
+            "r2": r2,
             "runs": len(n),
         },
     )

@@ -15,6 +15,7 @@ the law, timing and machine load; `frontierlm plan --law` reads it), `sweep.png`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,13 +27,15 @@ from typing import Any
 import numpy as np
 
 from frontierlm.atomic import write_text
-from frontierlm.config import ConfigError, RecipeConfig
+from frontierlm.config import ConfigError, ModelConfig, RecipeConfig
 from frontierlm.console import console
-from frontierlm.plan.flops import count_model
+from frontierlm.plan.flops import ModelCount, count_model
 from frontierlm.plan.scaling import EPOCH, HOFFMANN, ScalingLaw, fit_law
 
 UPSTREAM = ("data", "tokenizer", "tokenize")
 LINKED = ("tokenizer", "tokenize")  # what pretrain reads from its run directory
+WARMUP_FRACTION = 0.1
+N_COUNTS = ("non-embedding", "total")  # which parameters the law's N counts
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -66,10 +69,18 @@ def parse_amounts(text: str, flag: str) -> list[float]:
 
 
 def point_config(
-    cfg: RecipeConfig, d_model: int, n_layers: int, tokens: float, points_dir: Path
+    cfg: RecipeConfig,
+    d_model: int,
+    n_layers: int,
+    tokens: float,
+    points_dir: Path,
+    lr: float | None = None,
+    warmup_fraction: float = WARMUP_FRACTION,
 ) -> RecipeConfig:
     """The recipe at one grid point: the model resized (heads of the recipe's head width), the
-    run long enough for `tokens`, one evaluation at the end, warmup at most a tenth."""
+    run long enough for `tokens`, one evaluation at the end, warmup a fixed share of the steps
+    (a fixed count would be most of a short run and a sliver of a long one), peak lr `lr`
+    (default: the recipe's)."""
     tree = cfg.model_dump(mode="json")
     head_dim = cfg.model.head_dim
     if d_model % head_dim:
@@ -77,6 +88,8 @@ def point_config(
             f"--sizes: d_model {d_model} is not a multiple of the recipe's head width "
             f"{head_dim} (model.d_model / model.n_heads); pick multiples of {head_dim}"
         )
+    if not 0 <= warmup_fraction < 1:
+        raise ValueError(f"--warmup-fraction must be in [0, 1), got {warmup_fraction}")
     n_heads = d_model // head_dim
     kv = cfg.model.n_kv_heads
     tree["model"].update(
@@ -92,19 +105,28 @@ def point_config(
     steps = max(2, round(tokens / step_tokens))
     tree["pretrain"].update(
         steps=steps,
-        warmup_steps=min(pre.warmup_steps, steps // 10),
+        lr=lr or pre.lr,
+        warmup_steps=min(steps - 1, round(warmup_fraction * steps)),
         eval_every=steps,
         checkpoint_every=min(pre.checkpoint_every, steps) if pre.checkpoint_every else 0,
     )
-    tree["run"].update(out_dir=str(points_dir), name=point_name(d_model, n_layers, tokens))
+    tree["run"].update(out_dir=str(points_dir), name=point_name(d_model, n_layers, tokens, lr))
     try:
         return RecipeConfig.model_validate(tree)
     except Exception as err:  # pydantic's error names the key
         raise ConfigError(f"sweep point d_model={d_model} n_layers={n_layers}: {err}") from None
 
 
-def point_name(d_model: int, n_layers: int, tokens: float) -> str:
-    return f"d{d_model}-l{n_layers}-t{round(tokens)}"
+def point_name(d_model: int, n_layers: int, tokens: float, lr: float | None = None) -> str:
+    return f"d{d_model}-l{n_layers}-t{round(tokens)}" + (f"-lr{lr:g}" if lr else "")
+
+
+def non_embedding_params(count: ModelCount, model: ModelConfig) -> int:
+    """Kaplan et al.'s N: active parameters less the token embedding and (untied) output head.
+    At these sizes a 4k vocabulary is most of the total (d64: 524k of 578k), so the total would
+    hide the body's growth; at planning sizes the two differ by a few percent."""
+    head = 0 if model.tie_embeddings else count.embedding_params
+    return count.active_params - count.embedding_params - head
 
 
 def _link_upstream(upstream: Path, point_dir: Path) -> None:
@@ -126,12 +148,21 @@ def run_sweep(
     tokens: list[float] | None = None,
     flops: list[float] | None = None,
     force: bool = False,
+    lrs: list[float] | None = None,
+    warmup_fraction: float = WARMUP_FRACTION,
+    n_count: str = "non-embedding",
 ) -> dict[str, Any]:
+    """Train the grid and fit the law. `lrs`: a per-size learning-rate search: each size's
+    smallest budget is trained at every one of them and the size's other budgets use the best
+    (one lr for all sizes favours whichever size it was tuned for, and the fit then measures
+    the tuning, not the size)."""
     from frontierlm.stages import run_stage
     from frontierlm.tokenizer.train import load_tokenizer
 
     if (tokens is None) == (flops is None):
         raise ValueError("give --tokens or --flops (one of them)")
+    if n_count not in N_COUNTS:
+        raise ValueError(f"--n-count: {n_count!r} is not one of {', '.join(N_COUNTS)}")
     runs = len(sizes) * len(tokens or flops)
     if runs < 5:
         raise ValueError(
@@ -146,49 +177,72 @@ def run_sweep(
     vocab = load_tokenizer(upstream / "tokenizer").get_vocab_size()
     sweep_dir = upstream / "sweep"
     points_dir = sweep_dir / "points"
-    grid: list[tuple[int, int, float, float | None]] = []
-    for d_model, n_layers in sizes:
-        for amount in tokens or flops:
-            if tokens is not None:
-                grid.append((d_model, n_layers, amount, None))
-                continue
-            probe = point_config(cfg, d_model, n_layers, 1.0, points_dir)
-            per_token = count_model(probe.model, vocab)
-            d = amount / per_token.train_flops_per_token(cfg.pretrain.seq_len)
-            grid.append((d_model, n_layers, d, amount))
-    points = []
-    for i, (d_model, n_layers, n_tokens, budget) in enumerate(grid):
-        point = point_config(cfg, d_model, n_layers, n_tokens, points_dir)
+    total = runs + (len(sizes) * (len(lrs) - 1) if lrs else 0)
+    done = 0
+
+    def train_point(d_model: int, n_layers: int, n_tokens: float, lr, budget) -> dict[str, Any]:
+        nonlocal done
+        point = point_config(cfg, d_model, n_layers, n_tokens, points_dir, lr, warmup_fraction)
+        done += 1
         console.rule(
-            f"[bold]sweep point {i + 1}/{len(grid)}[/]: d_model {d_model}, {n_layers} layers, "
-            f"{point.pretrain.steps} steps"
+            f"[bold]sweep point {done}/{total}[/]: d_model {d_model}, {n_layers} layers, "
+            f"{point.pretrain.steps} steps, lr {point.pretrain.lr:g}"
         )
         _link_upstream(upstream, point.run.run_dir)
         record = run_stage(point, "pretrain", force=force)
         m = record["metrics"]
-        points.append(
-            {
-                "name": point.run.name,
-                "d_model": d_model,
-                "n_layers": n_layers,
-                "params": m["params"],
-                "active_params": m["active_params"],
-                "tokens": m["tokens_seen"],
-                "flops": m["train_flops"],
-                "flops_per_token": m["flops_per_token"],
-                "budget": budget,
-                "steps": point.pretrain.steps,
-                "val_loss": m["val_loss"],
-                "val_bpb": m["val_bpb"],
-                "wall_s": record["wall_s"],
-            }
-        )
-    law = fit_points(points)
+        non_embedding = non_embedding_params(count_model(point.model, vocab), point.model)
+        return {
+            "name": point.run.name,
+            "d_model": d_model,
+            "n_layers": n_layers,
+            "params": m["params"],
+            "active_params": m["active_params"],
+            "non_embedding_params": non_embedding,
+            "n": non_embedding if n_count == "non-embedding" else m["active_params"],
+            "tokens": m["tokens_seen"],
+            "flops": m["train_flops"],
+            "flops_per_token": m["flops_per_token"],
+            "budget": budget,
+            "steps": point.pretrain.steps,
+            "lr": point.pretrain.lr,
+            "warmup_steps": point.pretrain.warmup_steps,
+            "val_loss": m["val_loss"],
+            "val_bpb": m["val_bpb"],
+            "wall_s": record["wall_s"],
+        }
+
+    points, search = [], []
+    for d_model, n_layers in sizes:
+        budgets = []
+        for amount in tokens or flops:
+            if tokens is not None:
+                budgets.append((amount, None))
+                continue
+            probe = point_config(cfg, d_model, n_layers, 1.0, points_dir)
+            per_token = count_model(probe.model, vocab)
+            budgets.append((amount / per_token.train_flops_per_token(cfg.pretrain.seq_len), amount))
+        budgets.sort()
+        lr = None
+        if lrs:  # the smallest budget at every lr; the best one is that budget's grid point
+            tried = [train_point(d_model, n_layers, *budgets[0], lr=each) for each in lrs]
+            best = min(tried, key=lambda p: p["val_loss"])
+            lr = best["lr"]
+            search += [p | {"chosen": p is best} for p in tried]
+            points.append(best)
+            budgets = budgets[1:]
+        points += [train_point(d_model, n_layers, d, lr, budget) for d, budget in budgets]
+    law = fit_points(points, loo=True)
+    law = dataclasses.replace(law, extra=law.extra | {"n_count": n_count})
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "recipe_run": str(upstream),
         "grid": "isoflop" if flops else "tokens",
-        "n_is": "active_params (embeddings included, as Hoffmann et al. count N)",
+        "n_count": n_count,
+        "n_is": N_MEANING[n_count],
+        "warmup_fraction": warmup_fraction,
+        "optimizer": cfg.pretrain.optimizer,
+        "lr_search": search,
         "points": points,
         "law": law.to_json(),
         "optimum_at": {
@@ -206,15 +260,44 @@ def run_sweep(
     return result
 
 
-def fit_points(points: list[dict[str, Any]]) -> ScalingLaw:
-    n = np.array([p["active_params"] for p in points])
-    d = np.array([p["tokens"] for p in points])
-    loss = np.array([p["val_loss"] for p in points])
-    return fit_law(n, d, loss)
+N_MEANING = {
+    "non-embedding": "non-embedding parameters (Kaplan et al.'s N: active parameters less the "
+    "token embedding and output head); compute in the law is 6 N D with this N",
+    "total": "active parameters, embeddings included (Hoffmann et al.'s N)",
+}
+
+
+def point_n(point: dict[str, Any]) -> float:
+    """The law's N of a run (sweeps before `n` existed fitted active parameters)."""
+    return point.get("n", point["active_params"])
+
+
+def fit_points(points: list[dict[str, Any]], loo: bool = False) -> ScalingLaw:
+    """The law fitted to the runs, its fit quality in `extra` (RMS log residual, R^2 of the
+    losses, the largest residual), the range of N and D it was measured on, and with `loo`
+    the exponents of each leave-one-out refit: how much one run moves them."""
+    n = np.array([point_n(p) for p in points], dtype=np.float64)
+    d = np.array([p["tokens"] for p in points], dtype=np.float64)
+    loss = np.array([p["val_loss"] for p in points], dtype=np.float64)
+    law = fit_law(n, d, loss)
+    extra = dict(law.extra)
+    extra["n_range"] = [float(n.min()), float(n.max())]
+    extra["d_range"] = [float(d.min()), float(d.max())]
+    if loo and len(points) > 5:
+        alphas, betas = [], []
+        for i in range(len(points)):
+            keep = np.arange(len(points)) != i
+            each = fit_law(n[keep], d[keep], loss[keep])
+            alphas.append(float(each.alpha))
+            betas.append(float(each.beta))
+        extra["loo_alpha"] = [min(alphas), max(alphas)]
+        extra["loo_beta"] = [min(betas), max(betas)]
+    return dataclasses.replace(law, extra=extra)
 
 
 def _budgets(points: list[dict[str, Any]], count: int = 3) -> list[float]:
-    flops = [p["flops"] for p in points]
+    """Compute budgets across the runs' range, as the law counts compute: 6 N D."""
+    flops = [6.0 * point_n(p) * p["tokens"] for p in points]
     return list(np.geomspace(min(flops), max(flops), count))
 
 
@@ -236,7 +319,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     d_line = np.geomspace(d_all.min() / 1.5, d_all.max() * 1.5, 100)
     for size, colour in zip(sizes, colours, strict=True):
         own = [p for p in points if (p["d_model"], p["n_layers"]) == size]
-        n = own[0]["active_params"]
+        n = point_n(own[0])
         left.scatter([p["tokens"] for p in own], [p["val_loss"] for p in own], color=colour)
         left.plot(
             d_line, law.loss(n, d_line), color=colour, label=f"{size[0]}x{size[1]} ({n:,.0f})"
@@ -249,7 +332,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     )
     left.legend(fontsize="small", title="d_model x layers (N)")
 
-    n_all = np.array([p["active_params"] for p in points])
+    n_all = np.array([point_n(p) for p in points])
     n_line = np.geomspace(n_all.min() / 3, n_all.max() * 3, 200)
     budgets = _budgets(points, 4)
     cmap = plt.cm.plasma
@@ -262,15 +345,15 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
             right.plot([n_opt], [law.loss(n_opt, d_opt)], "*", color=colour, ms=12)
     lo, hi = np.log(min(budgets)), np.log(max(budgets))
     for p in points:
-        c = 6 * p["active_params"] * p["tokens"]
+        c = 6 * point_n(p) * p["tokens"]
         shade = 0.0 if hi == lo else (np.log(c) - lo) / (hi - lo)
-        right.scatter(p["active_params"], p["val_loss"], color=cmap(shade * 0.85), edgecolor="k")
+        right.scatter(point_n(p), p["val_loss"], color=cmap(shade * 0.85), edgecolor="k")
     losses = [p["val_loss"] for p in points]
     span = max(losses) - min(losses) or 0.1
     # A degenerate fit (an exponent running off) would stretch the axis to nothing.
     right.set_ylim(min(losses) - 0.5 * span, max(losses) + 0.5 * span)
     right.set_xscale("log")
-    right.set_xlabel("parameters N")
+    right.set_xlabel(f"parameters N ({result.get('n_count', 'total')})")
     right.set_ylabel("validation loss (nats/token)")
     right.set_title("IsoFLOP curves of the fit (C = 6ND), ★ optimum")
     right.legend(fontsize="small")
@@ -299,6 +382,30 @@ def fit_warning(law: ScalingLaw) -> str:
     return ""
 
 
+def _first_size(result: dict[str, Any]) -> list[dict[str, Any]]:
+    first = result["lr_search"][0]
+    return [p for p in result["lr_search"] if p["d_model"] == first["d_model"]]
+
+
+def fit_quality(law: ScalingLaw, result: dict[str, Any] | None = None) -> list[str]:
+    """One sentence on how well the law fits the runs and how firmly they fix its exponents."""
+    x = law.extra
+    if "rms_log_residual" not in x:
+        return []
+    parts = [f"Fit quality: RMS log residual {x['rms_log_residual']:.4f}"]
+    if "r2" in x:
+        parts.append(
+            f"R² {x['r2']:.4f} of the losses, largest residual {x['max_abs_residual']:.4f} nats"
+        )
+    if "loo_alpha" in x:
+        (a0, a1), (b0, b1) = x["loo_alpha"], x["loo_beta"]
+        parts.append(
+            f"leaving one run out moves α within [{a0:.3f}, {a1:.3f}] and β within "
+            f"[{b0:.3f}, {b1:.3f}]"
+        )
+    return ["; ".join(parts) + "."]
+
+
 def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[str]:
     """Markdown: the fitted law next to the published ones, the runs, the plot."""
     law = ScalingLaw.from_json(result["law"])
@@ -308,7 +415,8 @@ def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[
         "",
         f"{len(result['points'])} pretraining runs ({result['grid']} grid) in "
         f"{result['wall_s']:.0f} s on {result['cpus']} CPUs (load average before: {load}), "
-        "fitted as Hoffmann et al. did (Huber on log residuals, L-BFGS from a grid of starts).",
+        "fitted as Hoffmann et al. did (Huber on log residuals, L-BFGS from a grid of starts). "
+        f"N counts {result.get('n_is', N_MEANING['total'])}.",
         "",
         "| law | E | A | B | α | β | a = β/(α+β) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -323,19 +431,33 @@ def sweep_section(result: dict[str, Any], image_prefix: str = "sweep/") -> list[
             f"| {name} | {each.E:.3f} | {each.A:.4g} | {each.B:.4g} | {each.alpha:.3f} "
             f"| {each.beta:.3f} | {a:.3f} |"
         )
-    rms = law.extra.get("rms_log_residual")
+    lines += ["", *fit_quality(law, result), fit_warning(law), ""]
+    if result.get("lr_search"):
+        lines += [
+            "Learning rate per size: each size's smallest budget at every lr, the best kept "
+            "(final validation loss):",
+            "",
+            "| size | " + " | ".join(f"lr {p['lr']:g}" for p in _first_size(result)) + " |",
+            "| --- |" + " ---: |" * len(_first_size(result)),
+        ]
+        sizes = sorted({(p["d_model"], p["n_layers"]) for p in result["lr_search"]})
+        for d_model, n_layers in sizes:
+            cells = [
+                f"**{p['val_loss']:.4f}**" if p["chosen"] else f"{p['val_loss']:.4f}"
+                for p in result["lr_search"]
+                if (p["d_model"], p["n_layers"]) == (d_model, n_layers)
+            ]
+            lines.append(f"| {d_model}x{n_layers} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
-        "",
-        f"RMS log residual of the fit: {rms:.4f}." if rms is not None else "",
-        fit_warning(law),
-        "",
-        "| run | N | D | FLOPs | val loss | val bpb | fit | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | N | D | FLOPs | lr | val loss | val bpb | fit | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in result["points"]:
-        fitted = law.loss(p["active_params"], p["tokens"])
+        fitted = law.loss(point_n(p), p["tokens"])
+        lr = f"{p['lr']:g}" if "lr" in p else "-"
         lines.append(
-            f"| {p['name']} | {p['active_params']:,.0f} | {p['tokens']:,.0f} | {p['flops']:.3g} "
+            f"| {p['name']} | {point_n(p):,.0f} | {p['tokens']:,.0f} | {p['flops']:.3g} | {lr} "
             f"| {p['val_loss']:.4f} | {p['val_bpb']:.4f} | {fitted:.4f} | {p['wall_s']:.1f} |"
         )
     lines += ["", f"![sweep.png]({image_prefix}sweep.png)", ""]

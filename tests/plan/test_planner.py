@@ -59,6 +59,28 @@ def test_law_from_a_sweep_drives_the_plan(tmp_path):
     assert p["predicted_loss"]["law"] > 2.0
 
 
+def test_fitted_law_says_what_it_counts_and_how_far_it_reaches(tmp_path):
+    extra = {
+        "n_count": "non-embedding",
+        "r2": 0.987,
+        "rms_log_residual": 0.012,
+        "runs": 9,
+        "n_range": [5e4, 2e6],
+        "d_range": [2.5e5, 2e6],
+    }
+    law = {"E": 2.0, "A": 100.0, "B": 1000.0, "alpha": 0.3, "beta": 0.4, "extra": extra}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"law": law, "points": []}))
+    notes = " | ".join(plan(tmp_path, "--flops", "1e21", "--law", str(path))["notes"])
+    assert "without the embedding and output head" in notes
+    assert "R^2 0.9870" in notes and "over its 9 runs" in notes
+    # Optimum at 1e21 under this law: N = G (C/6)^(4/7) with G = (0.3*100/(0.4*1000))^(1/0.7).
+    n_opt = (0.3 * 100 / (0.4 * 1000)) ** (1 / 0.7) * (1e21 / 6) ** (0.4 / 0.7)
+    assert f"N {n_opt / 2e6:.2g}x past its largest run" in notes and "not a forecast" in notes
+    inside = plan(tmp_path, "--params", "1e6", "--tokens", "1e6", "--law", str(path))["notes"]
+    assert any("lies inside that range" in note for note in inside)
+
+
 def test_recipe_gives_active_params(tmp_path):
     p = plan(tmp_path, "--recipe", "recipes/moe-small.toml", "--flops", "1e16")
     count = p["model"]["count"]

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from frontierlm.config import load_config
+from frontierlm.plan.flops import count_model
 from frontierlm.plan.scaling import EPOCH, ScalingLaw
 from frontierlm.plan.sweep import (
     fit_points,
+    non_embedding_params,
     parse_amounts,
     parse_sizes,
     plot_sweep,
@@ -42,11 +44,31 @@ def test_point_config(tmp_path):
     point = point_config(cfg, 128, 2, 0.5e6, tmp_path)
     assert (point.model.d_model, point.model.n_layers, point.model.n_heads) == (128, 2, 2)
     assert point.pretrain.steps == round(0.5e6 / (16 * 256)) == point.pretrain.eval_every
-    assert point.pretrain.warmup_steps <= point.pretrain.steps // 10
+    assert point.pretrain.warmup_steps == round(0.1 * 122) == 12  # a share of the steps
+    assert point.pretrain.lr == cfg.pretrain.lr
     assert point.run.run_dir == tmp_path / "d128-l2-t500000"
+    tuned = point_config(cfg, 128, 2, 1e6, tmp_path, lr=1e-2, warmup_fraction=0.05)
+    assert (tuned.pretrain.lr, tuned.pretrain.warmup_steps) == (1e-2, round(0.05 * 244))
+    assert tuned.run.name == "d128-l2-t1000000-lr0.01"
+    with pytest.raises(ValueError, match="--warmup-fraction"):
+        point_config(cfg, 128, 2, 1e6, tmp_path, warmup_fraction=1.0)
     assert point.tokenizer == cfg.tokenizer and point.data == cfg.data  # same upstream
     with pytest.raises(ValueError, match="multiple of the recipe's head width 64"):
         point_config(cfg, 96, 2, 1e5, tmp_path)
+
+
+def test_non_embedding_params_are_the_body():
+    cfg = load_config("recipes/quickstart.toml")  # untied, vocabulary 4096
+    point = point_config(cfg, 64, 1, 1e5, "/tmp")
+    count = count_model(point.model, 4096)
+    body = non_embedding_params(count, point.model)
+    # One block of d 64: q, k, v, o (4 x 64^2), SwiGLU gate/up/down (3 x 64 x ffn), two norms,
+    # plus the final norm; the 2 x 4096 x 64 embedding and head are out.
+    ffn = point.model.hidden
+    assert body == 4 * 64 * 64 + 3 * 64 * ffn + 2 * 64 + 64
+    assert count.active_params == body + 2 * 4096 * 64
+    tied = point.model.model_copy(update={"tie_embeddings": True})
+    assert non_embedding_params(count_model(tied, 4096), tied) == body
 
 
 def synthetic_result(law: ScalingLaw) -> dict:
@@ -81,12 +103,17 @@ def test_fit_plot_and_report(tmp_path):
     result = synthetic_result(truth)
     law = fit_points(result["points"])
     assert abs(law.alpha - truth.alpha) < 0.02 and abs(law.beta - truth.beta) < 0.02
+    # Exact points: the fit explains them all, and no single run moves the exponents.
+    assert law.extra["r2"] == pytest.approx(1.0, abs=1e-6)
+    assert law.extra["max_abs_residual"] < 1e-4
+    assert law.extra["n_range"] == [6e5, 3.3e6] and law.extra["d_range"] == [2.5e5, 1e6]
     result["law"] = law.to_json()
     plot_sweep(result, tmp_path / "sweep" / "sweep.png")
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 10_000
     text = "\n".join(sweep_section(result))
     assert f"| this sweep | {law.E:.3f} |" in text and "![sweep.png](sweep/sweep.png)" in text
     assert "d64-t250000" in text and "non-positive" not in text
+    assert "R² 1.0000 of the losses" in text
     # The run's report picks the sweep up once sweep.json exists.
     assert sweep_report_section(tmp_path) == []
     (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(result))
