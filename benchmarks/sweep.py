@@ -1,13 +1,22 @@
 """Benchmark: a CPU scaling-law sweep on the quickstart data (issue 10's measure).
 
-Runs `frontierlm sweep recipes/quickstart.toml` over a 3 x 3 grid (three model sizes, three token
-budgets; 9 pretraining runs sharing one copy of the data, tokenizer and token shards), fits
-L(N, D) = E + A/N^alpha + B/D^beta, and reports the wall time (the bar: <= 20 minutes for >= 9
-runs), the machine's load average before and after (the machine is shared), the fitted
-exponents against the published ones, and the plot. JSON to $OUT or benchmarks/out/.
+Runs `frontierlm sweep recipes/quickstart.toml` over three model sizes and three token budgets
+(9 fitted runs sharing one copy of the data, tokenizer and token shards), fits
+L(N, D) = E + A/N^alpha + B/D^beta with N the non-embedding parameters, and reports the wall
+time (the bar: <= 20 minutes for >= 9 runs), the machine's load average before and after (the
+machine is shared), the fitted law and its fit quality next to the published exponents, and the
+plot. JSON to $OUT or benchmarks/out/.
 
-    nice -n 10 python benchmarks/sweep.py [--sizes 64x1,128x2,192x4] [--tokens 0.25M,0.5M,1M]
-    python benchmarks/sweep.py --tiny          # 4 micro-recipe runs, a minute or two: smoke test
+The design, so that a bigger model is not handicapped by settings tuned for another size:
+Muon on the hidden matrices (its update RMS does not grow with width), a learning rate per size
+(each size's smallest budget at 5e-3 and 1e-2, the better kept for its other budgets), warmup
+a tenth of every run, 8 x 256-token batches (more optimizer steps per token than the recipe's
+16: short runs are far below the critical batch size), sizes 36x apart in non-embedding
+parameters (49k, 393k, 1.77M; with a 4k vocabulary the embeddings are most of a small model's
+total, which would squeeze the sizes to a 5.8x span).
+
+    nice -n 10 python benchmarks/sweep.py --fresh   # 12 runs (3 of them the lr search)
+    python benchmarks/sweep.py --tiny          # 6 micro-recipe runs, a minute or two: smoke test
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="recipes/quickstart.toml")
     parser.add_argument("--sizes", default="64x1,128x2,192x4")
-    parser.add_argument("--tokens", default="0.25M,0.5M,1M")
+    parser.add_argument("--tokens", default="0.125M,0.25M,0.5M")
+    parser.add_argument("--lr-search", default="5e-3,1e-2", help="'' for the recipe's lr")
+    parser.add_argument("--n-count", default="non-embedding", choices=["non-embedding", "total"])
     parser.add_argument("--name", default="bench-sweep")
     parser.add_argument("--tiny", action="store_true", help="micro recipe, 2 sizes x 2 budgets")
     parser.add_argument("--fresh", action="store_true", help="delete earlier sweep points first")
@@ -36,8 +47,13 @@ def main() -> None:
         # One torch thread: on this shared 2-core machine at load ~20, a d=64 step took 1.07 s
         # with 1 thread and 5.5 s with torch's default 2 (threads spinning for a busy core).
         extra.append("--run.threads=1")
+    defaults = {"--pretrain.optimizer=": "muon", "--pretrain.batch_size=": "8"}
+    for key, value in defaults.items():
+        if not any(x.startswith(key) for x in extra):
+            extra.append(key + value)
     if args.tiny:
-        args.recipe, args.sizes, args.tokens = "recipes/micro.toml", "32x1,64x2", "10k,20k"
+        args.recipe, args.sizes, args.tokens = "recipes/micro.toml", "32x1,64x2", "10k,20k,40k"
+        args.lr_search = ""
         args.name = "bench-sweep-tiny"
     run_dir = ROOT / "runs" / args.name
     if args.fresh:
@@ -50,17 +66,30 @@ def main() -> None:
         f"--sizes={args.sizes}",
         f"--tokens={args.tokens}",
         f"--run.name={args.name}",
+        f"--n-count={args.n_count}",
+        *([f"--lr-search={args.lr_search}"] if args.lr_search else []),
         *extra,
     )
     wall = time.perf_counter() - t0
     result = json.loads((run_dir / "sweep" / "sweep.json").read_text())
     law = result["law"]
-    print(f"\n{len(result['points'])} runs in {wall:.0f} s ({wall / 60:.1f} min; bar 20 min)")
+    runs = len(result["points"]) + sum(not p["chosen"] for p in result["lr_search"])
+    print(f"\n{runs} runs ({len(result['points'])} fitted) in {wall:.0f} s ({wall / 60:.1f} min)")
     print(f"load average before {load_before}, after {os.getloadavg()}")
+    fit = law["extra"]
     print(
-        f"fitted: E={law['E']:.3f} A={law['A']:.4g} B={law['B']:.4g} "
+        f"fitted ({result['n_count']} N): E={law['E']:.3f} A={law['A']:.4g} B={law['B']:.4g} "
         f"alpha={law['alpha']:.3f} beta={law['beta']:.3f}"
     )
+    print(
+        f"fit quality: R2 {fit['r2']:.4f}, RMS log residual {fit['rms_log_residual']:.4f}, "
+        f"largest residual {fit['max_abs_residual']:.4f} nats; leave-one-out alpha "
+        f"{fit['loo_alpha'][0]:.3f}..{fit['loo_alpha'][1]:.3f}, beta "
+        f"{fit['loo_beta'][0]:.3f}..{fit['loo_beta'][1]:.3f}"
+    )
+    for p in result["points"]:
+        n, d, loss = p["n"], p["tokens"], p["val_loss"]
+        print(f"  {p['name']:<24} N {n:>9,.0f}  D {d:>9,.0f}  loss {loss:.4f}")
     print("published: Hoffmann alpha=0.34 beta=0.28; Epoch alpha=0.3478 beta=0.3658")
     print(f"plot: {run_dir / 'sweep' / 'sweep.png'}")
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "out")) / "sweep.json"
@@ -69,11 +98,13 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": vars(args) | {"overrides": extra},
         "wall_s": wall,
-        "runs": len(result["points"]),
+        "runs": runs,
+        "fitted_runs": len(result["points"]),
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "law": law,
         "points": result["points"],
+        "lr_search": result["lr_search"],
     }
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")

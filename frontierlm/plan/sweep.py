@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -180,7 +181,9 @@ def run_sweep(
     total = runs + (len(sizes) * (len(lrs) - 1) if lrs else 0)
     done = 0
 
-    def train_point(d_model: int, n_layers: int, n_tokens: float, lr, budget) -> dict[str, Any]:
+    def train_point(
+        d_model: int, n_layers: int, n_tokens: float, budget: float | None, lr: float | None
+    ) -> dict[str, Any]:
         nonlocal done
         point = point_config(cfg, d_model, n_layers, n_tokens, points_dir, lr, warmup_fraction)
         done += 1
@@ -225,13 +228,13 @@ def run_sweep(
         budgets.sort()
         lr = None
         if lrs:  # the smallest budget at every lr; the best one is that budget's grid point
-            tried = [train_point(d_model, n_layers, *budgets[0], lr=each) for each in lrs]
+            tried = [train_point(d_model, n_layers, *budgets[0], each) for each in lrs]
             best = min(tried, key=lambda p: p["val_loss"])
             lr = best["lr"]
             search += [p | {"chosen": p is best} for p in tried]
             points.append(best)
             budgets = budgets[1:]
-        points += [train_point(d_model, n_layers, d, lr, budget) for d, budget in budgets]
+        points += [train_point(d_model, n_layers, d, budget, lr) for d, budget in budgets]
     law = fit_points(points, loo=True)
     law = dataclasses.replace(law, extra=law.extra | {"n_count": n_count})
     result = {
@@ -285,9 +288,17 @@ def fit_points(points: list[dict[str, Any]], loo: bool = False) -> ScalingLaw:
     extra["d_range"] = [float(d.min()), float(d.max())]
     if loo and len(points) > 5:
         alphas, betas = [], []
+        # Each refit starts from the full fit's optimum (a jackknife): one L-BFGS run, not 16.
+        start = {
+            "a": [math.log(law.A)],
+            "b": [math.log(law.B)],
+            "e": [math.log(law.E)],
+            "alpha": [law.alpha],
+            "beta": [law.beta],
+        }
         for i in range(len(points)):
             keep = np.arange(len(points)) != i
-            each = fit_law(n[keep], d[keep], loss[keep])
+            each = fit_law(n[keep], d[keep], loss[keep], grid=start, starts=0)
             alphas.append(float(each.alpha))
             betas.append(float(each.beta))
         extra["loo_alpha"] = [min(alphas), max(alphas)]

@@ -158,3 +158,61 @@ def test_micro_sweep_end_to_end(tmp_path):
     )
     again = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
     assert [p["val_loss"] for p in again["points"]] == [p["val_loss"] for p in result["points"]]
+
+
+def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkeypatch):
+    """The sweep's bookkeeping with training replaced by a known loss surface: a law in the
+    non-embedding N plus a penalty for missing each width's own best learning rate (5e-3 for
+    d 64, 1e-2 for d 128), so one lr for both would tilt the fit."""
+    import frontierlm.stages
+    import frontierlm.tokenizer.train
+    from frontierlm.plan.sweep import run_sweep
+
+    truth = ScalingLaw(E=2.0, A=40.0, B=300.0, alpha=0.3, beta=0.35)
+    best_lr = {64: 5e-3, 128: 1e-2}
+    trained = []
+
+    def fake_run_stage(cfg, name, force=False):
+        if name != "pretrain":
+            return {}
+        trained.append(cfg.run.name)
+        pre = cfg.pretrain
+        tokens = pre.steps * pre.batch_size * pre.seq_len
+        count = count_model(cfg.model, 4096)
+        n = non_embedding_params(count, cfg.model)
+        miss = np.log(pre.lr / best_lr[cfg.model.d_model]) ** 2
+        loss = float(truth.loss(n, tokens)) + 0.2 * miss
+        metrics = {
+            "params": float(count.params),
+            "active_params": float(count.active_params),
+            "tokens_seen": float(tokens),
+            "train_flops": 6.0 * count.active_params * tokens,
+            "flops_per_token": 6.0 * count.active_params,
+            "val_loss": loss,
+            "val_bpb": loss / 3,
+        }
+        return {"metrics": metrics, "wall_s": 1.0}
+
+    class Vocab:
+        def get_vocab_size(self):
+            return 4096
+
+    monkeypatch.setattr(frontierlm.stages, "run_stage", fake_run_stage)
+    monkeypatch.setattr(frontierlm.tokenizer.train, "load_tokenizer", lambda path: Vocab())
+    cfg = load_config("recipes/quickstart.toml", [f"--run.out_dir={tmp_path}"])
+    sizes, tokens = [(64, 1), (128, 2), (128, 4)], [4e5, 1e5, 2e5]
+    result = run_sweep(cfg, sizes, tokens, lrs=[5e-3, 1e-2], warmup_fraction=0.2)
+    # 3 sizes x 2 lrs on the smallest budget (1e5 tokens, sorted first), then 2 budgets each.
+    assert len(trained) == 12 and len(result["lr_search"]) == 6 and len(result["points"]) == 9
+    chosen = {(p["d_model"], p["n_layers"]): p["lr"] for p in result["lr_search"] if p["chosen"]}
+    assert chosen == {(64, 1): 5e-3, (128, 2): 1e-2, (128, 4): 1e-2}
+    for p in result["points"]:
+        assert p["lr"] == best_lr[p["d_model"]] and p["n"] == p["non_embedding_params"]
+        assert p["warmup_steps"] == round(0.2 * p["steps"])
+    # At each size's best lr the losses are the law's: the fit recovers it.
+    law = result["law"]
+    assert abs(law["alpha"] - 0.3) < 0.02 and abs(law["beta"] - 0.35) < 0.02
+    assert law["extra"]["n_count"] == "non-embedding" and law["extra"]["r2"] > 0.999
+    assert (tmp_path / "quickstart" / "sweep" / "sweep.png").is_file()
+    text = (tmp_path / "quickstart" / "sweep" / "report.md").read_text()
+    assert "| 64x1 | **" in text and "N counts non-embedding parameters" in text
