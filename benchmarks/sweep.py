@@ -8,14 +8,15 @@ machine is shared), the fitted law and its fit quality next to the published exp
 plot. JSON to $OUT or benchmarks/out/.
 
 The design, so that a bigger model is not handicapped by settings tuned for another size:
-Muon on the hidden matrices (its update RMS does not grow with width), a learning rate per size
-(each size's smallest budget at 5e-3 and 1e-2, the better kept for its other budgets), warmup
-a tenth of every run, 8 x 256-token batches (more optimizer steps per token than the recipe's
-16: short runs are far below the critical batch size), sizes 36x apart in non-embedding
-parameters (49k, 393k, 1.77M; with a 4k vocabulary the embeddings are most of a small model's
-total, which would squeeze the sizes to a 5.8x span).
+Muon on the hidden matrices (its update RMS does not grow with width), a learning rate per
+width by muP's rule for hidden matrices, lr = 5e-3 x 192 / d_model (5e-3 is the best of
+2.5e-3/5e-3/1e-2 for the recipe's 192-wide model, benchmarks/optimizer_sweep.py), warmup a tenth
+of every run, sizes 36x apart in non-embedding parameters (49k, 393k, 1.77M; with a 4k
+vocabulary the embeddings are most of a small model's total, which would squeeze the sizes to a
+5.8x span). `--lr-search 5e-3,1e-2` tunes per size on the smallest budget instead (measured: it
+picks too high an lr for the longer runs; see RESULTS.md).
 
-    nice -n 10 python benchmarks/sweep.py --fresh   # 12 runs (3 of them the lr search)
+    nice -n 10 python benchmarks/sweep.py --fresh   # 9 runs
     python benchmarks/sweep.py --tiny          # 6 micro-recipe runs, a minute or two: smoke test
 """
 
@@ -36,8 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="recipes/quickstart.toml")
     parser.add_argument("--sizes", default="64x1,128x2,192x4")
-    parser.add_argument("--tokens", default="0.125M,0.25M,0.5M")
-    parser.add_argument("--lr-search", default="5e-3,1e-2", help="'' for the recipe's lr")
+    parser.add_argument("--tokens", default="0.25M,0.5M,1M")
+    parser.add_argument("--lr-search", default="", help="e.g. 5e-3,1e-2 (instead of the rule)")
+    parser.add_argument("--lr-width-exponent", default="1", help="lr x (192 / d_model)^this")
     parser.add_argument("--n-count", default="non-embedding", choices=["non-embedding", "total"])
     parser.add_argument("--name", default="bench-sweep")
     parser.add_argument("--tiny", action="store_true", help="micro recipe, 2 sizes x 2 budgets")
@@ -47,13 +49,13 @@ def main() -> None:
         # One torch thread: on this shared 2-core machine at load ~20, a d=64 step took 1.07 s
         # with 1 thread and 5.5 s with torch's default 2 (threads spinning for a busy core).
         extra.append("--run.threads=1")
-    defaults = {"--pretrain.optimizer=": "muon", "--pretrain.batch_size=": "8"}
+    defaults = {"--pretrain.optimizer=": "muon"}
     for key, value in defaults.items():
         if not any(x.startswith(key) for x in extra):
             extra.append(key + value)
     if args.tiny:
         args.recipe, args.sizes, args.tokens = "recipes/micro.toml", "32x1,64x2", "10k,20k,40k"
-        args.lr_search = ""
+        args.lr_search, args.lr_width_exponent = "", "0"
         args.name = "bench-sweep-tiny"
     run_dir = ROOT / "runs" / args.name
     if args.fresh:
@@ -68,6 +70,7 @@ def main() -> None:
         f"--run.name={args.name}",
         f"--n-count={args.n_count}",
         *([f"--lr-search={args.lr_search}"] if args.lr_search else []),
+        *([f"--lr-width-exponent={args.lr_width_exponent}"] if not args.lr_search else []),
         *extra,
     )
     wall = time.perf_counter() - t0

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "budgets, e.g. 5e-3,1e-2,2e-2 (default: the recipe's pretrain.lr for every size)",
     )
     sweep.add_argument(
+        "--lr-width-exponent",
+        type=float,
+        default=0.0,
+        help="lr per size = pretrain.lr x (recipe d_model / d_model)^p; 1 = muP's 1/width for "
+        "hidden matrices (default 0: the recipe's lr for every size)",
+    )
+    sweep.add_argument(
         "--warmup-fraction", type=float, default=0.1, help="warmup as a share of each run's steps"
     )
     sweep.add_argument(
@@ -377,6 +384,7 @@ def sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
             lrs=lrs,
             warmup_fraction=args.warmup_fraction,
             n_count=args.n_count,
+            lr_width_exponent=args.lr_width_exponent,
         )
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         console.print(f"[red]error in sweep:[/] {err}")

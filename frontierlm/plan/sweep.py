@@ -122,6 +122,11 @@ def point_name(d_model: int, n_layers: int, tokens: float, lr: float | None = No
     return f"d{d_model}-l{n_layers}-t{round(tokens)}" + (f"-lr{lr:g}" if lr else "")
 
 
+def width_lr(cfg: RecipeConfig, d_model: int, exponent: float) -> float:
+    """The recipe's lr moved to another width: lr x (recipe d_model / d_model)^exponent."""
+    return cfg.pretrain.lr * (cfg.model.d_model / d_model) ** exponent
+
+
 def non_embedding_params(count: ModelCount, model: ModelConfig) -> int:
     """Kaplan et al.'s N: active parameters less the token embedding and (untied) output head.
     At these sizes a 4k vocabulary is most of the total (d64: 524k of 578k), so the total would
@@ -152,16 +157,21 @@ def run_sweep(
     lrs: list[float] | None = None,
     warmup_fraction: float = WARMUP_FRACTION,
     n_count: str = "non-embedding",
+    lr_width_exponent: float = 0.0,
 ) -> dict[str, Any]:
-    """Train the grid and fit the law. `lrs`: a per-size learning-rate search: each size's
-    smallest budget is trained at every one of them and the size's other budgets use the best
-    (one lr for all sizes favours whichever size it was tuned for, and the fit then measures
-    the tuning, not the size)."""
+    """Train the grid and fit the law. One lr for all sizes favours whichever size it was
+    tuned for, and the fit then measures the tuning, not the size; two ways out:
+    `lr_width_exponent` p: each size trains at the recipe's lr x (recipe d_model / d_model)^p
+    (p = 1 is muP's rule for hidden matrices under Adam: the recipe's lr is taken as tuned for
+    the recipe's width). `lrs`: a search: each size's smallest budget is trained at every one
+    of them and the size's other budgets use the best."""
     from frontierlm.stages import run_stage
     from frontierlm.tokenizer.train import load_tokenizer
 
     if (tokens is None) == (flops is None):
         raise ValueError("give --tokens or --flops (one of them)")
+    if lrs and lr_width_exponent:
+        raise ValueError("give --lr-search or --lr-width-exponent, not both")
     if n_count not in N_COUNTS:
         raise ValueError(f"--n-count: {n_count!r} is not one of {', '.join(N_COUNTS)}")
     runs = len(sizes) * len(tokens or flops)
@@ -226,7 +236,7 @@ def run_sweep(
             per_token = count_model(probe.model, vocab)
             budgets.append((amount / per_token.train_flops_per_token(cfg.pretrain.seq_len), amount))
         budgets.sort()
-        lr = None
+        lr = width_lr(cfg, d_model, lr_width_exponent) if lr_width_exponent else None
         if lrs:  # the smallest budget at every lr; the best one is that budget's grid point
             tried = [train_point(d_model, n_layers, *budgets[0], each) for each in lrs]
             best = min(tried, key=lambda p: p["val_loss"])
@@ -244,6 +254,7 @@ def run_sweep(
         "n_count": n_count,
         "n_is": N_MEANING[n_count],
         "warmup_fraction": warmup_fraction,
+        "lr_width_exponent": lr_width_exponent,
         "optimizer": cfg.pretrain.optimizer,
         "lr_search": search,
         "points": points,

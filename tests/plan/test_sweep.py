@@ -17,6 +17,7 @@ from frontierlm.plan.sweep import (
     plot_sweep,
     point_config,
     sweep_section,
+    width_lr,
 )
 from frontierlm.report import sweep_report_section
 
@@ -50,6 +51,9 @@ def test_point_config(tmp_path):
     tuned = point_config(cfg, 128, 2, 1e6, tmp_path, lr=1e-2, warmup_fraction=0.05)
     assert (tuned.pretrain.lr, tuned.pretrain.warmup_steps) == (1e-2, round(0.05 * 244))
     assert tuned.run.name == "d128-l2-t1000000-lr0.01"
+    # muP's width rule from the recipe's tuned width: 5e-3 at 192 -> 1.5e-2 at 64.
+    assert width_lr(cfg, 64, 1.0) == pytest.approx(1.5e-2) and width_lr(cfg, 192, 1.0) == 5e-3
+    assert width_lr(cfg, 64, 0.5) == pytest.approx(5e-3 * 3**0.5)
     with pytest.raises(ValueError, match="--warmup-fraction"):
         point_config(cfg, 128, 2, 1e6, tmp_path, warmup_fraction=1.0)
     assert point.tokenizer == cfg.tokenizer and point.data == cfg.data  # same upstream
@@ -201,6 +205,8 @@ def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkey
     monkeypatch.setattr(frontierlm.tokenizer.train, "load_tokenizer", lambda path: Vocab())
     cfg = load_config("recipes/quickstart.toml", [f"--run.out_dir={tmp_path}"])
     sizes, tokens = [(64, 1), (128, 2), (128, 4)], [4e5, 1e5, 2e5]
+    with pytest.raises(ValueError, match="not both"):
+        run_sweep(cfg, sizes, tokens, lrs=[5e-3, 1e-2], lr_width_exponent=1.0)
     result = run_sweep(cfg, sizes, tokens, lrs=[5e-3, 1e-2], warmup_fraction=0.2)
     # 3 sizes x 2 lrs on the smallest budget (1e5 tokens, sorted first), then 2 budgets each.
     assert len(trained) == 12 and len(result["lr_search"]) == 6 and len(result["points"]) == 9
@@ -216,3 +222,8 @@ def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkey
     assert (tmp_path / "quickstart" / "sweep" / "sweep.png").is_file()
     text = (tmp_path / "quickstart" / "sweep" / "report.md").read_text()
     assert "| 64x1 | **" in text and "N counts non-embedding parameters" in text
+    # The width rule instead: every budget of a size at the recipe's lr x 192 / d_model.
+    trained.clear()
+    ruled = run_sweep(cfg, sizes, tokens, lr_width_exponent=1.0)
+    assert len(trained) == 9 and ruled["lr_search"] == []
+    assert {(p["d_model"], p["lr"]) for p in ruled["points"]} == {(64, 1.5e-2), (128, 7.5e-3)}
