@@ -955,6 +955,12 @@ class PretrainConfig(LoopConfig):
         description="multi-stage data mixture, in order (train/mixture.py); empty: windows of "
         "the whole token stream in one seeded order",
     )
+    source_losses: bool = Field(
+        True,
+        description="log each token source's share of the training loss and tokens every step "
+        "(loss_share.NAME, token_share.NAME in metrics.jsonl; they add up to the loss), read "
+        "by `frontierlm data utility`; needs token shards that record sources",
+    )
 
     @model_validator(mode="after")
     def _mixture(self) -> PretrainConfig:
