@@ -179,11 +179,16 @@ def source_losses_from_log(
 
 
 def logged_utility(
-    run_dir: Path, from_step: int, to_step: int | None, window: int, tokens_per_step: int
+    run_dir: Path,
+    from_step: int,
+    to_step: int | None,
+    window: int,
+    tokens_per_step: int,
+    min_tokens: int = 2048,
 ) -> dict[str, Any] | None:
     """Part 1 of the module docstring: the per-source table from metrics.jsonl, or None when
     the run logged no per-source losses (pretrain.source_losses off, or shards without
-    sources)."""
+    sources). Sources with under `min_tokens` in a window rank last (`few_tokens`)."""
     path = run_dir / "pretrain" / "metrics.jsonl"
     records = [r for r in MetricsLog(path).read() if "loss" in r]
     tracked = [r for r in records if any(k.startswith(LOSS_SHARE) for k in r)]
@@ -211,8 +216,11 @@ def logged_utility(
                 "contribution": r["contribution"],
             }
         )
-    # Sources drawn in no step of a window have no loss there (NaN): ranked last.
-    rows.sort(key=lambda r: -r["reduction"] if r["reduction"] == r["reduction"] else math.inf)
+    # A source with few tokens in either window has a noisy reduction (NaN with none): it is
+    # ranked after the others.
+    for r in rows:
+        r["few_tokens"] = min(r["tokens"], at_from[r["source"]]["tokens"]) < min_tokens
+    rows.sort(key=lambda r: (r["few_tokens"] or r["reduction"] != r["reduction"], -r["reduction"]))
     logged = math.fsum(logged_ce(r) for r in late) / len(late)
     parts = math.fsum(r["contribution"] for r in rows)
     per_step = [
@@ -394,7 +402,7 @@ def print_logged(logged: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "source" else "right")
     for rank, r in enumerate(logged["sources"], 1):
         table.add_row(
-            str(rank),
+            "-" if r["few_tokens"] else str(rank),
             r["source"],
             f"{r['tokens']:,}",
             f"{r['share']:.1%}",
@@ -407,6 +415,8 @@ def print_logged(logged: dict[str, Any]) -> None:
         "", "sum", f"{logged['tokens']:,}", "", "", "", "", f"{logged['sum_of_contributions']:.5f}"
     )
     console.print(table)
+    if any(r["few_tokens"] for r in logged["sources"]):
+        console.print("  -: too few tokens in a window to rank (--window wider to rank them)")
     ok = abs(logged["difference"]) < 1e-5 and logged["max_step_difference"] < 1e-5
     mark = "[green]adds up[/]" if ok else "[red]does NOT add up[/]"
     console.print(

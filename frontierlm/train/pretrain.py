@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frontierlm.config import LoopConfig
+from frontierlm.config import LoopConfig, PretrainConfig
 from frontierlm.eval.bpb import UnigramLM, bits_per_byte, sequential_windows
 from frontierlm.model import Transformer
 from frontierlm.stages import StageContext
@@ -56,11 +56,10 @@ class ShuffledWindows:
         return batch
 
 
-def tracked_sources(split: TokenSplit, loop: LoopConfig) -> TokenSplit | None:
+def tracked_sources(split: TokenSplit, loop: PretrainConfig) -> TokenSplit | None:
     """`split` when the run logs per-source losses (`pretrain.source_losses`) and the shards
     record sources; else None."""
-    tracked = getattr(loop, "source_losses", False) and split.doc_sources is not None
-    return split if tracked else None
+    return split if loop.source_losses and split.doc_sources is not None else None
 
 
 def source_loss_parts(
@@ -72,14 +71,17 @@ def source_loss_parts(
     loop averages parts over micro-steps and processes of equal size, to the step's logged
     loss; a source's own mean loss is loss_share / token_share. One scatter-add on the device;
     the values are read with the step's other numbers."""
-    flat, ids = losses.detach().reshape(-1).float(), token_sources.reshape(-1)
+    # Summed in float64: a float32 scatter-add of thousands of losses into one slot drifts by
+    # ~1e-6 of the total, as much as the parts may differ from the loss.
+    flat, ids = losses.detach().reshape(-1).double(), token_sources.reshape(-1)
     n = flat.numel()
-    sums = torch.zeros(len(names), dtype=torch.float32, device=flat.device).index_add_(0, ids, flat)
-    counts = torch.bincount(ids, minlength=len(names)).float()
+    sums = torch.zeros(len(names), dtype=torch.float64, device=flat.device).index_add_(0, ids, flat)
+    counts = torch.bincount(ids, minlength=len(names)).double()
+    loss_shares, token_shares = (sums / n).unbind(), (counts / n).unbind()  # views, no copies
     parts: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(names):
-        parts[f"loss_share.{name}"] = sums[i] / n
-        parts[f"token_share.{name}"] = counts[i] / n
+    for name, loss_share, token_share in zip(names, loss_shares, token_shares, strict=True):
+        parts[f"loss_share.{name}"] = loss_share
+        parts[f"token_share.{name}"] = token_share
     return parts
 
 
