@@ -81,3 +81,22 @@ def test_compiled_step_and_bf16_autocast(make_random_model):
     assert [c.ids for c in generate(model, prompts, sampled)] == [
         c.ids for c in generate(model, prompts, sampled)
     ]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_flex_decode_attention_equals_sdpa(softcap):
+    """The compiled step's FlexAttention decode kernel against the masked path eager steps run,
+    with per-sequence lengths (GQA, bf16)."""
+    from frontierlm.model.attention import attend_cached
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, kv_len = 16, 32, 8, 64, 384
+    q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, kv_heads, kv_len, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    lengths = torch.randint(1, kv_len + 1, (batch,), device="cuda")
+    mask = (torch.arange(kv_len, device="cuda") < lengths[:, None])[:, None, None, :]
+    eager = attend_cached(q, keys, values, mask, None, softcap)
+    compiled = torch.compile(attend_cached)(q, keys, values, mask, None, softcap)
+    assert compiled.shape == eager.shape == (batch, heads, 1, dim)
+    assert (compiled.float() - eager.float()).abs().max().item() < 2e-2
