@@ -38,30 +38,15 @@ from frontierlm.data.quality import QualityTopFraction
 
 def model_files(cfg: UtilityFilterConfig) -> list[Path]:
     """The files whose content decides the scores (the data stage fingerprints them)."""
+    from frontierlm.eval.utility import model_path
+
     run = Path(cfg.run)
     files = [run / "config.json", run / "tokenizer" / "tokenizer.json"]
     for which in (cfg.from_model, cfg.to_model):
-        if which is not None and which != "init":
-            files.append(_model_dir(run, which) / "model.safetensors")
+        path = model_path(run, which) if which is not None else None
+        if path is not None:  # init: rebuilt from config.json's seed
+            files.append(path / "model.safetensors")
     return files
-
-
-def _model_dir(run: Path, which: str) -> Path:
-    from frontierlm.train.checkpoint import list_checkpoints
-
-    if which == "final":
-        return run / "pretrain" / "model"
-    if which.isdigit():
-        return run / "pretrain" / "checkpoints" / f"step_{int(which):07d}"
-    if which in ("oldest", "latest"):
-        ckpts = list_checkpoints(run / "pretrain" / "checkpoints")
-        if not ckpts:
-            raise FileNotFoundError(
-                f"data.utility_filter: no checkpoints under {run}/pretrain/checkpoints for "
-                f"{which!r}: name a step, final or init"
-            )
-        return ckpts[0] if which == "oldest" else ckpts[-1]
-    return Path(which)
 
 
 class ReferenceScorer:

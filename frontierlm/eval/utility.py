@@ -68,27 +68,36 @@ class DocLosses:
     tokens: np.ndarray
 
 
-def resolve_model(run_dir: Path, cfg: RecipeConfig, which: str, vocab: int) -> tuple[Any, str]:
-    """`init`, `final`, `oldest`, `latest`, a step number, or a directory -> (model, label)."""
+def model_path(run_dir: Path, which: str) -> Path | None:
+    """`init` (None: rebuilt from the seed), `final`, `oldest`, `latest`, a step number, or a
+    directory -> the model directory it names."""
     ckpts = list_checkpoints(run_dir / "pretrain" / "checkpoints")
     if which == "init":
-        torch.manual_seed(cfg.run.seed)  # the pretrain stage's first random draw is the model
-        return Transformer(cfg.model, vocab), "init"
+        return None
     if which == "final":
-        return load_model_dir(run_dir / "pretrain" / "model"), "final"
+        return run_dir / "pretrain" / "model"
     if which in ("oldest", "latest"):
         if not ckpts:
             raise FileNotFoundError(f"no checkpoints under {run_dir}/pretrain/checkpoints")
-        path = ckpts[0] if which == "oldest" else ckpts[-1]
-        return load_model_dir(path), path.name
+        return ckpts[0] if which == "oldest" else ckpts[-1]
     if which.isdigit():
         path = run_dir / "pretrain" / "checkpoints" / f"step_{int(which):07d}"
         if not path.is_dir():
             have = ", ".join(p.name for p in ckpts) or "none"
             raise FileNotFoundError(f"no checkpoint {path} (kept: {have})")
-        return load_model_dir(path), path.name
-    path = Path(which)
-    return load_model_dir(path), str(path)
+        return path
+    return Path(which)
+
+
+def resolve_model(run_dir: Path, cfg: RecipeConfig, which: str, vocab: int) -> tuple[Any, str]:
+    """As `model_path`, loaded -> (model, label)."""
+    path = model_path(run_dir, which)
+    if path is None:
+        torch.manual_seed(cfg.run.seed)  # the pretrain stage's first random draw is the model
+        return Transformer(cfg.model, vocab), "init"
+    if which == "final":
+        return load_model_dir(path), "final"
+    return load_model_dir(path), path.name if path.parent.name == "checkpoints" else str(path)
 
 
 @torch.no_grad()
