@@ -345,6 +345,10 @@ class Engine:
                     accept(slot, int(tokens[slot]), logprobs[slot])
 
         pending = None
+        steps = 0
+        position_buffers = [
+            torch.empty(self.slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
         while True:
             free = [slot for slot, seq in enumerate(running) if seq is None]
             if free and waiting:
@@ -374,7 +378,16 @@ class Engine:
                 read(pending)
                 pending = None
                 continue
-            self.positions.copy_(torch.tensor(next_position))
+            if pinned:
+                # From pinned memory the copy does not wait for the device (a pageable one would
+                # drain the stream every step); two buffers alternate, and a buffer's previous
+                # copy is done once `read` has waited on the event of the step that followed it.
+                staged = position_buffers[steps % 2]
+                staged.copy_(torch.tensor(next_position))
+                self.positions.copy_(staged, non_blocking=True)
+            else:
+                self.positions.copy_(torch.tensor(next_position))
+            steps += 1
             logits = self._decode(max(next_position[slot] for slot, _ in owners) + 1)
             for slot, _ in owners:
                 next_position[slot] += 1
