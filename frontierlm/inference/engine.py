@@ -174,9 +174,15 @@ class Engine:
         graphs = cuda_graphs and device.type == "cuda"
         # Graphs read weights by address: a model whose tensors moved needs a new engine.
         pointers = tuple(p.data_ptr() for p in model.parameters())
-        key = (slots, dtype, graphs, compile, pack_projections, pointers)
+        key = (dtype, graphs, compile, pack_projections, pointers)
         engine = _ENGINES.get(model)
-        if engine is None or engine.key != key or engine.cache.length < length:
+        # On a GPU an engine with more slots than asked for is kept (RL's and eval's last, smaller
+        # batch): its idle slots cost little in a memory-bound step, where a new engine costs a
+        # cache, graph captures and compilation. On CPU the step's cost grows with the slots.
+        fits = engine is not None and (
+            engine.slots >= slots if device.type == "cuda" else engine.slots == slots
+        )
+        if not fits or engine.key != key or engine.cache.length < length:
             _ENGINES.pop(model, None)
             engine = cls(model, slots, length, dtype, graphs, compile, pack_projections)
             engine.key = key
