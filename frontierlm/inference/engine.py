@@ -174,9 +174,15 @@ class Engine:
         graphs = cuda_graphs and device.type == "cuda"
         # Graphs read weights by address: a model whose tensors moved needs a new engine.
         pointers = tuple(p.data_ptr() for p in model.parameters())
-        key = (slots, dtype, graphs, compile, pack_projections, pointers)
+        key = (dtype, graphs, compile, pack_projections, pointers)
         engine = _ENGINES.get(model)
-        if engine is None or engine.key != key or engine.cache.length < length:
+        # On a GPU an engine with more slots than asked for is kept (RL's and eval's last, smaller
+        # batch): its idle slots cost little in a memory-bound step, where a new engine costs a
+        # cache, graph captures and compilation. On CPU the step's cost grows with the slots.
+        fits = engine is not None and (
+            engine.slots >= slots if device.type == "cuda" else engine.slots == slots
+        )
+        if not fits or engine.key != key or engine.cache.length < length:
             _ENGINES.pop(model, None)
             engine = cls(model, slots, length, dtype, graphs, compile, pack_projections)
             engine.key = key
@@ -345,6 +351,10 @@ class Engine:
                     accept(slot, int(tokens[slot]), logprobs[slot])
 
         pending = None
+        steps = 0
+        position_buffers = [
+            torch.empty(self.slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
         while True:
             free = [slot for slot, seq in enumerate(running) if seq is None]
             if free and waiting:
@@ -374,7 +384,16 @@ class Engine:
                 read(pending)
                 pending = None
                 continue
-            self.positions.copy_(torch.tensor(next_position))
+            if pinned:
+                # From pinned memory the copy does not wait for the device (a pageable one would
+                # drain the stream every step); two buffers alternate, and a buffer's previous
+                # copy is done once `read` has waited on the event of the step that followed it.
+                staged = position_buffers[steps % 2]
+                staged.copy_(torch.tensor(next_position))
+                self.positions.copy_(staged, non_blocking=True)
+            else:
+                self.positions.copy_(torch.tensor(next_position))
+            steps += 1
             logits = self._decode(max(next_position[slot] for slot, _ in owners) + 1)
             for slot, _ in owners:
                 next_position[slot] += 1
