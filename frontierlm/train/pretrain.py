@@ -69,14 +69,15 @@ def source_loss_parts(
     NAME's token losses over all tokens of the batch (nats per batch token), `token_share.NAME`
     its tokens over all tokens. The loss shares add up to the batch's mean loss, and, as the
     loop averages parts over micro-steps and processes of equal size, to the step's logged
-    loss; a source's own mean loss is loss_share / token_share. One scatter-add on the device;
-    the values are read with the step's other numbers."""
+    loss; a source's own mean loss is loss_share / token_share. Two scatter-adds on the device
+    and no sync: the values are read with the step's other numbers."""
     # Summed in float64: a float32 scatter-add of thousands of losses into one slot drifts by
     # ~1e-6 of the total, as much as the parts may differ from the loss.
     flat, ids = losses.detach().reshape(-1).double(), token_sources.reshape(-1)
     n = flat.numel()
     sums = torch.zeros(len(names), dtype=torch.float64, device=flat.device).index_add_(0, ids, flat)
-    counts = torch.bincount(ids, minlength=len(names)).double()
+    # Not bincount: on CUDA it reads the largest id back to size its output, a sync per step.
+    counts = torch.zeros_like(sums).index_add_(0, ids, torch.ones_like(flat))
     loss_shares, token_shares = (sums / n).unbind(), (counts / n).unbind()  # views, no copies
     parts: dict[str, torch.Tensor] = {}
     for name, loss_share, token_share in zip(names, loss_shares, token_shares, strict=True):
