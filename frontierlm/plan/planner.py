@@ -17,6 +17,7 @@ from frontierlm.config import ModelConfig
 from frontierlm.plan.cost import Hardware, gpu, gpus
 from frontierlm.plan.flops import config_for_params, count_model
 from frontierlm.plan.scaling import (
+    IDENTIFIED_MAX,
     PUBLISHED,
     TOKENS_PER_PARAM,
     ScalingLaw,
@@ -109,6 +110,13 @@ def _rule(args: argparse.Namespace, law: ScalingLaw | None) -> Rule:
     if choice == "law":
         if law is None:
             raise ValueError("--optimum law needs --law PATH (a sweep.json)")
+        if law.has_optimum and not law.identified:
+            raise ValueError(
+                f"--law {args.law}: alpha {law.alpha:.3g}, beta {law.beta:.3g}: an exponent past "
+                f"{IDENTIFIED_MAX:g} means those runs barely depend on N (or D), so the law's "
+                "optimum is an artefact; plan with --optimum epoch/hoffmann/tokens-per-param, "
+                "or sweep sizes/budgets where size pays off"
+            )
         return Rule(f"fitted law ({args.law})", law)
     if choice in PUBLISHED:
         return Rule(PUBLISHED[choice].name, PUBLISHED[choice])
@@ -183,6 +191,12 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     for key, each in laws.items():
         if not each.has_optimum:
             notes.append(f"{args.law}: alpha or beta is not positive, so it gives no optimum")
+            continue
+        if not each.identified:
+            notes.append(
+                f"{args.law}: alpha {each.alpha:.3g} / beta {each.beta:.3g} past "
+                f"{IDENTIFIED_MAX:g}: the runs do not identify that term, so no optimum is shown"
+            )
             continue
         row = _optimum_row(each.name if key != "law" else f"fitted law ({args.law})", each)
         row["params"], row["tokens"] = each.optimal(compute)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+IDENTIFIED_MAX = 2.0  # the largest exponent in Hoffmann et al.'s grid of starting points
+
 
 @dataclass(frozen=True)
 class ScalingLaw:
@@ -59,6 +61,12 @@ class ScalingLaw:
     @property
     def has_optimum(self) -> bool:
         return self.alpha > 0 and self.beta > 0 and self.A > 0 and self.B > 0
+
+    @property
+    def identified(self) -> bool:
+        """Both exponents within Hoffmann et al.'s starting grid (0, 2]: past it a term runs off
+        because the runs barely depend on N or D, and its optimum means nothing."""
+        return 0 < self.alpha <= IDENTIFIED_MAX and 0 < self.beta <= IDENTIFIED_MAX
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -233,6 +241,9 @@ def fit_law(
                 # The objective is ~1e-5 near the optimum: scipy's default ftol (relative to
                 # max(|f|, 1)) would stop far from it, the trap Besiroglu et al. found.
                 options={"maxiter": 1000, "ftol": 1e-13, "gtol": 1e-9},
+                # When the loss hardly depends on N (or D) the exponent runs off and log A with
+                # it; capping log A and log B keeps exp() finite so the runaway is reported.
+                bounds=[(None, 700.0), (None, 700.0), (None, None), (None, None), (None, None)],
             )
             if best is None or result.fun < best.fun:
                 best = result

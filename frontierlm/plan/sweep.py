@@ -31,7 +31,7 @@ from frontierlm.atomic import write_text
 from frontierlm.config import ConfigError, ModelConfig, RecipeConfig
 from frontierlm.console import console
 from frontierlm.plan.flops import ModelCount, count_model
-from frontierlm.plan.scaling import EPOCH, HOFFMANN, ScalingLaw, fit_law
+from frontierlm.plan.scaling import EPOCH, HOFFMANN, IDENTIFIED_MAX, ScalingLaw, fit_law
 
 UPSTREAM = ("data", "tokenizer", "tokenize")
 LINKED = ("tokenizer", "tokenize")  # what pretrain reads from its run directory
@@ -394,7 +394,7 @@ def fit_warning(law: ScalingLaw) -> str:
             "The fit has a non-positive exponent: these runs do not constrain the law (too "
             "small a range of sizes or tokens, or runs too short to learn)."
         )
-    loose = [name for name, x in (("N", law.alpha), ("D", law.beta)) if x > 2.0]
+    loose = [name for name, x in (("N", law.alpha), ("D", law.beta)) if x > IDENTIFIED_MAX]
     if loose:
         return (
             f"The {' and '.join(loose)} term is not identified: its exponent ran past 2 (the "

@@ -112,4 +112,15 @@ def test_law_without_optimum_is_named(tmp_path, capsys):
     p = plan(tmp_path, "--flops", "1e21", "--law", str(path), "--optimum", "epoch")
     assert "law" not in p["optima"] and "gives no optimum" in " ".join(p["notes"])
     assert main(["plan", "--flops", "1e21", "--law", str(path)]) == 1
+
+
+def test_law_whose_n_term_ran_off_gives_no_plan(tmp_path, capsys):
+    # The 2026-11-29 CPU sweep: 128x2 and 192x4 tie, alpha runs to 27.7.
+    law = {"E": 1.87, "A": 4.6e129, "B": 33.9, "alpha": 27.69, "beta": 0.187}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"law": law}))
+    p = plan(tmp_path, "--flops", "1e21", "--law", str(path), "--optimum", "epoch")
+    assert "law" not in p["optima"] and "do not identify" in " ".join(p["notes"])
+    assert main(["plan", "--flops", "1e21", "--law", str(path)]) == 1
+    assert "barely depend on N" in " ".join(capsys.readouterr().err.split())
     assert "no compute-optimal split" in capsys.readouterr().err.replace("\n", " ")

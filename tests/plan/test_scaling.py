@@ -90,6 +90,17 @@ def test_fit_is_robust_to_an_outlier():
     assert abs(fit.alpha - EPOCH.alpha) < 0.01 and abs(fit.beta - EPOCH.beta) < 0.01
 
 
+def test_fit_where_size_stops_mattering_stays_finite():
+    """The sweep's own 2026-11-29 runs: 128x2 and 192x4 (total active parameters) tie at every
+    budget, so alpha runs off; the fit must still return finite numbers to report."""
+    n = np.repeat([577_984.0, 1_475_712.0, 3_344_832.0], 3)
+    d = np.tile([249_856.0, 499_712.0, 999_424.0], 3)
+    loss = np.array([5.2481, 4.8505, 4.5283, 5.1975, 4.7893, 4.4370, 5.2680, 4.8444, 4.4351])
+    law = fit_law(n, d, loss)
+    assert np.isfinite([law.E, law.A, law.B, law.alpha, law.beta]).all()
+    assert np.isfinite(law.loss(n, d)).all() and law.extra["rms_log_residual"] < 0.02
+
+
 def test_fit_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 5 runs"):
         fit_law([1, 2], [1, 2], [1, 2])
