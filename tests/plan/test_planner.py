@@ -112,6 +112,7 @@ def test_law_without_optimum_is_named(tmp_path, capsys):
     p = plan(tmp_path, "--flops", "1e21", "--law", str(path), "--optimum", "epoch")
     assert "law" not in p["optima"] and "gives no optimum" in " ".join(p["notes"])
     assert main(["plan", "--flops", "1e21", "--law", str(path)]) == 1
+    assert "no compute-optimal split" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_law_whose_n_term_ran_off_gives_no_plan(tmp_path, capsys):
@@ -123,4 +124,3 @@ def test_law_whose_n_term_ran_off_gives_no_plan(tmp_path, capsys):
     assert "law" not in p["optima"] and "do not identify" in " ".join(p["notes"])
     assert main(["plan", "--flops", "1e21", "--law", str(path)]) == 1
     assert "barely depend on N" in " ".join(capsys.readouterr().err.split())
-    assert "no compute-optimal split" in capsys.readouterr().err.replace("\n", " ")
