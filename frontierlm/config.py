@@ -1375,6 +1375,38 @@ class SynthConfig(Strict):
         return self
 
 
+class SynthSFTConfig(SFTConfig):
+    """`frontierlm synth_sft`: the SFT model fine-tuned on the synth stage's kept replies
+    (rejection-sampling fine-tuning: one STaR iteration), then greedy exact match on held-out
+    problems before (the SFT model) and after, item by item."""
+
+    steps: int = Field(100, ge=1)
+    sources: list[ChatSource] = Field(
+        default_factory=list,
+        description="chats trained on besides synth/synth.jsonl (RFT mixes in the SFT data)",
+    )
+    heldout_task: str = Field(
+        description="an exact_match eval task (a shipped spec's name, e.g. arithmetic_word, or a "
+        ".toml path) scored before and after; keep its items out of the synth prompts"
+    )
+    heldout_limit: int | None = Field(None, ge=1, description="at most this many held-out items")
+
+    @model_validator(mode="after")
+    def _heldout(self) -> SynthSFTConfig:
+        from frontierlm.eval.tasks import EvalTaskError, load_spec
+
+        try:
+            spec = load_spec(self.heldout_task)
+        except EvalTaskError as err:
+            raise ValueError(f"heldout_task: {err}") from None
+        if spec.kind != "exact_match":
+            raise ValueError(
+                f"heldout_task {self.heldout_task!r} is a {spec.kind} task; it must be "
+                "exact_match (greedy answers checked against the reference)"
+            )
+        return self
+
+
 class RecipeConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -1390,6 +1422,27 @@ class RecipeConfig(Strict):
     synth: SynthConfig | None = Field(
         None, description="synthetic data (`frontierlm synth`); the stage runs only when set"
     )
+    synth_sft: SynthSFTConfig | None = Field(
+        None, description="SFT on the synth output with a held-out before/after; needs [synth]"
+    )
+
+    @model_validator(mode="after")
+    def _synth_sft_needs_verified_chats(self) -> RecipeConfig:
+        if self.synth_sft is None:
+            return self
+        if self.synth is None:
+            raise ValueError("synth_sft trains on the synth stage's output: add a [synth] table")
+        if self.synth.mode != "verify":
+            raise ValueError(
+                f"synth_sft trains on question/answer chats, which synth.mode = 'verify' writes; "
+                f"synth.mode is {self.synth.mode!r}"
+            )
+        if self.synth_sft.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"synth_sft.seq_len={self.synth_sft.seq_len} exceeds "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:
@@ -1510,10 +1563,11 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 
 def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` on top of `base`: tables merge key by key, anything else (values, arrays,
-    arrays of tables such as data.sources) is replaced whole."""
+    arrays of tables such as data.sources) is replaced whole. An empty table (`x = {}`) clears
+    the base's, the one way a variant can drop entries such as eval.task_limits."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = merge_tables(merged[key], value)
         else:
             merged[key] = value
