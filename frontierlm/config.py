@@ -1337,11 +1337,12 @@ class SynthConfig(Strict):
     )
     max_items: int | None = Field(None, ge=1, description="use at most this many source items")
     model: Literal["pretrain", "sft", "align"] = Field("sft", description="which model samples")
-    scorer: Literal["exact_match", "dpo_reward"] = Field(
+    scorer: Literal["exact_match", "exact_match_steps", "dpo_reward"] = Field(
         "exact_match",
         description="exact_match: 1 when the reply's final number equals the reference's (GSM8K "
-        "verifier), else 0; dpo_reward: the align model's implicit reward against the SFT "
-        "model, beta * (log p_align - log p_sft) of the reply",
+        "verifier), else 0; exact_match_steps: that, and every calculation the reply writes "
+        "(`7 + 5 = 12`, `<<48/2=24>>`) is right; dpo_reward: the align model's implicit "
+        "reward against the SFT model, beta * (log p_align - log p_sft) of the reply",
     )
     threshold: float = Field(1.0, description="keep a reply only if its score is >= this")
     samples: int = Field(4, ge=1, description="replies sampled per item per round")

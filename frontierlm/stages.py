@@ -371,6 +371,6 @@ def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
         if not stage.in_pipeline:
             continue
         if not stage.enabled(cfg):
-            console.print(f"[dim]- {name}: no [{name}] table in the recipe, not run")
+            console.print(f"[dim]- {name}: no \\[{name}] table in the recipe, not run")
             continue
         run_stage(cfg, name, force=force)

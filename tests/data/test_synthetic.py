@@ -309,9 +309,10 @@ def test_synth_keeps_only_verified_word_problem_answers(tmp_path, monkeypatch, s
     source.write_text("".join(json.dumps(p) + "\n" for p in problems))
     cfg = load_config(
         root / "recipes" / "synth-arithmetic.toml",
-        [f"--run.out_dir={tmp_path}", f"--synth.source={source}", "--synth.samples=2"],
-    )
-    assert cfg.synth.temperature == 1.0 and cfg.synth.max_regenerations == 2
+        [f"--run.out_dir={tmp_path}", f"--synth.source={source}", "--synth.samples=2",
+         "--synth.temperature=1.0", "--synth.scorer=exact_match"],  # fair coin flips
+    )  # fmt: skip
+    assert cfg.synth.max_regenerations == 2
     save_tokenizer(tok, cfg.run.run_dir / "tokenizer")
     work = tmp_path / "synth.partial"
     work.mkdir()
@@ -347,3 +348,15 @@ def test_synth_keeps_only_verified_word_problem_answers(tmp_path, monkeypatch, s
     still = [12, 12 - kept_by_round[0], 12 - sum(kept_by_round[:2])]
     assert [r["items"] for r in stats["rounds"]] == still
     assert 1 <= coins <= 4 and stats["samples_accepted"] < stats["samples"]
+
+
+def test_exact_match_steps_judge_rejects_right_answers_from_wrong_work():
+    from frontierlm.data.synthetic import exact_match_steps_judge
+
+    item = SourceItem(1, "Mia has 2 apples. She buys 6 more. How many?", "2 + 6 = 8\n#### 8")
+    replies = ["2 + 6 = 8\n#### 8", "2 + 6 = 13\n#### 8", "2 + 6 = 9\n#### 9", "#### 8"]
+    verdicts = [j.verdict for j in exact_match_steps_judge(item, replies)]
+    assert verdicts == [PASS, "wrong_calculation", "wrong_answer", PASS]
+    assert [j.verdict for j in exact_match_judge(item, replies)] == [
+        PASS, PASS, "wrong_answer", PASS
+    ]  # fmt: skip
