@@ -1031,7 +1031,9 @@ class DilocoConfig(Strict):
     )
     block_size: int = Field(128, ge=2, description="values per quantisation scale")
     staleness_power: float = Field(
-        1.0, ge=0, description="async: a contribution s outer steps stale weighs (1 + s)^-p"
+        1.0,
+        ge=0,
+        description="async: a contribution s rounds later than round-robin weighs (1 + s)^-p",
     )
     dynamic_inner_steps: bool = Field(
         True, description="async: a slower island syncs after H / slowdown steps"
