@@ -202,8 +202,9 @@ def attend_cached(
 
 
 class Attention(nn.Module):
-    # Called as logit_observer(q, k, scale) on the rotated queries and keys when set:
-    # training hooks (train/qk_clip.py) read the attention logits there; the model never does.
+    # Called as logit_observer(q, k, x, cos, sin) on the rotated queries and keys and the inputs
+    # they came from, when set: training hooks (train/qk_clip.py) read the attention logits
+    # there; the model never does.
     logit_observer = None
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -224,6 +225,20 @@ class Attention(nn.Module):
             self.g_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.gated = cfg.attn_gate
 
+    def queries_and_keys(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries (batch, heads, seq, dim) and keys (batch, kv_heads, seq, dim)."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
     def forward(
         self,
         x: torch.Tensor,
@@ -236,15 +251,9 @@ class Attention(nn.Module):
         are stored in it; in a decode step (one token per sequence) attention reads them back
         from it, under `mask` (batch, 1, 1, kv_len)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.queries_and_keys(x, cos, sin)
         if self.logit_observer is not None:
-            self.logit_observer(q, k, self.scale)
+            self.logit_observer(q, k, x, cos, sin)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
             out = attend(q, k, v, mask, self.scale, self.softcap)
