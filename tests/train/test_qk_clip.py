@@ -11,6 +11,7 @@ from frontierlm.model import Transformer
 from frontierlm.train.loop import TrainTask, train
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.optim import build_optimizer
+from frontierlm.train.parallel import apply_activation_checkpointing
 from frontierlm.train.pretrain import lm_loss
 from frontierlm.train.qk_clip import QKClip, max_logits
 
@@ -211,7 +212,7 @@ def test_high_lr_logits_explode_without_qk_clip_and_stay_within_5pc_of_tau_with_
     _check_bounded_and_no_worse(free, clipped, tau)
 
 
-@pytest.mark.slow  # two 200-step runs through the loop: ~60 s on 2 loaded cores
+@pytest.mark.slow  # two 200-step runs through the loop: ~35 s on 2 loaded cores
 def test_through_the_training_loop_logits_stay_within_5pc_of_tau(tmp_path):
     tau, steps, lr = 40.0, 200, 0.05
     free = _run(tmp_path, 1e9, "adamw", steps, lr)
@@ -233,3 +234,28 @@ def test_the_loop_logs_and_clips_with_muon(tmp_path):
         f"clipped peak {peak:.3f}"
     )
     assert last[0] > 3 * 2.0 and peak <= 1.05 * 2.0
+
+
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_activation_checkpointing_recomputes_without_counting_twice(mode):
+    """The recomputed forward inside backward is not a second forward: one kept input per
+    layer and micro-batch, and the same clip as without checkpointing."""
+    runs = {}
+    for checkpointing in ("none", mode):
+        model = _copy_model()
+        apply_activation_checkpointing(model, checkpointing)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        clip = QKClip(model, 1.0)
+        records = []
+        for step in range(6):
+            clip.begin_step()
+            lm_loss(model, _copy_batch(step))[0].backward()
+            assert [len(kept) for kept in clip.inputs] == [1]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            records.append(clip.after_step())
+        runs[checkpointing] = records
+    assert sum(r["qk_clipped_heads"] for r in runs[mode]) > 0
+    for a, b in zip(runs["none"], runs[mode], strict=True):
+        assert a["qk_max_logit"] == pytest.approx(b["qk_max_logit"], rel=1e-5)
+        assert a["qk_clipped_heads"] == b["qk_clipped_heads"]
