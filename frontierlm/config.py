@@ -911,8 +911,10 @@ class LoopConfig(Strict):
         None,
         gt=0,
         description="QK-clip threshold tau (Kimi K2's MuonClip, train/qk_clip.py): after each "
-        "optimizer step, heads whose largest attention logit exceeded tau have W_q/W_k scaled "
-        "down to bring it to tau; the max logit per layer is logged. None = off; Kimi K2 used 100",
+        "optimizer step, heads whose largest attention logit on the step's batch (recomputed "
+        "with the updated weights) exceeds tau, less a learnt margin for batch-to-batch "
+        "variation, have W_q/W_k scaled down to it; the max logit per layer is logged. "
+        "None = off; Kimi K2 used 100",
     )
 
     @model_validator(mode="after")
