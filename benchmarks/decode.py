@@ -41,6 +41,7 @@ from frontierlm.inference import engine as engine_module
 from frontierlm.inference.engine import generate, generate_reference
 from frontierlm.inference.sampling import SamplingParams
 from frontierlm.model import Transformer
+from frontierlm.model import attention as attention_module
 from frontierlm.model.hf import export_hf
 from frontierlm.model.rope import rope_tables
 
@@ -146,7 +147,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--no-hf-compile", action="store_true", help="skip the compiled baseline")
     parser.add_argument("--no-engine-compile", action="store_true", help="skip the compiled row")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time the compiled engine with SDPA decode attention and without packing",
+    )
     args = parser.parse_args()
+    args.ablations = []
+    if args.ablate:
+        args.ablations = [("sdpa attention", "sdpa", True), ("unpacked projections", "flex", False)]
     tiny = args.tiny or not torch.cuda.is_available()
     defaults = (8, 32, 32, 1024) if tiny else (64, 128, 512, 128256)
     args.batch = args.batch or defaults[0]
@@ -188,8 +197,15 @@ def main() -> None:
         outputs[name] = out.cpu()
         print(f"  {name:<36} {seconds:8.2f} s   {count / seconds:10.0f} tokens/s")
 
-    def ours(compile: bool) -> torch.Tensor:
-        done = generate(model, prompts.tolist(), params, max_batch=args.batch, compile=compile)
+    def ours(compile: bool, pack: bool = True) -> torch.Tensor:
+        done = generate(
+            model,
+            prompts.tolist(),
+            params,
+            max_batch=args.batch,
+            compile=compile,
+            pack_projections=pack,
+        )
         return torch.tensor([c.ids for c in done])
 
     record("frontierlm engine" + ("" if tiny else " (cuda graphs)"), lambda: ours(False))
@@ -207,6 +223,19 @@ def main() -> None:
             except Exception as error:  # reported, never hidden: the row says why it is absent
                 rows["frontierlm engine (graphs+compile)"] = {"error": repr(error)[:500]}
                 print(f"  compiled engine failed: {error!r}"[:300])
+        for name, kernel, pack in args.ablations:
+            # What each part of the compiled step buys: the same row without it.
+            engine_module._ENGINES.pop(model, None)
+            attention_module.DECODE_KERNEL = kernel
+            row = f"frontierlm engine (graphs+compile, {name})"
+            try:
+                record(row, lambda pack=pack: ours(True, pack))
+                bandwidth[row] = bandwidth_rows(model, args, rows[row]["seconds"], device)
+            except Exception as error:
+                rows[row] = {"error": repr(error)[:500]}
+                print(f"  {row} failed: {error!r}"[:300])
+            attention_module.DECODE_KERNEL = "flex"
+            engine_module._ENGINES.pop(model, None)
     else:
 
         def reference() -> torch.Tensor:  # two prompts: it is slow

@@ -5,7 +5,7 @@ frontierlm STAGE RECIPE [--section.key=value ...] [--force]
 frontierlm export CKPT OUT | frontierlm export-tokenizer TOKENIZER OUT
 frontierlm [data] train-classifier OUT (tools outside the pipeline)
 frontierlm tokenizer report TOKENIZER_DIR [...] [--against DIR_OR_NAME] [--out DIR]
-frontierlm data utility RUN [--from A] [--to B] [--mixture-out FILE]
+frontierlm data utility RUN [--from A] [--to B] [--window N] [--no-rescore] [--mixture-out FILE]
 frontierlm safety RUN [--model align] [--judge-model DIR]
 frontierlm doctor [--path DIR] [thresholds]   (preflight; under torchrun also all-reduce)
 frontierlm plan [--flops C | --gpu-hours H | --dollars USD] [--params N | --recipe R] [--tokens D]
@@ -241,7 +241,9 @@ def utility_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="frontierlm data utility",
         description="rank a pretraining run's token sources and documents by how much the "
-        "training between two of its models lowered their loss (see frontierlm/eval/utility.py)",
+        "training between two points of the run lowered their loss: from the per-source losses "
+        "the training log recorded (they add up to the logged loss) and from two of its "
+        "checkpoints scored again (see frontierlm/eval/utility.py)",
     )
     parser.add_argument("run", help="run directory, e.g. runs/quickstart")
     parser.add_argument(
@@ -254,12 +256,28 @@ def utility_command(argv: list[str]) -> int:
     parser.add_argument(
         "--max-tokens", type=int, default=400_000, help="score evenly spaced windows up to this"
     )
+    parser.add_argument(
+        "--window", type=int, default=20, help="logged steps averaged at each end (default 20)"
+    )
+    parser.add_argument(
+        "--no-rescore",
+        dest="rescore",
+        action="store_false",
+        help="the training log only: do not score the checkpoints again",
+    )
     parser.add_argument("--json", help="write the table (and per-document ranks) here")
     parser.add_argument("--mixture-out", help="write a [[pretrain.mixture]] recipe fragment here")
     parser.add_argument("--recipe", help="the fragment's base recipe (with --mixture-out)")
     args = parser.parse_args(argv)
     try:
-        report = utility_report(Path(args.run), args.frm, args.to, args.max_tokens)
+        report = utility_report(
+            Path(args.run),
+            args.frm,
+            args.to,
+            args.max_tokens,
+            window=args.window,
+            rescore=args.rescore,
+        )
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]error in data utility:[/] {err}")
         return 1

@@ -285,6 +285,39 @@ class FineWebFilterConfig(Strict):
     new_line_ratio: float = Field(0.3, ge=0.0, description="max newlines per word")
 
 
+class UtilityFilterConfig(Strict):
+    """`[data.utility_filter]`: documents scored by a reference run's pretrain models
+    (frontierlm/data/utility_filter.py); every threshold left unset is off."""
+
+    run: str = Field(description="the reference run directory (runs/NAME, pretrain finished)")
+    from_model: str | None = Field(
+        None,
+        description="init | oldest | latest | STEP | DIR: with it each document's score is its "
+        "loss reduction from this model to to_model; without, minus its loss under to_model",
+    )
+    to_model: str = Field("final", description="final | oldest | latest | STEP | DIR")
+    max_loss: float | None = Field(None, gt=0, description='drop above (nats/token): "too_hard"')
+    min_loss: float | None = Field(
+        None, ge=0, description='drop below (nats/token): "already_learned"'
+    )
+    min_reduction: float | None = Field(
+        None, description='drop documents whose loss reduction is below: "teaches_little"'
+    )
+    top_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="keep only this top share of documents by score"
+    )
+    max_tokens: int = Field(1024, ge=1, description="predicted tokens scored per document")
+
+    @model_validator(mode="after")
+    def _reduction_needs_from(self) -> UtilityFilterConfig:
+        if self.min_reduction is not None and self.from_model is None:
+            raise ValueError(
+                "data.utility_filter.min_reduction needs from_model (the reduction is measured "
+                'from it to to_model), e.g. from_model = "oldest"'
+            )
+        return self
+
+
 class DataConfig(Strict):
     sources: list[DataSource] = Field(default_factory=list, min_length=1)
     min_chars: int = Field(200, ge=0, description="drop documents shorter than this (characters)")
@@ -342,6 +375,9 @@ class DataConfig(Strict):
     )
     quality_top_fraction: float | None = Field(
         None, gt=0.0, le=1.0, description="keep only this top share of documents by score"
+    )
+    utility_filter: UtilityFilterConfig | None = Field(
+        None, description="score (and filter) documents by a reference run's losses"
     )
     pii: bool = Field(False, description="replace e-mail addresses, IP addresses and phone numbers")
     shard_docs: int = Field(
@@ -875,8 +911,10 @@ class LoopConfig(Strict):
         None,
         gt=0,
         description="QK-clip threshold tau (Kimi K2's MuonClip, train/qk_clip.py): after each "
-        "optimizer step, heads whose largest attention logit exceeded tau have W_q/W_k scaled "
-        "down to bring it to tau; the max logit per layer is logged. None = off; Kimi K2 used 100",
+        "optimizer step, heads whose largest attention logit on the step's batch (recomputed "
+        "with the updated weights) exceeds tau, less a learnt margin for batch-to-batch "
+        "variation, have W_q/W_k scaled down to it; the max logit per layer is logged. "
+        "None = off; Kimi K2 used 100",
     )
 
     @model_validator(mode="after")
@@ -955,6 +993,12 @@ class PretrainConfig(LoopConfig):
         description="multi-stage data mixture, in order (train/mixture.py); empty: windows of "
         "the whole token stream in one seeded order",
     )
+    source_losses: bool = Field(
+        True,
+        description="log each token source's share of the training loss and tokens every step "
+        "(loss_share.NAME, token_share.NAME in metrics.jsonl; they add up to the loss), read "
+        "by `frontierlm data utility`; needs token shards that record sources",
+    )
 
     @model_validator(mode="after")
     def _mixture(self) -> PretrainConfig:
@@ -1031,7 +1075,9 @@ class DilocoConfig(Strict):
     )
     block_size: int = Field(128, ge=2, description="values per quantisation scale")
     staleness_power: float = Field(
-        1.0, ge=0, description="async: a contribution s outer steps stale weighs (1 + s)^-p"
+        1.0,
+        ge=0,
+        description="async: a contribution s rounds later than round-robin weighs (1 + s)^-p",
     )
     dynamic_inner_steps: bool = Field(
         True, description="async: a slower island syncs after H / slowdown steps"

@@ -201,6 +201,10 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         files += [_display_path(p) for p in eval_set_files(data.decontaminate)]
         if data.quality_model is not None:
             files += [str(p) for p in model_files(Path(data.quality_model))]
+        if data.utility_filter is not None:
+            from frontierlm.data.utility_filter import model_files as utility_files
+
+            files += [str(p) for p in utility_files(data.utility_filter)]
         return files
     if stage in ("sft", "align"):
         return [s.path for s in getattr(cfg, stage).sources]

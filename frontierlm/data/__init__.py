@@ -109,6 +109,20 @@ def build_steps(cfg: DataConfig, scratch_dir: Path | None = None) -> list[Step]:
         steps.append(QualityFilter(model, cfg.quality_threshold))
         if cfg.quality_top_fraction is not None:
             steps.append(QualityTopFraction(model, cfg.quality_top_fraction, scratch_dir))
+    if cfg.utility_filter is not None:
+        # After quality (the costlier model runs on fewer documents), before PII (the
+        # reference model read the text as it was).
+        from frontierlm.data.utility_filter import (
+            ReferenceScorer,
+            UtilityFilter,
+            UtilityTopFraction,
+        )
+
+        u = cfg.utility_filter
+        scorer = ReferenceScorer(u)
+        steps.append(UtilityFilter(scorer, u.max_loss, u.min_loss, u.min_reduction))
+        if u.top_fraction is not None:
+            steps.append(UtilityTopFraction(scorer, u.top_fraction, scratch_dir))
     # PII last: placeholders would otherwise change n-grams and quality features.
     if cfg.pii:
         steps.append(PIIRedact())

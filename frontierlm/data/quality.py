@@ -330,6 +330,8 @@ class QualityTopFraction(TwoPassStep):
     """
 
     name = "quality_top"
+    score_key = "quality_score"  # where the score is read from (and stored) in meta
+    reason = "below_top_fraction"
 
     def __init__(
         self, model: QualityModel | None, fraction: float, work_dir: Path | None = None
@@ -353,12 +355,12 @@ class QualityTopFraction(TwoPassStep):
                 Path(self.work_dir).mkdir(parents=True, exist_ok=True)
             self._scratch = Path(tempfile.mkdtemp(prefix="quality-", dir=self.work_dir))
             self._spill = open(self._scratch / "docs.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-        score = doc.meta.get("quality_score")
+        score = doc.meta.get(self.score_key)
         if score is None:
             if self.model is None:
                 raise ValueError(f"{self.name}: document {doc.id} has no score and no model")
             score = round(self.model.score(doc.text), 6)
-            doc.meta["quality_score"] = score
+            doc.meta[self.score_key] = score
         self._scores.append(float(score))
         record = {"id": doc.id, "text": doc.text, "meta": doc.meta}
         self._spill.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -384,7 +386,7 @@ class QualityTopFraction(TwoPassStep):
                 yield index, Document(record["id"], record["text"], record["meta"])
 
     def decide(self, index: int, doc: Document) -> str | None:
-        return None if self._keep[index] else "below_top_fraction"
+        return None if self._keep[index] else self.reason
 
     def close(self) -> None:
         if self._spill is not None:

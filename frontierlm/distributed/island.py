@@ -10,6 +10,7 @@ global weights and the data position it owns, and continues.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from datetime import timedelta
@@ -30,7 +31,7 @@ from frontierlm.tokenizer.shards import TokenSplit
 from frontierlm.tokenizer.train import BOS, load_tokenizer
 from frontierlm.train.loop import TrainTask, train
 from frontierlm.train.metrics import MetricsLog
-from frontierlm.train.pretrain import ShuffledWindows, lm_loss, val_bpb_fn
+from frontierlm.train.pretrain import ShuffledWindows, lm_loss, tracked_sources, val_bpb_fn
 
 JOB_FILE = "diloco_job.json"
 
@@ -87,7 +88,12 @@ def run_island(work_dir: Path, island: int) -> dict[str, float]:
     bos_id = tok.token_to_id(BOS) if loop.document_mask else None
     train_split = TokenSplit.open(ctx.path("tokenize"), "train")
     windows = ShuffledWindows(
-        train_split.tokens, loop.seq_len, loop.batch_size, cfg.run.seed, bos_id
+        train_split.tokens,
+        loop.seq_len,
+        loop.batch_size,
+        cfg.run.seed,
+        bos_id,
+        tracked_sources(train_split, loop),
     )
     islands = d.islands
     # Island i owns batches i, i + M, i + 2M, ...: together the islands read one stream.
@@ -95,7 +101,7 @@ def run_island(work_dir: Path, island: int) -> dict[str, float]:
     task = TrainTask(
         name=f"island{island}",
         batch=lambda index: windows(index * islands + island),
-        loss=lm_loss,
+        loss=functools.partial(lm_loss, source_names=train_split.source_names),
         evaluate=evaluate if island == 0 else (lambda model: {}),
     )
     store = TCPStore(job["host"], job["port"], is_master=False, timeout=store_timeout(cfg))

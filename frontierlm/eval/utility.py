@@ -1,31 +1,48 @@
 """Token utility: which data sources and documents a pretraining run still learns from.
 
-`frontierlm data utility RUN` scores the run's training tokens with two models of its pretrain
-stage, `--from` (default: the oldest checkpoint kept; `init` is the model before any step,
-rebuilt from the run's seed exactly as the stage built it) and `--to` (default: the final
-model), and aggregates the per-token losses by token source and by document:
+`frontierlm data utility RUN` reads two things about the stretch of training between two
+points of the run, `--from` (default: the oldest checkpoint kept; `init` is step 0) and `--to`
+(default: the end):
 
-  mean loss (from, to)      nats per predicted token
-  reduction                 from - to: how much the stretch of training between the two
-                            taught, per token; a source still being learned keeps a high
-                            reduction, a learned (or unlearnable, noise-like) one drops to ~0
-  tokens                    predicted tokens scored
+1. From the training log (exact). With `pretrain.source_losses` (on by default) every step of
+   metrics.jsonl carries each token source's part of that step's training loss
+   (`loss_share.NAME`: the source's token losses summed over all tokens of the step's batch)
+   and of its tokens (`token_share.NAME`), computed during training from the same per-token
+   losses as the loss itself (train/pretrain.py `source_loss_parts`). Over the last `--window`
+   steps up to `--to` each source gets its mean loss (sum of loss shares / sum of token
+   shares) and its contribution (mean loss share); the contributions add up to the mean
+   logged training loss of those steps to float precision, and the report prints both and
+   their difference, per step too. The same over the first `--window` steps after `--from`
+   gives each source's loss there; reduction = from - to ranks the sources. The training loss
+   of step k is the model after k - 1 updates on batch k, before it trains on it.
 
-Sources and documents are ranked by reduction (the signal that they still teach). Each source's
-mean is a token-weighted part of the whole: sum(tokens_s * loss_s) / sum(tokens_s) is the mean
-over every scored token, printed beside the training loss metrics.jsonl logged around the `--to`
-step so the two can be compared. Windows are cut as the pretrain stage cuts them
-(seq_len + 1 tokens, BOS at each document start, document masks when the run used them); with
-`--max-tokens` an evenly spaced subset of windows is scored.
+2. From the checkpoints (an estimate, `--no-rescore` skips it). The run's training tokens are
+   scored again with the `--from` and `--to` models (`init`: rebuilt from the run's seed
+   exactly as the stage built it), per token source and per document:
+
+     mean loss (from, to)      nats per predicted token
+     reduction                 from - to: how much the stretch of training between the two
+                               taught, per token; a source still being learned keeps a high
+                               reduction, a learned (or unlearnable, noise-like) one drops to ~0
+     tokens                    predicted tokens scored
+
+   Each source's mean is a token-weighted part of the whole. Windows are cut as the pretrain
+   stage cuts them (seq_len + 1 tokens, BOS at each document start, document masks when the
+   run used them); with `--max-tokens` an evenly spaced subset of windows is scored. Unlike the
+   log, these losses are of fixed models over the whole split (not of the moving model on the
+   batches it drew), so they come close to the logged loss without matching it; only they rank
+   single documents.
 
 The table can steer the next run's data: `--mixture-out FILE` writes a `[[pretrain.mixture]]`
-stage whose weights are each source's training tokens times its reduction per token (sources
-that teach nothing get weight 0), as a recipe fragment (`base = ` the recipe of `--recipe`).
+stage whose weights are each source's tokens times its reduction per token (sources that
+teach nothing get weight 0), as a recipe fragment (`base = ` the recipe of `--recipe`); and a
+later data stage can filter documents by a reference model's losses (data/utility_filter.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +56,7 @@ from frontierlm.tokenizer.shards import TokenSplit, window_batch
 from frontierlm.tokenizer.train import BOS, load_tokenizer
 from frontierlm.train.checkpoint import list_checkpoints, load_model_dir
 from frontierlm.train.losses import token_cross_entropy
+from frontierlm.train.metrics import MetricsLog
 
 
 @dataclass
@@ -50,27 +68,36 @@ class DocLosses:
     tokens: np.ndarray
 
 
-def resolve_model(run_dir: Path, cfg: RecipeConfig, which: str, vocab: int) -> tuple[Any, str]:
-    """`init`, `final`, `oldest`, `latest`, a step number, or a directory -> (model, label)."""
+def model_path(run_dir: Path, which: str) -> Path | None:
+    """`init` (None: rebuilt from the seed), `final`, `oldest`, `latest`, a step number, or a
+    directory -> the model directory it names."""
     ckpts = list_checkpoints(run_dir / "pretrain" / "checkpoints")
     if which == "init":
-        torch.manual_seed(cfg.run.seed)  # the pretrain stage's first random draw is the model
-        return Transformer(cfg.model, vocab), "init"
+        return None
     if which == "final":
-        return load_model_dir(run_dir / "pretrain" / "model"), "final"
+        return run_dir / "pretrain" / "model"
     if which in ("oldest", "latest"):
         if not ckpts:
             raise FileNotFoundError(f"no checkpoints under {run_dir}/pretrain/checkpoints")
-        path = ckpts[0] if which == "oldest" else ckpts[-1]
-        return load_model_dir(path), path.name
+        return ckpts[0] if which == "oldest" else ckpts[-1]
     if which.isdigit():
         path = run_dir / "pretrain" / "checkpoints" / f"step_{int(which):07d}"
         if not path.is_dir():
             have = ", ".join(p.name for p in ckpts) or "none"
             raise FileNotFoundError(f"no checkpoint {path} (kept: {have})")
-        return load_model_dir(path), path.name
-    path = Path(which)
-    return load_model_dir(path), str(path)
+        return path
+    return Path(which)
+
+
+def resolve_model(run_dir: Path, cfg: RecipeConfig, which: str, vocab: int) -> tuple[Any, str]:
+    """As `model_path`, loaded -> (model, label)."""
+    path = model_path(run_dir, which)
+    if path is None:
+        torch.manual_seed(cfg.run.seed)  # the pretrain stage's first random draw is the model
+        return Transformer(cfg.model, vocab), "init"
+    if which == "final":
+        return load_model_dir(path), "final"
+    return load_model_dir(path), path.name if path.parent.name == "checkpoints" else str(path)
 
 
 @torch.no_grad()
@@ -130,6 +157,117 @@ def source_table(split: TokenSplit, doc: DocLosses) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["reduction"])
 
 
+LOSS_SHARE, TOKEN_SHARE = "loss_share.", "token_share."
+
+
+def logged_ce(record: dict[str, Any]) -> float:
+    """The cross-entropy part of a record's loss (the loss without z-loss and MoE aux loss):
+    what the per-source loss shares add up to."""
+    if "ce" in record:
+        return float(record["ce"])
+    return float(record["loss"]) - float(record.get("moe_aux_loss", 0.0))
+
+
+def source_losses_from_log(
+    records: list[dict[str, Any]], tokens_per_step: int
+) -> dict[str, dict[str, float]]:
+    """Per source, over `records` (steps of one metrics log): tokens, share of the tokens,
+    mean loss per token, and contribution to the mean logged loss of the records."""
+    names = [k[len(LOSS_SHARE) :] for k in records[0] if k.startswith(LOSS_SHARE)]
+    out = {}
+    for name in names:
+        loss = math.fsum(r[LOSS_SHARE + name] for r in records)
+        share = math.fsum(r[TOKEN_SHARE + name] for r in records)
+        out[name] = {
+            "tokens": round(share * tokens_per_step),
+            "share": share / len(records),
+            "loss": loss / share if share else math.nan,
+            "contribution": loss / len(records),
+        }
+    return out
+
+
+def logged_utility(
+    run_dir: Path,
+    from_step: int,
+    to_step: int | None,
+    window: int,
+    tokens_per_step: int,
+    min_tokens: int = 2048,
+) -> dict[str, Any] | None:
+    """Part 1 of the module docstring: the per-source table from metrics.jsonl, or None when
+    the run logged no per-source losses (pretrain.source_losses off, or shards without
+    sources). Sources with under `min_tokens` in a window rank last (`few_tokens`)."""
+    path = run_dir / "pretrain" / "metrics.jsonl"
+    records = [r for r in MetricsLog(path).read() if "loss" in r]
+    tracked = [r for r in records if any(k.startswith(LOSS_SHARE) for k in r)]
+    if not tracked:
+        return None
+    last = tracked[-1]["step"] if to_step is None else to_step
+    span = [r for r in tracked if from_step < r["step"] <= last]
+    if not span:
+        raise ValueError(f"{path}: no step with per-source losses in {from_step + 1}-{last}")
+    # Two windows that do not overlap: the first after `from`, the last up to `to`.
+    window = max(1, min(window, len(span) // 2 or 1))
+    early, late = span[:window], span[-window:]
+    at_from = source_losses_from_log(early, tokens_per_step)
+    at_to = source_losses_from_log(late, tokens_per_step)
+    rows = []
+    for name, r in at_to.items():
+        rows.append(
+            {
+                "source": name,
+                "tokens": r["tokens"],
+                "share": r["share"],
+                "loss_from": at_from[name]["loss"],
+                "loss_to": r["loss"],
+                "reduction": at_from[name]["loss"] - r["loss"],
+                "contribution": r["contribution"],
+            }
+        )
+    # A source with few tokens in either window has a noisy reduction (NaN with none): it is
+    # ranked after the others.
+    for r in rows:
+        r["few_tokens"] = min(r["tokens"], at_from[r["source"]]["tokens"]) < min_tokens
+    rows.sort(key=lambda r: (r["few_tokens"] or r["reduction"] != r["reduction"], -r["reduction"]))
+    logged = math.fsum(logged_ce(r) for r in late) / len(late)
+    parts = math.fsum(r["contribution"] for r in rows)
+    per_step = [
+        abs(math.fsum(v for k, v in r.items() if k.startswith(LOSS_SHARE)) - logged_ce(r))
+        for r in span
+    ]
+    return {
+        "steps_from": [early[0]["step"], early[-1]["step"]],
+        "steps_to": [late[0]["step"], late[-1]["step"]],
+        "tokens": round(len(late) * tokens_per_step),
+        "logged_loss": logged,
+        "sum_of_contributions": parts,
+        "difference": parts - logged,
+        "max_step_difference": max(per_step),
+        "steps_checked": len(span),
+        "sources": rows,
+    }
+
+
+def step_of(run_dir: Path, which: str) -> int | None:
+    """The training step `--from`/`--to` names (init: 0; final: None, the last logged step)."""
+    if which == "init":
+        return 0
+    if which == "final":
+        return None
+    if which.isdigit():
+        return int(which)
+    if which in ("oldest", "latest"):
+        ckpts = list_checkpoints(run_dir / "pretrain" / "checkpoints")
+        if not ckpts:
+            raise FileNotFoundError(f"no checkpoints under {run_dir}/pretrain/checkpoints")
+        return int((ckpts[0] if which == "oldest" else ckpts[-1]).name.split("_")[1])
+    name = Path(which).name
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    raise ValueError(f"{which!r}: the training log is read by step; name a step or checkpoint")
+
+
 def logged_train_loss(run_dir: Path, step: int | None, window: int = 20) -> float | None:
     """The mean training loss metrics.jsonl logged over the `window` steps up to `step`."""
     path = run_dir / "pretrain" / "metrics.jsonl"
@@ -147,11 +285,42 @@ def utility_report(
     max_tokens: int | None = 400_000,
     top_docs: int = 10,
     min_doc_tokens: int = 32,
+    window: int = 20,
+    rescore: bool = True,
 ) -> dict[str, Any]:
+    """Both parts of the module docstring: `logged` (None when the run logged no per-source
+    losses) and, with `rescore`, the checkpoint scoring's keys."""
     config = run_dir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} missing: is {run_dir} a run directory (runs/NAME)?")
     cfg = RecipeConfig.model_validate_json(config.read_text())
+    loop = cfg.pretrain
+    tokens_per_step = loop.batch_size * loop.seq_len * loop.grad_accum
+    logged = logged_utility(
+        run_dir, step_of(run_dir, frm), step_of(run_dir, to), window, tokens_per_step
+    )
+    if not rescore:
+        if logged is None:
+            raise ValueError(
+                f"{run_dir}/pretrain/metrics.jsonl holds no per-source losses (a run with "
+                "pretrain.source_losses off, or token shards without sources): drop "
+                "--no-rescore to score the checkpoints instead"
+            )
+        return {"from": frm, "to": to, "logged": logged}
+    report = rescored_report(run_dir, cfg, frm, to, max_tokens, top_docs, min_doc_tokens)
+    return {**report, "logged": logged}
+
+
+def rescored_report(
+    run_dir: Path,
+    cfg: RecipeConfig,
+    frm: str,
+    to: str,
+    max_tokens: int | None,
+    top_docs: int,
+    min_doc_tokens: int,
+) -> dict[str, Any]:
+    """Part 2 of the module docstring: the training split scored with two models."""
     tok = load_tokenizer(run_dir / "tokenizer")
     split = TokenSplit.open(run_dir / "tokenize", "train")
     vocab = tok.get_vocab_size()
@@ -202,8 +371,15 @@ def utility_report(
 
 def mixture_weights(report: dict[str, Any]) -> dict[str, float]:
     """Tokens times reduction per token (= the loss the source took off in total), >= 0,
-    normalised: what the next run might weight each source by."""
-    raw = {r["source"]: max(r["reduction"], 0.0) * r["tokens"] for r in report["sources"]}
+    normalised: what the next run might weight each source by. From the checkpoint scoring
+    when the report has it, else from the training log."""
+    rows = report["sources"] if "sources" in report else report["logged"]["sources"]
+    raw = {
+        r["source"]: max(r["reduction"], 0.0) * r["tokens"]
+        if r["reduction"] == r["reduction"]
+        else 0.0
+        for r in rows
+    }
     total = sum(raw.values())
     if total <= 0:
         raise ValueError("no source's loss went down between the two models: nothing to weight")
@@ -220,12 +396,62 @@ def mixture_toml(report: dict[str, Any], base: str | None) -> str:
     )
 
 
+def print_logged(logged: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from frontierlm.console import console
+
+    a, b = logged["steps_from"]
+    c, d = logged["steps_to"]
+    table = Table(
+        title=f"token utility from the training log: steps {a}-{b} -> {c}-{d} (nats/token)"
+    )
+    columns = ("rank", "source", "tokens", "share", "loss from", "loss to", "reduction", "of loss")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for rank, r in enumerate(logged["sources"], 1):
+        table.add_row(
+            "-" if r["few_tokens"] else str(rank),
+            r["source"],
+            f"{r['tokens']:,}",
+            f"{r['share']:.1%}",
+            f"{r['loss_from']:.4f}",
+            f"{r['loss_to']:.4f}",
+            f"{r['reduction']:+.4f}",
+            f"{r['contribution']:.5f}",
+        )
+    table.add_row(
+        "", "sum", f"{logged['tokens']:,}", "", "", "", "", f"{logged['sum_of_contributions']:.5f}"
+    )
+    console.print(table)
+    if any(r["few_tokens"] for r in logged["sources"]):
+        console.print("  -: too few tokens in a window to rank (--window wider to rank them)")
+    ok = abs(logged["difference"]) < 1e-5 and logged["max_step_difference"] < 1e-5
+    mark = "[green]adds up[/]" if ok else "[red]does NOT add up[/]"
+    console.print(
+        f"  sum of the sources' parts {logged['sum_of_contributions']:.6f} vs logged training "
+        f"loss {logged['logged_loss']:.6f} (steps {c}-{d}): difference "
+        f"{logged['difference']:+.1e}; largest per-step difference over "
+        f"{logged['steps_checked']} steps {logged['max_step_difference']:.1e}: {mark}"
+    )
+
+
 def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     from frontierlm.console import console
 
-    table = Table(title=f"token utility: {report['from']} -> {report['to']} (nats/token)")
+    if report.get("logged") is not None:
+        print_logged(report["logged"])
+    elif "sources" in report:
+        console.print(
+            "[yellow]  the run's metrics.jsonl holds no per-source losses (pretrain.source_losses "
+            "off, or shards without sources): checkpoint scoring only"
+        )
+    if "sources" not in report:
+        return
+    title = f"token utility, checkpoints rescored: {report['from']} -> {report['to']} (nats/token)"
+    table = Table(title=title)
     for col in ("rank", "source", "tokens", "docs", "loss from", "loss to", "reduction"):
         table.add_column(col, justify="left" if col == "source" else "right")
     for rank, r in enumerate(report["sources"], 1):

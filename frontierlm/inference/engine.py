@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from frontierlm.inference.packing import PackedProjections
 from frontierlm.inference.sampling import SamplingParams, sample_next
 from frontierlm.model.kv_cache import KVCache
 
@@ -88,6 +89,7 @@ def generate(
     max_batch: int = 64,
     cuda_graphs: bool = True,
     compile: bool = False,
+    pack_projections: bool = True,
 ) -> list[Completion]:
     """Sample a completion for each prompt. `tokenizer` (anything with `decode(ids)`) is needed
     only for `params.stop_strings`; a completion that produces a stop string is cut before it.
@@ -96,7 +98,9 @@ def generate(
 
     `max_batch`: cache slots (sequences decoded together). `cuda_graphs`: replay the decode step
     as a CUDA graph (GPU only; ignored on CPU). `compile`: torch.compile the decode step (fuses
-    its small kernels; the first call compiles)."""
+    its small kernels; the first call compiles). `pack_projections`: decode with the q/k/v and
+    gate/up weights stacked into one matrix each (faster GEMMs at a few rows; costs a copy of
+    those weights, see inference/packing.py)."""
     _check(prompts, params, tokenizer)
     if max_batch < 1:
         raise ValueError(f"generate: max_batch={max_batch} must be at least 1")
@@ -105,7 +109,9 @@ def generate(
     max_len = model.cfg.max_seq_len
     needed = max(len(_context(p, max_len)) + params.max_new_tokens for p in prompts)
     length = min(max_len, -(-needed // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP)
-    engine = Engine.get(model, min(len(prompts), max_batch), length, cuda_graphs, compile)
+    engine = Engine.get(
+        model, min(len(prompts), max_batch), length, cuda_graphs, compile, pack_projections
+    )
     was_training = model.training
     model.eval()
     try:
@@ -155,17 +161,30 @@ class Engine:
 
     @classmethod
     def get(
-        cls, model: torch.nn.Module, slots: int, length: int, cuda_graphs: bool, compile: bool
+        cls,
+        model: torch.nn.Module,
+        slots: int,
+        length: int,
+        cuda_graphs: bool,
+        compile: bool,
+        pack_projections: bool = True,
     ) -> Engine:
         device = model.lm_head.weight.device
         dtype = _cache_dtype(model, device)
         graphs = cuda_graphs and device.type == "cuda"
         # Graphs read weights by address: a model whose tensors moved needs a new engine.
-        key = (slots, dtype, graphs, compile, tuple(p.data_ptr() for p in model.parameters()))
+        pointers = tuple(p.data_ptr() for p in model.parameters())
+        key = (dtype, graphs, compile, pack_projections, pointers)
         engine = _ENGINES.get(model)
-        if engine is None or engine.key != key or engine.cache.length < length:
+        # On a GPU an engine with more slots than asked for is kept (RL's and eval's last, smaller
+        # batch): its idle slots cost little in a memory-bound step, where a new engine costs a
+        # cache, graph captures and compilation. On CPU the step's cost grows with the slots.
+        fits = engine is not None and (
+            engine.slots >= slots if device.type == "cuda" else engine.slots == slots
+        )
+        if not fits or engine.key != key or engine.cache.length < length:
             _ENGINES.pop(model, None)
-            engine = cls(model, slots, length, dtype, graphs, compile)
+            engine = cls(model, slots, length, dtype, graphs, compile, pack_projections)
             engine.key = key
             _ENGINES[model] = engine
         return engine
@@ -178,6 +197,7 @@ class Engine:
         dtype: torch.dtype,
         cuda_graphs: bool,
         compile: bool,
+        pack_projections: bool = True,
     ) -> None:
         # A weak reference: the engines dict is keyed weakly by the model, which a strong one
         # from its value would keep alive forever.
@@ -191,7 +211,14 @@ class Engine:
         self.key_index = torch.arange(length, device=self.device)
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if compile:
+            # Every (slot count, span bucket) is its own compiled graph of the one step function,
+            # and a long RL run or server builds many engines: past torch's default of 8
+            # recompiles the step would silently fall back to eager.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 128)
         self.step = torch.compile(_decode_step) if compile else _decode_step
+        self.packed = PackedProjections(model) if pack_projections else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -234,6 +261,19 @@ class Engine:
         return graph, logits
 
     def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        tokenizer: Any,
+        on_token: OnToken | None,
+    ) -> list[Completion]:
+        if self.packed is None:
+            return self._run(prompts, params, tokenizer, on_token)
+        self.packed.refresh()  # the weights may have changed since the last call (RL)
+        with self.packed.attached():
+            return self._run(prompts, params, tokenizer, on_token)
+
+    def _run(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
@@ -311,6 +351,10 @@ class Engine:
                     accept(slot, int(tokens[slot]), logprobs[slot])
 
         pending = None
+        steps = 0
+        position_buffers = [
+            torch.empty(self.slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
         while True:
             free = [slot for slot, seq in enumerate(running) if seq is None]
             if free and waiting:
@@ -340,7 +384,16 @@ class Engine:
                 read(pending)
                 pending = None
                 continue
-            self.positions.copy_(torch.tensor(next_position))
+            if pinned:
+                # From pinned memory the copy does not wait for the device (a pageable one would
+                # drain the stream every step); two buffers alternate, and a buffer's previous
+                # copy is done once `read` has waited on the event of the step that followed it.
+                staged = position_buffers[steps % 2]
+                staged.copy_(torch.tensor(next_position))
+                self.positions.copy_(staged, non_blocking=True)
+            else:
+                self.positions.copy_(torch.tensor(next_position))
+            steps += 1
             logits = self._decode(max(next_position[slot] for slot, _ in owners) + 1)
             for slot, _ in owners:
                 next_position[slot] += 1

@@ -149,14 +149,17 @@ def _flex(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: BlockMask,
+    mask: BlockMask | None,
     scale: float | None,
     softcap: float | None,
     gqa: bool,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FlexAttention, head dims zero-padded up to what its kernel takes: zero dims add nothing
     to a score (the scale is fixed first, so it does not follow the padded width) and the
-    padded value dims are cut off the output."""
+    padded value dims are cut off the output. `visible` (batch, kv_len), if given, masks keys
+    per sequence inside the kernel (decode steps, where a BlockMask per step costs more than
+    the attention)."""
     v_dim = v.shape[-1]
     if q.shape[-1] < _FLEX_MIN_DIM or v_dim < _FLEX_MIN_DIM:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -166,15 +169,24 @@ def _flex(
         if v_dim < _FLEX_MIN_DIM:
             v = F.pad(v, (0, _FLEX_MIN_DIM - v_dim))
     score_mod = None
-    if softcap is not None:
+    if softcap is not None or visible is not None:
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return softcap * torch.tanh(score / softcap)
+            if softcap is not None:
+                score = softcap * torch.tanh(score / softcap)
+            if visible is not None:
+                score = torch.where(visible[b, kv_idx], score, -float("inf"))
+            return score
 
-    out = _flex_attention(q.is_cuda)(
-        q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa
-    )
+    # Inside a compiled region (the decode step) the plain function is what gets compiled.
+    flex = flex_attention if torch.compiler.is_compiling() else _flex_attention(q.is_cuda)
+    out = flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=gqa)
     return out[..., :v_dim]
+
+
+# The kernel of a compiled GPU decode step: "flex" (FlexAttention's split-KV decode kernel) or
+# "sdpa" (SDPA with a boolean mask, what eager and CPU steps run); benchmarks compare the two.
+DECODE_KERNEL = "flex"
 
 
 def attend_cached(
@@ -191,6 +203,12 @@ def attend_cached(
     rows of one attention, so every cached key and value is read once, not once per head."""
     batch, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
+    if DECODE_KERNEL == "flex" and q.is_cuda and torch.compiler.is_compiling():
+        # Compiled on GPU, FlexAttention's decode kernel splits the keys over the SMs and
+        # packs a KV group's query heads into one tile: the cache is read once, at close to
+        # HBM speed (benchmarks/decode_attention.py), where SDPA's masked kernel wastes a
+        # 64-row tile on 1-4 query rows.
+        return _flex(q.to(keys.dtype), keys, values, None, scale, softcap, True, mask[:, 0, 0])
     q = q.reshape(batch, kv_heads, heads // kv_heads, dim).to(keys.dtype)
     if softcap is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
@@ -202,9 +220,14 @@ def attend_cached(
 
 
 class Attention(nn.Module):
-    # Called as logit_observer(q, k, scale) on the rotated queries and keys when set:
-    # training hooks (train/qk_clip.py) read the attention logits there; the model never does.
+    # Called as logit_observer(q, k, x, cos, sin) on the rotated queries and keys and the inputs
+    # they came from, when set: training hooks (train/qk_clip.py) read the attention logits
+    # there; the model never does.
     logit_observer = None
+    # q, k and v weights stacked into one matrix, set only while the inference engine generates
+    # (inference/packing.py): a decode step then reads them in one GEMM, which at a few rows
+    # runs closer to memory speed than three small ones.
+    packed_qkv: torch.Tensor | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -224,6 +247,31 @@ class Attention(nn.Module):
             self.g_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.gated = cfg.attn_gate
 
+    def queries_and_keys(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries (batch, heads, seq, dim) and keys (batch, kv_heads, seq, dim)."""
+        return self._rotated_heads(self.q_proj(x), self.k_proj(x), cos, sin)
+
+    def _rotated_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected q (batch, seq, heads * dim) and k split into heads, normed when asked,
+        rotated."""
+        batch, seq, _ = q.shape
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
     def forward(
         self,
         x: torch.Tensor,
@@ -236,16 +284,18 @@ class Attention(nn.Module):
         are stored in it; in a decode step (one token per sequence) attention reads them back
         from it, under `mask` (batch, 1, 1, kv_len)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.packed_qkv is None:
+            q, k = self.queries_and_keys(x, cos, sin)
+            v = self.v_proj(x)
+        else:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.packed_qkv).split(
+                [self.n_heads * self.head_dim, kv_width, kv_width], dim=-1
+            )
+            q, k = self._rotated_heads(q, k, cos, sin)
         if self.logit_observer is not None:
-            self.logit_observer(q, k, self.scale)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            self.logit_observer(q, k, x, cos, sin)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
             out = attend(q, k, v, mask, self.scale, self.softcap)
         elif cache.decoding:

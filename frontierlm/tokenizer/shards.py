@@ -103,6 +103,16 @@ class TokenSplit:
         first, last = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
         return np.stack([self.doc_starts[first], ends[last]], axis=1).astype(np.int64)
 
+    def target_sources(self, starts: np.ndarray, seq_len: int) -> np.ndarray:
+        """(rows, seq_len) int64 token source of each target of the windows cut at `starts`
+        (window r predicts tokens starts[r] + 1 ... starts[r] + seq_len): per token, since a
+        window may hold the end of one document and the start of the next."""
+        if self.doc_sources is None:
+            raise ValueError("these token shards record no document sources")
+        positions = np.asarray(starts, np.int64)[:, None] + np.arange(1, seq_len + 1)
+        docs = np.searchsorted(self.doc_starts, positions, side="right") - 1
+        return self.doc_sources[docs].astype(np.int64)
+
     def source_tokens(self) -> dict[str, int]:
         """Tokens per source, by name (empty without recorded sources)."""
         if self.doc_sources is None:

@@ -89,8 +89,15 @@ class MixtureWindows:
     """Batches of windows from the token sources, by the stages of `loop.mixture`."""
 
     def __init__(
-        self, split: TokenSplit, loop: PretrainConfig, seed: int, bos_id: int | None = None
+        self,
+        split: TokenSplit,
+        loop: PretrainConfig,
+        seed: int,
+        bos_id: int | None = None,
+        tag_sources: bool = False,
     ) -> None:
+        """`tag_sources`: each batch carries the token source of every target
+        (`token_sources`, for the per-source losses of `lm_loss`)."""
         if not loop.mixture:
             raise ValueError("MixtureWindows needs pretrain.mixture stages")
         if split.doc_sources is None:
@@ -101,6 +108,7 @@ class MixtureWindows:
             )
         self.seq_len, self.batch_size = loop.seq_len, loop.batch_size
         self.grad_accum, self.seed, self.bos_id = loop.grad_accum, seed, bos_id
+        self.tag_sources = tag_sources
         self.sources = [
             SourceWindows(split, i, loop.seq_len, seed) for i in range(len(split.source_names))
         ]
@@ -173,14 +181,18 @@ class MixtureWindows:
             self._announced = number
         stage = self.stages[number]
         first = (index - stage.first_step * self.grad_accum) * self.batch_size
-        rows = []
+        rows, row_sources = [], []
         for position in range(first, first + self.batch_size):
             which, k = stage.deal.owner(position)
             s = stage.sources[which]
             rows.append(self.sources[s].window(stage.before[s] + k))
+            row_sources.append(s)
         # Seeded row order: the regular interleave would otherwise tie a row's place in the
         # batch to its source (and a process's rows, split by stride, to a few sources).
         order = np.random.default_rng([self.seed, index]).permutation(self.batch_size)
         batch = window_batch(torch.from_numpy(np.stack(rows)[order]), self.bos_id)
         batch["mixture_stage"] = torch.full((self.batch_size,), number, dtype=torch.int64)
+        if self.tag_sources:  # a window holds one source's documents only
+            per_row = torch.tensor(row_sources, dtype=torch.int64)[torch.from_numpy(order)]
+            batch["token_sources"] = per_row[:, None].expand(-1, self.seq_len).contiguous()
         return batch

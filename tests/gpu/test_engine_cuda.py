@@ -81,3 +81,37 @@ def test_compiled_step_and_bf16_autocast(make_random_model):
     assert [c.ids for c in generate(model, prompts, sampled)] == [
         c.ids for c in generate(model, prompts, sampled)
     ]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_flex_decode_attention_equals_sdpa(softcap):
+    """The compiled step's FlexAttention decode kernel against the masked path eager steps run,
+    with per-sequence lengths (GQA, bf16)."""
+    from frontierlm.model.attention import attend_cached
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, kv_len = 16, 32, 8, 64, 384
+    q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, kv_heads, kv_len, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    lengths = torch.randint(1, kv_len + 1, (batch,), device="cuda")
+    mask = (torch.arange(kv_len, device="cuda") < lengths[:, None])[:, None, None, :]
+    eager = attend_cached(q, keys, values, mask, None, softcap)
+    compiled = torch.compile(attend_cached)(q, keys, values, mask, None, softcap)
+    assert compiled.shape == eager.shape == (batch, heads, 1, dim)
+    assert (compiled.float() - eager.float()).abs().max().item() < 2e-2
+
+
+def test_smaller_batch_reuses_the_engine(make_random_model):
+    """A call with fewer prompts runs in the kept engine's slots (idle ones included) and still
+    gives each prompt the tokens it gets alone."""
+    from frontierlm.inference import engine as engine_module
+
+    model = make_random_model(vocab_size=512, **SMALL, n_kv_heads=2).cuda()
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    prompts = [[3, 4, 5], [9] * 20, [100, 7], [1], [42] * 3]
+    generate(model, prompts, params, max_batch=4)
+    engine = engine_module._ENGINES[model]
+    few = generate(model, prompts[:2], params, max_batch=4)
+    assert engine_module._ENGINES[model] is engine and engine.slots == 4
+    assert [c.ids for c in few] == [c.ids for c in generate_reference(model, prompts[:2], params)]

@@ -3,6 +3,7 @@ add up to the whole and rank a learnable source above noise."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import string
@@ -68,8 +69,9 @@ def run_dir(small_tokenizer, tmp_path_factory):
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model, tok.get_vocab_size())
     split = TokenSplit.open(run / "tokenize", "train")
-    windows = ShuffledWindows(split.tokens, 64, 8, cfg.run.seed)
-    task = TrainTask("pretrain", windows, lm_loss, lambda m: {"loss": 0.0})
+    windows = ShuffledWindows(split.tokens, 64, 8, cfg.run.seed, sources=split)
+    loss = functools.partial(lm_loss, source_names=split.source_names)
+    task = TrainTask("pretrain", windows, loss, lambda m: {"loss": 0.0})
     train(model, cfg.pretrain, task, run / "pretrain", torch.device("cpu"), cfg.run)
     return run
 
@@ -98,6 +100,12 @@ def test_sources_add_up_and_rank_the_learnable_one_first(run_dir):
     took_off = {n: r["tokens"] * r["reduction"] for n, r in by_name.items()}
     ratio = took_off["pattern"] / took_off["noise"]
     assert weights["pattern"] / weights["noise"] == pytest.approx(ratio, rel=1e-3)
+    # The training log's per-source losses (steps 1-20 -> 21-40) add up to the logged loss
+    # exactly and rank the same way.
+    logged = report["logged"]
+    assert logged["steps_from"] == [1, 20] and logged["steps_to"] == [21, 40]
+    assert abs(logged["difference"]) < 1e-5 and logged["max_step_difference"] < 1e-5
+    assert [r["source"] for r in logged["sources"]] == ["pattern", "noise"]
     # Documents: the top ones are pattern documents, the bottom ones noise.
     assert {d["source"] for d in report["top_documents"][:5]} == {"pattern"}
     assert {d["source"] for d in report["bottom_documents"][:5]} == {"noise"}
