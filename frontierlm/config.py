@@ -1333,8 +1333,8 @@ class EvalConfig(Strict):
     tasks: list[str] = Field(
         default_factory=list,
         description="evaluation tasks: names of shipped specs (frontierlm/eval/tasks/*.toml: "
-        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2) or paths to "
-        "your own .toml specs",
+        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2, arithmetic_word) "
+        "or paths to your own .toml specs",
     )
     task_models: list[Literal["pretrain", "sft", "align"]] = Field(
         default_factory=lambda: ["pretrain", "sft", "align"],
