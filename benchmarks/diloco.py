@@ -11,9 +11,10 @@
   (e) (`--parts e`, on a machine with 2 GPUs) the same DiLoCo with one island per GPU: bytes,
       seconds per outer step and the share of time communicating over a simulated 1 Gbit/s link.
 
-The data-parallel baseline trains in one process on the global batch (N DDP processes follow the
-same curve, train/parallel.py); its bytes are what DDP's ring all-reduce of fp32 gradients sends,
-2 (M - 1) / M x 4 bytes x parameters per worker per step, over M = islands workers. DiLoCo's bytes
+The data-parallel baseline is DDP under torchrun with M = islands gloo processes of one thread
+each (the islands' CPU share on a shared machine), on the same global batch, steps, schedule,
+data stream and held-out windows; its bytes are what DDP's ring all-reduce of fp32 gradients
+sends, 2 (M - 1) / M x 4 bytes x parameters per worker per step. DiLoCo's bytes
 are counted from the payloads the islands actually exchange. "Solo speed" in (c) is an island's
 tokens over its own compute time (its steps, slowdown included, without communication or
 waiting): what it would do alone; the aggregate is the sum of the islands' rates over their
@@ -45,10 +46,15 @@ from frontierlm.train.metrics import MetricsLog  # noqa: E402
 RECIPE = "recipes/quickstart.toml"
 
 
-def cli(*args: str, log: Path | None = None) -> None:
+def cli(*args: str, log: Path | None = None, processes: int = 1) -> None:
+    """`frontierlm ARGS`; with `processes` > 1 under torchrun (gloo data parallel on CPU)."""
     out = log.open("w") if log else None
+    launcher = [sys.executable, "-m", "frontierlm.cli"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}", "-m", "frontierlm.cli"]  # fmt: skip
     subprocess.run(
-        ["nice", "-n", "10", sys.executable, "-m", "frontierlm.cli", *args],
+        ["nice", "-n", "10", *launcher, *args],
         cwd=ROOT,
         check=True,
         stdout=out,
@@ -119,20 +125,27 @@ def main() -> None:
         results = json.loads(previous.read_text())["runs"]
     curves: dict[str, list] = {}
 
-    def run(label: str, stage: str, *overrides: str) -> dict:
+    def save() -> None:  # after every run, so an interrupted benchmark keeps what it finished
+        (out / "diloco.json").write_text(
+            json.dumps({"args": vars(args), "rows": [], "runs": results}, indent=2)
+        )
+
+    def run(label: str, stage: str, *overrides: str, processes: int = 1) -> dict:
         name = f"bench-diloco-{label}"
         run_dir = prepare(name, upstream)
         if label in results and (run_dir / stage / "stage.json").is_file():
             return results[label]  # --reuse
         load = uptime()
         t0 = time.perf_counter()
-        cli(stage, *common, f"--run.name={name}", *overrides, log=out / f"diloco-{label}.log")
+        log = out / f"diloco-{label}.log"
+        cli(stage, *common, f"--run.name={name}", *overrides, log=log, processes=processes)
         metrics = stage_metrics(run_dir, stage)
         metrics["inner_steps"] = H
         metrics["bench_wall_s"] = time.perf_counter() - t0
         metrics["load_before"], metrics["load_after"] = float(load), float(uptime())
         results[label] = metrics
         print(f"{label}: val_loss {metrics['val_loss']:.4f} in {metrics['bench_wall_s']:.0f}s")
+        save()
         return metrics
 
     if parts & {"a", "b", "c"}:
@@ -140,7 +153,8 @@ def main() -> None:
         diloco_log = MetricsLog(ROOT / "runs/bench-diloco-diloco/diloco/islands/0/metrics.jsonl")
         curves[f"DiLoCo M={M} H={H}"] = loss_vs_bytes(diloco_log.read(), islands=M)
     if "a" in parts:
-        ddp = run("ddp", "pretrain")
+        # M gloo processes of one thread each, like the M islands: the same CPU share under load
+        ddp = run("ddp", "pretrain", "--run.threads=1", processes=M)
         params = ddp["params"]
         per_step = M * 2 * (M - 1) / M * 4 * params  # all workers, ring all-reduce, fp32
         ddp["bytes_sent"] = per_step * T

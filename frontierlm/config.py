@@ -911,8 +911,10 @@ class LoopConfig(Strict):
         None,
         gt=0,
         description="QK-clip threshold tau (Kimi K2's MuonClip, train/qk_clip.py): after each "
-        "optimizer step, heads whose largest attention logit exceeded tau have W_q/W_k scaled "
-        "down to bring it to tau; the max logit per layer is logged. None = off; Kimi K2 used 100",
+        "optimizer step, heads whose largest attention logit on the step's batch (recomputed "
+        "with the updated weights) exceeds tau, less a learnt margin for batch-to-batch "
+        "variation, have W_q/W_k scaled down to it; the max logit per layer is logged. "
+        "None = off; Kimi K2 used 100",
     )
 
     @model_validator(mode="after")
@@ -1073,7 +1075,9 @@ class DilocoConfig(Strict):
     )
     block_size: int = Field(128, ge=2, description="values per quantisation scale")
     staleness_power: float = Field(
-        1.0, ge=0, description="async: a contribution s outer steps stale weighs (1 + s)^-p"
+        1.0,
+        ge=0,
+        description="async: a contribution s rounds later than round-robin weighs (1 + s)^-p",
     )
     dynamic_inner_steps: bool = Field(
         True, description="async: a slower island syncs after H / slowdown steps"
@@ -1329,8 +1333,8 @@ class EvalConfig(Strict):
     tasks: list[str] = Field(
         default_factory=list,
         description="evaluation tasks: names of shipped specs (frontierlm/eval/tasks/*.toml: "
-        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2) or paths to "
-        "your own .toml specs",
+        "mmlu, mmlu_cloze, gsm8k, gsm8k_chat, gsm8k_pass, humaneval, wikitext2, arithmetic_word) "
+        "or paths to your own .toml specs",
     )
     task_models: list[Literal["pretrain", "sft", "align"]] = Field(
         default_factory=lambda: ["pretrain", "sft", "align"],
@@ -1379,11 +1383,12 @@ class SynthConfig(Strict):
     )
     max_items: int | None = Field(None, ge=1, description="use at most this many source items")
     model: Literal["pretrain", "sft", "align"] = Field("sft", description="which model samples")
-    scorer: Literal["exact_match", "dpo_reward"] = Field(
+    scorer: Literal["exact_match", "exact_match_steps", "dpo_reward"] = Field(
         "exact_match",
         description="exact_match: 1 when the reply's final number equals the reference's (GSM8K "
-        "verifier), else 0; dpo_reward: the align model's implicit reward against the SFT "
-        "model, beta * (log p_align - log p_sft) of the reply",
+        "verifier), else 0; exact_match_steps: that, and every calculation the reply writes "
+        "(`7 + 5 = 12`, `<<48/2=24>>`) is right; dpo_reward: the align model's implicit "
+        "reward against the SFT model, beta * (log p_align - log p_sft) of the reply",
     )
     threshold: float = Field(1.0, description="keep a reply only if its score is >= this")
     samples: int = Field(4, ge=1, description="replies sampled per item per round")
@@ -1417,6 +1422,38 @@ class SynthConfig(Strict):
         return self
 
 
+class SynthSFTConfig(SFTConfig):
+    """`frontierlm synth_sft`: the SFT model fine-tuned on the synth stage's kept replies
+    (rejection-sampling fine-tuning: one STaR iteration), then greedy exact match on held-out
+    problems before (the SFT model) and after, item by item."""
+
+    steps: int = Field(100, ge=1)
+    sources: list[ChatSource] = Field(
+        default_factory=list,
+        description="chats trained on besides synth/synth.jsonl (RFT mixes in the SFT data)",
+    )
+    heldout_task: str = Field(
+        description="an exact_match eval task (a shipped spec's name, e.g. arithmetic_word, or a "
+        ".toml path) scored before and after; keep its items out of the synth prompts"
+    )
+    heldout_limit: int | None = Field(None, ge=1, description="at most this many held-out items")
+
+    @model_validator(mode="after")
+    def _heldout(self) -> SynthSFTConfig:
+        from frontierlm.eval.tasks import EvalTaskError, load_spec
+
+        try:
+            spec = load_spec(self.heldout_task)
+        except EvalTaskError as err:
+            raise ValueError(f"heldout_task: {err}") from None
+        if spec.kind != "exact_match":
+            raise ValueError(
+                f"heldout_task {self.heldout_task!r} is a {spec.kind} task; it must be "
+                "exact_match (greedy answers checked against the reference)"
+            )
+        return self
+
+
 class RecipeConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -1432,6 +1469,27 @@ class RecipeConfig(Strict):
     synth: SynthConfig | None = Field(
         None, description="synthetic data (`frontierlm synth`); the stage runs only when set"
     )
+    synth_sft: SynthSFTConfig | None = Field(
+        None, description="SFT on the synth output with a held-out before/after; needs [synth]"
+    )
+
+    @model_validator(mode="after")
+    def _synth_sft_needs_verified_chats(self) -> RecipeConfig:
+        if self.synth_sft is None:
+            return self
+        if self.synth is None:
+            raise ValueError("synth_sft trains on the synth stage's output: add a [synth] table")
+        if self.synth.mode != "verify":
+            raise ValueError(
+                f"synth_sft trains on question/answer chats, which synth.mode = 'verify' writes; "
+                f"synth.mode is {self.synth.mode!r}"
+            )
+        if self.synth_sft.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"synth_sft.seq_len={self.synth_sft.seq_len} exceeds "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _seq_fits(self) -> RecipeConfig:
@@ -1552,10 +1610,11 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 
 def merge_tables(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` on top of `base`: tables merge key by key, anything else (values, arrays,
-    arrays of tables such as data.sources) is replaced whole."""
+    arrays of tables such as data.sources) is replaced whole. An empty table (`x = {}`) clears
+    the base's, the one way a variant can drop entries such as eval.task_limits."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = merge_tables(merged[key], value)
         else:
             merged[key] = value

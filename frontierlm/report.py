@@ -367,6 +367,24 @@ def synth_section(record: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def synth_sft_section(record: dict[str, Any] | None) -> list[str]:
+    """Held-out exact match before and after SFT on the synthetic data, when the recipe ran it."""
+    if record is None:
+        return []
+    m = record["metrics"]
+    return [
+        "## SFT on the synthetic data",
+        "",
+        f"The SFT model fine-tuned on {m['synth_chats']:,} verified synthetic chats. Greedy exact "
+        f"match on {m['heldout_n']:,} held-out `{m['heldout_task']}` problems: "
+        f"{m['heldout_exact_match_before']:.3f} before, {m['heldout_exact_match_after']:.3f} "
+        f"after; right only after {m['heldout_only_after']:,}, only before "
+        f"{m['heldout_only_before']:,} (McNemar p = {m['heldout_mcnemar_p']:.2g}). Per item, "
+        "with Wilson intervals: `synth_sft/heldout.json`.",
+        "",
+    ]
+
+
 def build_report(run_dir: Path, out: Path) -> str:
     records = {
         name: read_record(run_dir / name)
@@ -428,6 +446,7 @@ def build_report(run_dir: Path, out: Path) -> str:
         "",
         *task_section(ev.get("tasks", {})),
         *synth_section(records.get("synth")),
+        *synth_sft_section(records.get("synth_sft")),
         *data_section(run_dir, out),
         *rl_section(run_dir, out),
         *sweep_report_section(run_dir),

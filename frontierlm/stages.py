@@ -147,6 +147,15 @@ STAGES: dict[str, Stage] = {
             optional=True,
         ),
         Stage(
+            "synth_sft",
+            "frontierlm.posttrain.sft:run_synth_sft_stage",
+            ("run", "synth_sft"),
+            ("tokenizer", "sft", "synth"),
+            "SFT on the verified synthetic data; held-out exact match before and after",
+            "heldout_exact_match_after",
+            optional=True,
+        ),
+        Stage(
             "eval",
             "frontierlm.eval.stage:run_eval_stage",
             ("run", "eval", "sft", "align"),
@@ -158,7 +167,10 @@ STAGES: dict[str, Stage] = {
             "report",
             "frontierlm.report:run_report_stage",
             (),
-            ("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align", "synth", "eval"),
+            (
+                *("data", "tokenizer", "tokenize", "pretrain", "sft", "rl", "align"),
+                *("synth", "synth_sft", "eval"),
+            ),
             "report.md and plots",
             "",
         ),
@@ -219,6 +231,12 @@ def external_files(cfg: RecipeConfig, stage: str) -> list[str]:
         for task in cfg.eval.tasks:
             files += [_display_path(spec_path(task).resolve()), *task_files(load_spec(task))]
         return files
+    if stage == "synth_sft" and cfg.synth_sft is not None:
+        from frontierlm.eval.tasks import load_spec, spec_path, task_files
+
+        spec = load_spec(cfg.synth_sft.heldout_task)
+        files = [_display_path(spec_path(cfg.synth_sft.heldout_task).resolve())]
+        return files + task_files(spec) + [s.path for s in cfg.synth_sft.sources]
     if stage == "synth" and cfg.synth is not None:
         files = [cfg.synth.source]
         if cfg.synth.dedup_against_sft:
@@ -357,6 +375,6 @@ def run_pipeline(cfg: RecipeConfig, force: bool = False) -> None:
         if not stage.in_pipeline:
             continue
         if not stage.enabled(cfg):
-            console.print(f"[dim]- {name}: no [{name}] table in the recipe, not run")
+            console.print(f"[dim]- {name}: no \\[{name}] table in the recipe, not run")
             continue
         run_stage(cfg, name, force=force)

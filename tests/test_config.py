@@ -89,6 +89,11 @@ def test_recipe_inherits_from_its_base_and_overrides_tables_key_by_key(tmp_path)
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (96, 3, 5)
     assert cfg.model.qk_norm and cfg.model.max_seq_len == 256  # from the quickstart, two up
     assert len(cfg.data.sources) == len(load_config(QUICKSTART).data.sources)
+    # An empty table clears the base's (a non-empty one would merge into it).
+    (tmp_path / "cleared.toml").write_text(
+        'base = "base.toml"\n[eval]\ntasks = ["mmlu"]\ntask_limits = {}\n'
+    )
+    assert load_config(tmp_path / "cleared.toml").eval.task_limits == {}
     (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "loop.toml")

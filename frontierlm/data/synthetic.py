@@ -146,6 +146,20 @@ def exact_match_judge(item: SourceItem, texts: list[str]) -> list[Judgement]:
     return out
 
 
+def exact_match_steps_judge(item: SourceItem, texts: list[str]) -> list[Judgement]:
+    """exact_match, and every calculation the reply writes (`7 + 5 = 12`) is right: a right
+    answer reached through wrong work is rejected (`wrong_calculation`), so SFT on the kept
+    replies does not learn the wrong work (STaR's right-answer-wrong-reasoning failure)."""
+    from frontierlm.posttrain.rewards import wrong_calculations
+
+    out = []
+    for text, judged in zip(texts, exact_match_judge(item, texts), strict=True):
+        if judged.verdict == PASS and wrong_calculations(text):
+            judged = Judgement(0.0, "wrong_calculation")
+        out.append(judged)
+    return out
+
+
 def words(text: str) -> list[str]:
     """Lower-case word tokens, punctuation dropped."""
     return WORD.findall(normalize(text))
@@ -309,8 +323,9 @@ def run_synth_stage(ctx) -> dict[str, Any]:
     if cfg.mode == "rephrase":
         judge = rephrase_judge(cfg)
         key: KeyFn = lambda item, reply: text_key(reply)  # noqa: E731
-    elif cfg.scorer == "exact_match":
-        judge, key = exact_match_judge, lambda item, reply: text_key(item.prompt, reply)
+    elif cfg.scorer in ("exact_match", "exact_match_steps"):
+        judge = exact_match_judge if cfg.scorer == "exact_match" else exact_match_steps_judge
+        key = lambda item, reply: text_key(item.prompt, reply)  # noqa: E731
     else:
         reference = load_model_dir(ctx.path("sft") / "model", ctx.device).eval()
         policy = load_model_dir(ctx.path("align") / "model", ctx.device).eval()

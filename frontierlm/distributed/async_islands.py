@@ -5,13 +5,18 @@ puts its encoded pseudo-gradient under a key and bumps a counter, reads the newe
 weights by version, and refreshes a heartbeat key every inner step. The coordinator (a thread in
 the launcher) owns the global weights and the outer Nesterov optimizer:
 
-  - it collects contributions; when it holds one per live island it takes an outer step with
-    their staleness-weighted mean: a pseudo-gradient computed from global version b, arriving at
-    version v, has staleness s = v - b and weight (1 + s)^-p (`staleness_power` p) in a mean
-    over max(contributions, islands) slots: all islands fresh give DiLoCo's mean, an absent
-    island counts as zero, and a stale pseudo-gradient (part of whose progress, measured from
-    an older base, the weights already hold) counts less; the step's Nesterov momentum is
-    scaled by the sum of the weights (how full the step is);
+  - it applies every contribution when it arrives (Liu et al. 2024, "Asynchronous Local-SGD"),
+    so the island that sent it pulls weights that hold its own progress and never trains on
+    from weights that lack it: the pseudo-gradient, scaled by 1 / M and by its staleness
+    weight, moves the weights at once (the plain part of Nesterov's step), and once
+    per round of M contributions the Nesterov momentum is updated with the round's sum and
+    applied ("delayed Nesterov"): M islands of equal speed, all fresh, give exactly
+    synchronous DiLoCo's outer step, and an island that is gone counts as zero. A
+    contribution computed from version b arriving at version v missed v - b updates; in
+    round-robin order that is M - 1, which is no delay at all, so its staleness is the
+    excess in rounds, s = max(0, v - b - (M - 1)) / M, and its weight (1 + s)^-p
+    (`staleness_power` p): a pseudo-gradient part of whose progress the weights already hold
+    counts less;
   - an island whose heartbeat is older than `timeout_s` is dropped (an event in events.jsonl)
     and the outer steps go on with the others;
   - an island that (re)starts reads the newest global weights and the data position it owns
@@ -20,21 +25,24 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
 
 Each island pushes after its own H inner steps (with `dynamic_inner_steps`, H divided by the
 island's slowdown, as in Liu et al. 2024, so slow islands contribute about as often and as
-fresh as fast ones) and then adopts the newest global weights it finds.
+fresh as fast ones) and then, once the coordinator has applied it, adopts the newest global
+weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from torch import nn
 from torch.distributed import Store
 
-from frontierlm.distributed.diloco import OuterNesterov, flat, unflatten_into
+from frontierlm.distributed.diloco import flat, unflatten_into
 from frontierlm.distributed.quantize import Codec, padded_length
 from frontierlm.distributed.wan import Ledger, Wan, hold_until
 from frontierlm.train.metrics import MetricsLog
@@ -42,13 +50,12 @@ from frontierlm.train.metrics import MetricsLog
 KEPT_VERSIONS = 4  # global weights stay readable this many versions back
 
 
-def staleness_weights(staleness: list[int], power: float, islands: int) -> list[float]:
-    """Weights of a buffer of contributions with staleness s: (1 + s)^-power each, over
-    max(contributions, islands). Fresh contributions from every island give the plain mean;
-    an absent island counts as zero (as in the synchronous mean); a stale one counts less,
-    since part of the progress it reports (from an older base) is already in the weights."""
-    slots = max(len(staleness), islands)
-    return [(1.0 + s) ** -power / slots for s in staleness]
+def staleness_weight(version: int, base: int, live: int, power: float) -> float:
+    """The weight of a contribution computed from global version `base`, arriving at
+    `version`, among `live` islands: (1 + s)^-power with s its delay in rounds beyond the
+    round-robin one (the other islands' updates in between are the normal course)."""
+    rounds = max(0, version - base - (live - 1)) / live
+    return (1.0 + rounds) ** -power
 
 
 def _get_int(store: Store, key: str, default: int = 0) -> int:
@@ -115,7 +122,8 @@ class Coordinator:
     alive: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
     finished: set[int] = field(default_factory=set)
-    buffer: list[Contribution] = field(default_factory=list)
+    round_sum: torch.Tensor | None = None  # the weighted pseudo-gradients of this round
+    round_count: int = 0
     seen: dict[int, int] = field(default_factory=dict)
     tokens: int = 0
     contributions: dict[int, int] = field(default_factory=dict)
@@ -123,7 +131,8 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         self.weights = self.weights.clone()
-        self.outer = OuterNesterov([self.weights], self.outer_lr, self.outer_momentum)
+        self.momentum = torch.zeros_like(self.weights)
+        self.round_sum = torch.zeros_like(self.weights)
         self.seen = dict.fromkeys(range(self.islands), 0)
         self.contributions = dict.fromkeys(range(self.islands), 0)
         self._publish()
@@ -141,13 +150,9 @@ class Coordinator:
             delete_bytes(self.store, f"g/w/{old}")
 
     def poll(self) -> None:
-        """One round: take new contributions, check heartbeats, step when the buffer is full."""
+        """One round: check heartbeats, then apply the new contributions."""
         now = time.time()
         for i in range(self.islands):
-            pushed = _get_int(self.store, f"pushed/{i}")
-            while self.seen[i] < pushed:
-                self.seen[i] += 1
-                self._take(i, self.seen[i])
             if self.store.check([f"done/{i}"]) and i not in self.finished:
                 self.finished.add(i)
                 self.alive.discard(i)
@@ -172,44 +177,60 @@ class Coordinator:
                 self.alive.discard(i)
                 self.dropped.add(i)
                 self._event({"event": "dropped", "island": i, "silent_s": round(now - beat, 1)})
-        if self.buffer and len(self.buffer) >= max(1, len(self.alive)):
-            self._outer_step()
+        for i in range(self.islands):
+            pushed = _get_int(self.store, f"pushed/{i}")
+            while self.seen[i] < pushed:
+                self.seen[i] += 1
+                self._apply(self._take(i, self.seen[i]))
+                self.store.set(f"applied/{i}/{self.seen[i]}", str(self.version))
 
-    def _take(self, island: int, seq: int) -> None:
+    def _take(self, island: int, seq: int) -> Contribution:
         meta = json.loads(self.store.get(f"meta/{island}/{seq}"))
         payload = _tensor(get_bytes(self.store, f"push/{island}/{seq}"), torch.uint8)
         delete_bytes(self.store, f"push/{island}/{seq}")
         n = self.weights.numel()
         vector = self.codec.decode(payload, padded_length(n, self.codec.align))[:n]
-        self.buffer.append(
-            Contribution(island, meta["base"], meta["position"], meta["tokens"], vector)
-        )
         self.store.set(f"pos/{island}", str(meta["position"]))
         self.tokens += meta["tokens"]
         self.contributions[island] += 1
+        return Contribution(island, meta["base"], meta["position"], meta["tokens"], vector)
 
-    def _outer_step(self) -> None:
-        staleness = [self.version - c.base for c in self.buffer]
-        weights = staleness_weights(staleness, self.staleness_power, self.islands)
-        mean = sum(w * c.pseudo_gradient for w, c in zip(weights, self.buffer, strict=True))
-        # Momentum in proportion to how full the step is (1 for every island fresh): repeated
-        # partial steps would otherwise each get the whole Nesterov push of the past steps and
-        # overshoot (Liu et al. 2024 delay the momentum for the same reason).
-        fill = min(1.0, sum(weights))
-        self.outer.optimizer.param_groups[0]["momentum"] = self.outer_momentum * fill
-        self.outer.step(mean)
+    @torch.no_grad()
+    def _apply(self, c: Contribution) -> None:
+        """The plain part of the outer step at once; the momentum once per round."""
+        # Over all M islands, as synchronous DiLoCo's mean: an island that is gone counts as
+        # zero, and islands finishing at different times do not inflate the last ones.
+        m = self.islands
+        staleness = self.version - c.base
+        weight = staleness_weight(self.version, c.base, m, self.staleness_power)
+        scaled = c.pseudo_gradient * (weight / m)
+        self.weights.sub_(scaled, alpha=self.outer_lr)
+        self.round_sum += scaled
+        self.round_count += 1
+        momentum_step = self.round_count >= m
+        if momentum_step:
+            self._momentum_step()
         self.version += 1
         self._publish()
         self._event(
             {
                 "event": "outer_step",
                 "version": self.version,
-                "islands": [c.island for c in self.buffer],
-                "staleness": staleness,
+                "islands": [c.island],
+                "staleness": [staleness],
+                "weight": round(weight, 4),
+                "momentum": momentum_step,
                 "tokens": self.tokens,
             }
         )
-        self.buffer = []
+
+    def _momentum_step(self) -> None:
+        """Nesterov's momentum part for the round: with the plain parts already applied, the
+        round moved the weights by lr (g + mu m), m = mu m + g, g the round's sum."""
+        self.momentum.mul_(self.outer_momentum).add_(self.round_sum)
+        self.weights.sub_(self.momentum, alpha=self.outer_lr * self.outer_momentum)
+        self.round_sum.zero_()
+        self.round_count = 0
 
     def all_done(self) -> bool:
         return len(self.finished) == self.islands
@@ -228,8 +249,10 @@ class Coordinator:
             else:
                 gone_since = None
             time.sleep(poll_s)
-        if self.buffer:  # the last contributions count too
-            self._outer_step()
+        if self.round_count:  # the last, partial round gets its momentum too
+            self._momentum_step()
+            self.version += 1
+            self._publish()
         self.store.set("g/final", str(self.version))
 
 
@@ -304,6 +327,10 @@ class AsyncIsland:
         self.store.set(f"meta/{key}", json.dumps(meta))
         self.pushes = self.store.add(f"pushed/{self.island}", 1)
         hold_until(started, self.wan.point_seconds(self.island, payload.numel()))
+        # The coordinator applies it within a poll: the pull that follows then holds it.
+        # A coordinator that lags past the wait: pull what there is and go on.
+        with contextlib.suppress(Exception):
+            self.store.wait([f"applied/{self.island}/{self.pushes}"], timedelta(seconds=30))
         self.ledger.bytes_sent += payload.numel()
         self.ledger.exchanges += 1
         self.ledger.comm_s += time.perf_counter() - started

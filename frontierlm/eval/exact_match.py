@@ -8,6 +8,8 @@ check RL rewards and synthetic data use.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from frontierlm.eval.tasks import TaskSpec
@@ -74,4 +76,30 @@ def evaluate_exact_match(model, tok, spec: TaskSpec, items: list[dict[str, Any]]
             "exact_match_flexible": sum(r["flexible"] for r in records) / n,
         },
         "items": records,
+    }
+
+
+def paired_comparison(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]:
+    """Two models' right/wrong on the same items: each accuracy with its Wilson 95% interval,
+    the discordant counts, and McNemar's exact two-sided p-value (a binomial test on the items
+    only one model gets right), the test for a change measured on shared items."""
+    from frontierlm.eval.safety import wilson
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_comparison: {len(before)} and {len(after)} items")
+    n = len(before)
+    only_after = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    only_before = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    discordant = only_after + only_before
+    tail = sum(math.comb(discordant, k) for k in range(min(only_after, only_before) + 1))
+    return {
+        "n": n,
+        "before": sum(before) / n,
+        "after": sum(after) / n,
+        "before_ci": wilson(sum(before), n),
+        "after_ci": wilson(sum(after), n),
+        "both": sum(1 for b, a in zip(before, after, strict=True) if a and b),
+        "only_after": only_after,
+        "only_before": only_before,
+        "mcnemar_p": min(1.0, 2 * tail / 2**discordant) if discordant else 1.0,
     }

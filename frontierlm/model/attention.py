@@ -220,8 +220,9 @@ def attend_cached(
 
 
 class Attention(nn.Module):
-    # Called as logit_observer(q, k, scale) on the rotated queries and keys when set:
-    # training hooks (train/qk_clip.py) read the attention logits there; the model never does.
+    # Called as logit_observer(q, k, x, cos, sin) on the rotated queries and keys and the inputs
+    # they came from, when set: training hooks (train/qk_clip.py) read the attention logits
+    # there; the model never does.
     logit_observer = None
     # q, k and v weights stacked into one matrix, set only while the inference engine generates
     # (inference/packing.py): a decode step then reads them in one GEMM, which at a few rows
@@ -246,6 +247,31 @@ class Attention(nn.Module):
             self.g_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.gated = cfg.attn_gate
 
+    def queries_and_keys(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries (batch, heads, seq, dim) and keys (batch, kv_heads, seq, dim)."""
+        return self._rotated_heads(self.q_proj(x), self.k_proj(x), cos, sin)
+
+    def _rotated_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected q (batch, seq, heads * dim) and k split into heads, normed when asked,
+        rotated."""
+        batch, seq, _ = q.shape
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
     def forward(
         self,
         x: torch.Tensor,
@@ -259,22 +285,17 @@ class Attention(nn.Module):
         from it, under `mask` (batch, 1, 1, kv_len)."""
         batch, seq, _ = x.shape
         if self.packed_qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k = self.queries_and_keys(x, cos, sin)
+            v = self.v_proj(x)
         else:
             kv_width = self.n_kv_heads * self.head_dim
             q, k, v = F.linear(x, self.packed_qkv).split(
                 [self.n_heads * self.head_dim, kv_width, kv_width], dim=-1
             )
-        q = q.view(batch, seq, self.n_heads, self.head_dim)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:  # bounds attention logits, so higher learning rates stay stable
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._rotated_heads(q, k, cos, sin)
         if self.logit_observer is not None:
-            self.logit_observer(q, k, self.scale)
+            self.logit_observer(q, k, x, cos, sin)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
             out = attend(q, k, v, mask, self.scale, self.softcap)
         elif cache.decoding:

@@ -64,17 +64,12 @@ class MultiHeadLatentAttention(nn.Module):
             # DeepSeek's YaRN sharpens every score, not only the rotated slices' share.
             self.scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
-        mask: AttentionMask = None,
-        cache: LayerCache | None = None,
-    ) -> torch.Tensor:
-        """cos/sin None: a NoPE layer (the rope slices stay unrotated). With `cache`, the
-        normalised latent and the rotated key are stored in it, and a decode step attends in
-        the latent space (see `_decode`)."""
+    def _project(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per head the query's no-position and rotated parts (batch, heads, seq, .); per
+        token the normalised latent (batch, seq, latent) and the shared rotated key (batch, 1,
+        seq, rope)."""
         batch, seq, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -87,20 +82,52 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(1)  # (batch, 1, seq, rope): one rotated key for all heads
         if cos is not None:
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
-        latent = self.kv_a_layernorm(latent)
+        return q_nope, q_rope, self.kv_a_layernorm(latent), k_rope
+
+    def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent expanded per head into the keys' no-position part and the values."""
+        batch, seq, _ = latent.shape
+        kv = self.kv_b_proj(latent)
+        kv = kv.view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return k_nope, v
+
+    def _join(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        return q, k
+
+    def queries_and_keys(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full queries and keys (batch, heads, seq, nope + rope), as attention uses them."""
+        q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
+        return self._join(q_nope, q_rope, self._expand(latent)[0], k_rope)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        mask: AttentionMask = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """cos/sin None: a NoPE layer (the rope slices stay unrotated). With `cache`, the
+        normalised latent and the rotated key are stored in it, and a decode step attends in
+        the latent space (see `_decode`)."""
+        batch, seq, _ = x.shape
+        q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
         if cache is not None:
             entry = torch.cat([latent.unsqueeze(1).to(k_rope.dtype), k_rope], dim=-1)
             if cache.decoding:
                 return self._decode(q_nope, q_rope, cache, entry, mask)
             cache.fill(entry)
-        kv = self.kv_b_proj(latent)
-        kv = kv.view(batch, seq, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        k_nope, v = self._expand(latent)
+        q, k = self._join(q_nope, q_rope, k_nope, k_rope)
         if self.logit_observer is not None:
-            self.logit_observer(q, k, self.scale)
+            self.logit_observer(q, k, x, cos, sin)
         out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_dim))
 

@@ -9,9 +9,11 @@ last number in the text, as lm-evaluation-harness's flexible-extract filter does
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -51,6 +53,65 @@ def extract_last_number(text: str) -> str | None:
     "flexible-extract" (which ignores `####` and takes the last number it finds)."""
     numbers = NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+# A written calculation: numbers joined by + - * / (or ×), then "=" and a number;
+# GSM8K's calculator annotations `<<48/2=24>>` are the same thing inside brackets.
+_NUM = r"\d[\d,]*(?:\.\d+)?"
+_NOT_AFTER = r"(?<![*/+×)-]\s)(?<![\w.,*/+×)-])"  # not the tail of a longer expression
+CALCULATION = re.compile(
+    rf"{_NOT_AFTER}(\(?-?{_NUM}(?:\s*[-+*/×]\s*\(?-?{_NUM}\)?)+)\s*=\s*\$?(-?{_NUM})(?![\d/])"
+)
+
+
+OPERATORS = ast.Add | ast.Sub | ast.Mult | ast.Div
+
+
+def _evaluate(expression: str) -> Fraction | None:
+    """The exact value of digits, + - * / and brackets; None when it is anything else."""
+    cleaned = expression.replace(",", "").replace("×", "*")
+    try:
+        tree = ast.parse(cleaned, mode="eval").body
+    except SyntaxError:
+        return None
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(
+            node.op, ast.Add | ast.Sub | ast.Mult | ast.Div
+        ):
+            a, b = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            return a / b
+        raise ValueError(node)
+
+    try:
+        return value(tree)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def wrong_calculations(text: str) -> list[str]:
+    """The written calculations in `text` (`7 + 5 = 12`, `<<48/2=24>>`) whose result is wrong
+    (beyond rounding to the digits written); text that is not a calculation is not judged."""
+    wrong = []
+    for match in CALCULATION.finditer(text):
+        expected = _evaluate(match.group(1))
+        if expected is None:
+            continue
+        written = Fraction(match.group(2).replace(",", ""))
+        decimals = len(match.group(2).partition(".")[2])
+        if abs(expected - written) > Fraction(1, 2 * 10**decimals):
+            wrong.append(match.group(0))
+    return wrong
 
 
 # ----------------------------------------------------------------------------- reward functions

@@ -324,6 +324,7 @@ _PER_STEP = {
     "mfu",
     "peak_memory_gib",
     "qk_clipped_heads",
+    "qk_clip_margin",
 }
 
 

@@ -4,6 +4,7 @@ sampler; the fidelity check; the stage end to end on a scripted model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,150 @@ def test_synth_stage_needs_a_synth_table(tmp_path):
     cfg = load_config(root / "recipes" / "micro.toml", [f"--run.out_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"add a \[synth\] table"):
         run_stage(cfg, "synth")
+
+
+def choice_lm(vocab_size: int, scripts: dict[tuple[int, ...], list[list[int]]], end_id: int):
+    """A model that, after a scripted prompt, puts equal logits on the next token of every
+    scripted reply the output so far still matches: sampling at temperature 1 picks among the
+    replies (a coin flip between a right and a wrong one), through the real sampler."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vocab_size = vocab_size
+            self.cfg = SimpleNamespace(max_seq_len=100_000)
+            self._anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor, doc_ids=None) -> torch.Tensor:
+            # Only the last position is read by generation: (batch, 1, vocab).
+            logits = torch.full((input_ids.shape[0], 1, vocab_size), -30.0)
+            for r, row in enumerate(input_ids.tolist()):
+                prompt = next(p for p in scripts if tuple(row[: len(p)]) == p)
+                done = row[len(prompt) :]
+                for reply in scripts[prompt]:
+                    if reply[: len(done)] == done:
+                        nxt = reply[len(done)] if len(done) < len(reply) else end_id
+                        logits[r, -1, nxt] = 30.0
+            return logits
+
+    return Model()
+
+
+def test_synth_keeps_only_verified_word_problem_answers(tmp_path, monkeypatch, small_tokenizer):
+    """The synth stage of recipes/synth-arithmetic.toml on 12 of its real prompts, sampled at
+    temperature 1 from a model that answers 4 of them always right, 4 always wrong (the result
+    off by one) and 4 by a coin flip: every written answer equals the generator's own value,
+    every item that was never answered right is dropped as wrong_answer after 2 regenerations,
+    and the counts equal those of the samples actually drawn."""
+    import gzip
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    from scripted_lm import drive_with_reference_generate
+
+    from frontierlm.config import load_config
+    from frontierlm.data.synthetic import run_synth_stage
+    from frontierlm.inference import engine
+    from frontierlm.posttrain.arithmetic import Difficulty, make_problem
+    from frontierlm.posttrain.rewards import extract_answer
+    from frontierlm.stages import STAGES, StageContext
+    from frontierlm.tokenizer.chat import ChatRenderer, Message
+    from frontierlm.tokenizer.train import END, save_tokenizer
+
+    tok, _ = small_tokenizer
+    root = Path(__file__).resolve().parents[2]
+    with gzip.open(root / "data" / "arithmetic" / "word-prompts.jsonl.gz", "rt") as f:
+        problems = [json.loads(next(f)) for _ in range(12)]
+    truth = [make_problem(Difficulty(1, "+-", 2, "word"), 11, i) for i in range(12)]
+    assert [p["question"] for p in problems] == [t.question for t in truth]  # the file's stream
+    values = [int(t.answer.rsplit("#### ", 1)[1]) for t in truth]
+    wrong = [t.answer.replace(f"= {v}\n#### {v}", f"= {v + 1}\n#### {v + 1}") for t, v in
+             zip(truth, values, strict=True)]  # fmt: skip
+    kinds = ["right", "wrong", "coin"] * 4
+    replies = {
+        "right": lambda i: [truth[i].answer],
+        "wrong": lambda i: [wrong[i]],
+        "coin": lambda i: [truth[i].answer, wrong[i]],
+    }
+    renderer = ChatRenderer(tok)
+    prompt_of = [
+        tuple(renderer.render([Message("user", p["question"])], add_generation_prompt=True).ids)
+        for p in problems
+    ]
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    scripts = {
+        prompt_of[i]: [encode(r) for r in replies[kinds[i]](i)] for i in range(len(problems))
+    }
+    model = choice_lm(tok.get_vocab_size(), scripts, tok.token_to_id(END))
+    drive_with_reference_generate(monkeypatch)
+    drawn: list[tuple[int, str]] = []  # every sample the stage drew: (item, text)
+    reference_generate = engine.generate
+
+    def recording_generate(model, prompts, params, **kw):
+        out = reference_generate(model, prompts, params, **kw)
+        drawn.extend((prompt_of.index(tuple(p)), tok.decode(c.ids).strip())
+                     for p, c in zip(prompts, out, strict=True))  # fmt: skip
+        return out
+
+    monkeypatch.setattr(engine, "generate", recording_generate)
+    monkeypatch.setattr("frontierlm.train.checkpoint.load_model_dir", lambda *a, **k: model)
+    monkeypatch.chdir(root)
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    cfg = load_config(
+        root / "recipes" / "synth-arithmetic.toml",
+        [f"--run.out_dir={tmp_path}", f"--synth.source={source}", "--synth.samples=2",
+         "--synth.temperature=1.0", "--synth.scorer=exact_match"],  # fair coin flips
+    )  # fmt: skip
+    assert cfg.synth.max_regenerations == 2
+    save_tokenizer(tok, cfg.run.run_dir / "tokenizer")
+    work = tmp_path / "synth.partial"
+    work.mkdir()
+    run_synth_stage(StageContext(cfg, STAGES["synth"], work))
+
+    stats = json.loads((work / "stats.json").read_text())
+    written = [json.loads(line) for line in (work / "synth.jsonl").read_text().splitlines()]
+    right_items = {i for i, text in drawn if extract_answer(text) == str(values[i])}
+    # Only verified answers are written: each one is the generator's value, once per item.
+    for record in written:
+        i = next(i for i, p in enumerate(problems) if p["question"] == record["question"])
+        assert extract_answer(record["answer"]) == str(values[i])
+        assert record["answer"] == truth[i].answer and record["meta"]["line"] == i + 1
+    assert {r["question"] for r in written} == {problems[i]["question"] for i in right_items}
+    assert len(written) == len(right_items) == stats["kept"]
+    assert {i for i in range(12) if kinds[i] == "right"} <= right_items
+    assert not {i for i in range(12) if kinds[i] == "wrong"} & right_items
+    coins = sum(1 for i in right_items if kinds[i] == "coin")
+    assert stats["dropped"] == {"wrong_answer": 12 - len(right_items)}
+    # Sample counts: 2 per item per round; accepted = the right answers among those drawn.
+    assert stats["samples"] == len(drawn) == 2 * sum(r["items"] for r in stats["rounds"])
+    assert stats["samples_accepted"] == sum(
+        1 for i, text in drawn if extract_answer(text) == str(values[i])
+    )
+    # An item kept in round r was sampled r + 1 times; a dropped one 3 times (2 regenerations).
+    per_item = Counter(i for i, _ in drawn)
+    rounds = {r["question"]: r["meta"]["round"] for r in written}
+    for i, p in enumerate(problems):
+        assert per_item[i] == 2 * (rounds.get(p["question"], 2) + 1)
+        if kinds[i] == "right":
+            assert rounds[p["question"]] == 0
+    kept_by_round = [r["kept"] for r in stats["rounds"]]
+    still = [12, 12 - kept_by_round[0], 12 - sum(kept_by_round[:2])]
+    assert [r["items"] for r in stats["rounds"]] == still
+    assert 1 <= coins <= 4 and stats["samples_accepted"] < stats["samples"]
+
+
+def test_exact_match_steps_judge_rejects_right_answers_from_wrong_work():
+    from frontierlm.data.synthetic import exact_match_steps_judge
+
+    item = SourceItem(1, "Mia has 2 apples. She buys 6 more. How many?", "2 + 6 = 8\n#### 8")
+    replies = ["2 + 6 = 8\n#### 8", "2 + 6 = 13\n#### 8", "2 + 6 = 9\n#### 9", "#### 8"]
+    verdicts = [j.verdict for j in exact_match_steps_judge(item, replies)]
+    assert verdicts == [PASS, "wrong_calculation", "wrong_answer", PASS]
+    assert [j.verdict for j in exact_match_judge(item, replies)] == [
+        PASS, PASS, "wrong_answer", PASS
+    ]  # fmt: skip

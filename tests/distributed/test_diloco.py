@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch.distributed import PrefixStore, TCPStore
 
 from frontierlm.config import PretrainConfig, RunConfig
-from frontierlm.distributed.async_islands import Coordinator, put_bytes, staleness_weights
+from frontierlm.distributed.async_islands import Coordinator, put_bytes, staleness_weight
 from frontierlm.distributed.diloco import DilocoSync, fragment_offsets, split_fragments
 from frontierlm.distributed.quantize import CODECS, Codec
 from frontierlm.distributed.wan import Link, Wan
@@ -220,35 +220,46 @@ def _push(store, island: int, seq: int, base: int, delta: torch.Tensor, position
     store.add(f"pushed/{island}", 1)
 
 
-def test_staleness_weights_and_the_weighted_outer_step(tmp_path: Path) -> None:
-    assert staleness_weights([0, 0], 1.0, 2) == pytest.approx([1 / 2, 1 / 2])  # DiLoCo's mean
-    assert staleness_weights([0, 3], 0.5, 2) == pytest.approx([1 / 2, 1 / 4])
-    assert staleness_weights([1], 1.0, 4) == pytest.approx([1 / 8])  # absent islands: zero
-    assert staleness_weights([0, 0, 0], 1.0, 2) == pytest.approx([1 / 3] * 3)
+def test_staleness_weight_counts_rounds_beyond_round_robin() -> None:
+    assert staleness_weight(0, 0, 4, 1.0) == 1.0  # fresh
+    assert staleness_weight(3, 0, 4, 1.0) == 1.0  # the 3 others went first: the normal course
+    assert staleness_weight(7, 0, 4, 1.0) == pytest.approx(1 / 2)  # one round late
+    assert staleness_weight(11, 0, 4, 0.5) == pytest.approx(3**-0.5)  # two rounds late
+
+
+def test_each_contribution_applies_at_once_and_momentum_once_a_round(tmp_path: Path) -> None:
+    """Delayed Nesterov: two fresh islands give synchronous DiLoCo's Nesterov step on their
+    mean; in between, the first contribution alone moves the weights (plain part only)."""
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     coordinator = Coordinator(store, torch.zeros(4), 2, Codec(), staleness_power=1.0,
-                              outer_momentum=0.0, outer_lr=1.0,
+                              outer_momentum=0.5, outer_lr=1.0,
                               events=MetricsLog(tmp_path / "events.jsonl"))  # fmt: skip
     for i in range(2):
         store.set(f"hb/{i}", str(time.time()))
-    # Version 0 -> 1 with island 0 alone (island 1 sends nothing yet: 1 of 2 is not enough).
     _push(store, 0, 1, 0, torch.ones(4), position=5)
     coordinator.poll()
-    assert coordinator.version == 0
-    _push(store, 0, 2, 0, torch.full((4,), 3.0), position=10)
+    assert coordinator.version == 1  # applied at once: lr 1 x 1/2 of ones
+    assert torch.allclose(coordinator.weights, torch.full((4,), -0.5))
+    assert store.get("applied/0/1") == b"1"  # what island 0 waits for before it pulls
+    _push(store, 1, 1, 0, torch.full((4,), 3.0), position=5)  # base 0, one update missed: fresh
     coordinator.poll()
-    assert coordinator.version == 1
-    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0))  # lr 1, no momentum
-    # Then island 0 fresh (version 1, staleness 0) and island 1 from version 0 (staleness 1):
-    # 3 / 2 + 1 / (2 * 2) = 1.75.
-    _push(store, 0, 3, 1, torch.full((4,), 3.0), position=15)
-    _push(store, 1, 1, 0, torch.ones(4), position=5)
-    coordinator.poll()
+    # Nesterov (lr 1, momentum 0.5) on the mean 2 from zero momentum: m = 2, step g + 0.5 m = 3.
     assert coordinator.version == 2
-    assert torch.allclose(coordinator.weights, -torch.full((4,), 2.0 + 1.75))
-    assert store.get("pos/0") == b"15" and store.get("pos/1") == b"5"
+    assert torch.allclose(coordinator.weights, torch.full((4,), -3.0))
+    # Island 0 again from version 0 at version 2: half a round late, weight 1 / 1.5.
+    _push(store, 0, 2, 0, torch.ones(4), position=10)
+    coordinator.poll()
+    assert torch.allclose(coordinator.weights, torch.full((4,), -3.0 - 1 / 3))
+    assert store.get("pos/0") == b"10" and store.get("pos/1") == b"5"
     events = MetricsLog(tmp_path / "events.jsonl").read()
-    assert events[-1]["staleness"] == [0, 1] and events[-1]["islands"] == [0, 1]
+    steps = [e for e in events if e["event"] == "outer_step"]
+    assert [e["momentum"] for e in steps] == [False, True, False]
+    assert steps[-1]["staleness"] == [2] and steps[-1]["weight"] == pytest.approx(2 / 3, abs=1e-4)
+    # The run's end gives the last, partial round its momentum: m = 0.5 * 2 + 1/3.
+    store.set("done/0", "1")
+    store.set("done/1", "1")
+    coordinator.run(poll_s=0.0)
+    assert torch.allclose(coordinator.weights, torch.full((4,), -3.0 - 1 / 3 - 0.5 * (4 / 3)))
 
 
 def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) -> None:
@@ -267,9 +278,9 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
     _push(store, 0, 1, 0, torch.ones(4), position=7)
     coordinator.poll()
     assert coordinator.version == 1
-    # One fresh contribution of two islands: half the mean and half the momentum (lr 0.7,
-    # Nesterov with momentum 0.45 on a fresh buffer: (1 + 0.45) g).
-    assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 1.45 * 0.5))
+    # One fresh contribution of two islands: its plain part at once (lr 0.7 x 1/2); the
+    # momentum waits for a round of two.
+    assert torch.allclose(coordinator.weights, torch.full((4,), -0.7 * 0.5))
     store.set("hb/1", str(time.time()))  # restarted
     coordinator.poll()
     assert coordinator.alive == {0, 1}

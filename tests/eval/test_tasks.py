@@ -287,3 +287,26 @@ def test_recipe_names_a_bad_task():
     root = Path(__file__).resolve().parents[2]
     with pytest.raises(ConfigError, match=r"eval.tasks\[1\].*not shipped"):
         load_config(root / "recipes" / "micro.toml", ["--eval.tasks=['mmlu', 'mmluu']"])
+
+
+def test_paired_comparison_matches_scipy_binomial_and_wilson():
+    """McNemar's exact test is a two-sided binomial test of the discordant items at p = 1/2."""
+    from scipy.stats import binomtest
+
+    from frontierlm.eval.exact_match import paired_comparison
+    from frontierlm.eval.safety import wilson
+
+    # 100 items: 40 right in both, 15 only after, 5 only before, 40 wrong in both.
+    before = [True] * 40 + [False] * 15 + [True] * 5 + [False] * 40
+    after = [True] * 40 + [True] * 15 + [False] * 5 + [False] * 40
+    out = paired_comparison(before, after)
+    assert (out["n"], out["both"], out["only_after"], out["only_before"]) == (100, 40, 15, 5)
+    assert (out["before"], out["after"]) == (0.45, 0.55)
+    assert out["mcnemar_p"] == pytest.approx(binomtest(5, 20, 0.5).pvalue, rel=1e-12)
+    assert out["mcnemar_p"] == pytest.approx(2 * sum(math.comb(20, k) for k in range(6)) / 2**20)
+    assert out["after_ci"] == wilson(55, 100)
+    low, high = out["after_ci"]
+    assert low == pytest.approx(0.4524, abs=1e-4) and high == pytest.approx(0.6438, abs=1e-4)
+    assert paired_comparison([True, False], [True, False])["mcnemar_p"] == 1.0
+    with pytest.raises(ValueError, match="items"):
+        paired_comparison([True], [True, False])

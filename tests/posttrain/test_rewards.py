@@ -36,3 +36,28 @@ def test_exact_match_reads_the_final_answer():
     assert not exact_match("The answer is 10.", "#### 10")
     assert exact_match("The answer is 10.", "#### 10", fallback="last_number")
     assert extract_answer("no number here", fallback="last_number") is None
+
+
+def test_wrong_calculations_finds_wrong_work_and_passes_gsm8k_golds():
+    import gzip
+    import json
+    from pathlib import Path
+
+    from frontierlm.posttrain.rewards import wrong_calculations
+
+    assert wrong_calculations("7 + 5 = 12\n12 - 3 = 9\n#### 9") == []
+    assert wrong_calculations("2 + 6 = 13\n#### 8") == ["2 + 6 = 13"]  # right answer, bad work
+    assert wrong_calculations("She sold 48/2 = <<48/2=24>>24 clips, 3 * 4 = 12, 2 × 5 = 11") == [
+        "2 × 5 = 11"
+    ]
+    assert wrong_calculations("10/3 = 3.33 and 10/3 = 3.3 but 10/3 = 3.4") == ["10/3 = 3.4"]
+    assert wrong_calculations("(2 + 3) * 4 = 20, 2 + 3 * 4 = 14, 1,000 + 5 = 1,005") == []
+    assert wrong_calculations("if x*1/2 = 12 then 1/2 * 1/2 = 1/4; the 5th = 6th") == []
+    # Real GSM8K reference answers: 99% pass; the 1% flagged are mostly GSM8K's own slips
+    # ("22 - 16 = 16", precedence: "4080 + 4080 / 2 = 4080") and some prose ("3x-5=16").
+    path = Path(__file__).resolve().parents[2] / "data" / "gsm8k" / "train.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        answers = [json.loads(line)["answer"] for line in f]
+    flagged = [a for a in answers if wrong_calculations(a)]
+    assert len(answers) == 7473 and len(flagged) == 76
+    assert any("22 - 16 = 16" in a for a in flagged)

@@ -123,6 +123,36 @@ def test_arithmetic_problems_are_seeded_and_correct():
         Difficulty(1, "/")
 
 
+def test_word_problems_are_seeded_told_in_order_and_correct():
+    """The word style: each worked step applies the sentence's operation to the running count
+    (parsed back from the text here), takes away no more than there is, and ends in `#### N`."""
+    import re
+
+    verbs = {"buys": "+", "finds": "+", "gives her": "+", "gives him": "+", "gets": "+",
+             "gives away": "-", "loses": "-", "sells": "-", "uses": "-"}  # fmt: skip
+    d = Difficulty(2, "+-", 4, "word")
+    assert problems(d, 5, 20) == problems(d, 5, 20) != problems(d, 6, 20)
+    assert problems(d, 5, 5) != problems(Difficulty(2, "+-", 4), 5, 5)
+    for p in problems(d, 5, 200):
+        sentences = re.split(r"(?<=[.?]) ", p.question)
+        value = int(re.search(r"has (\d+)", sentences[0]).group(1))
+        lines = p.answer.split("\n")
+        assert lines[-1] == f"#### {eval(lines[-2].split(' = ')[0]) if len(lines) > 1 else ''}"
+        for sentence, line in zip(sentences[1:-1], lines[:-1], strict=True):
+            op = next(o for v, o in verbs.items() if v in sentence)
+            n = int(re.search(r"(\d+)", sentence).group(1))
+            new = value + n if op == "+" else value - n
+            assert line == f"{value} {op} {n} = {new}" and new >= 0
+            value = new
+        assert lines[-1] == f"#### {value}" and sentences[-1].startswith("How many")
+    times = problems(Difficulty(1, "+*", 3, "word"), 0, 100)
+    assert any("bags with" in p.question for p in times)
+    assert all(eval(line.split(" = ")[0]) == int(line.split(" = ")[1])
+               for p in times for line in p.answer.split("\n")[:-1])  # fmt: skip
+    with pytest.raises(ValueError, match="style"):
+        Difficulty(1, "+", 2, "story")
+
+
 def test_format_and_exact_match_rewards():
     texts = ["#### 42", "the sum is 42", "x\n#### 41", "#### 42 #### 42", "#### 42\nmore"]
     assert format_reward([""] * 5, texts, ["#### 42"] * 5) == [1.0, 0.0, 1.0, 0.0, 0.0]

@@ -232,6 +232,22 @@ def test_moe_expert_loads_are_counted_over_the_global_batch(tmp_path):
     print(f"\nMoE over 2 processes: max |loss diff| {loss_diff:.2e}, load metric {load_diff:.2e}")
 
 
+def test_qk_clip_under_fsdp_clips_as_one_process(tmp_path):
+    """QK-clip recomputes the step's logits with each block's gathered weights and rescales
+    the sharded rows in place: 2 FSDP2 processes clip the same heads by the same factors as
+    one process (tau is low enough that most steps clip)."""
+    loop = LOOP.model_copy(update={"qk_clip": 0.15})
+    train(new_model(), loop, make_task(loop), tmp_path / "one", CPU)
+    spawn(train_job, loop, tmp_path / "two", "fsdp", None)
+    ours, reference = records(tmp_path / "two"), records(tmp_path / "one")
+    clipped = [r["qk_clipped_heads"] for r in reference]
+    assert sum(clipped) >= 10 and [r["qk_clipped_heads"] for r in ours] == clipped
+    logit_diff = max(max_difference(ours, reference, f"qk_max_logit.{i}") for i in (0, 1))
+    loss_diff = max_difference(ours, reference, "loss")
+    assert logit_diff < 1e-4 and loss_diff < 1e-4
+    print(f"\nqk_clip under FSDP2: max |logit diff| {logit_diff:.2e}, loss {loss_diff:.2e}")
+
+
 CRASH_AT = 9 * LOOP.grad_accum  # the first micro-batch of step 10, after the step-8 checkpoint
 
 
