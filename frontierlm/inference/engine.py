@@ -352,9 +352,11 @@ class Engine:
 
         pending = None
         steps = 0
-        position_buffers = [
-            torch.empty(self.slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)
-        ]
+        position_buffers = (
+            [torch.empty(self.slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            if pinned
+            else []
+        )
         while True:
             free = [slot for slot, seq in enumerate(running) if seq is None]
             if free and waiting:
