@@ -28,11 +28,16 @@ def commit_dir(tmp: Path, final: Path) -> None:
     """Move `tmp` to `final`, replacing any previous `final` (parked aside, then deleted)."""
     if final.exists():
         old = final.with_name(f".old-{final.name}")
-        if old.exists():
+        if old.is_symlink():
+            old.unlink()
+        elif old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old)
+        if old.is_symlink():  # `final` was a link (a shared upstream stage): drop the link only
+            old.unlink()
+        else:
+            shutil.rmtree(old)
     else:
         os.replace(tmp, final)
 
