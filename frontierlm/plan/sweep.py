@@ -457,8 +457,12 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     left.legend(fontsize="small", title="d_model x layers (N)")
 
     n_all = np.array([point_n(p) for p in points])
-    n_line = np.geomspace(n_all.min() / 3, n_all.max() * 3, 200)
     budgets = _budgets(points, 4)
+    # The curves span the runs and every optimum, so a star never floats off its curve.
+    optima = [law.optimal(c)[0] for c in budgets] if law.has_optimum else []
+    n_low = min([n_all.min(), *optima]) / 3
+    n_high = max([n_all.max(), *optima]) * 3
+    n_line = np.geomspace(n_low, n_high, 200)
     cmap = plt.cm.plasma
     for i, c in enumerate(budgets):
         colour = cmap(i / max(1, len(budgets) - 1) * 0.85)
@@ -473,6 +477,8 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
         shade = 0.0 if hi == lo else (np.log(c) - lo) / (hi - lo)
         right.scatter(point_n(p), p["val_loss"], color=cmap(shade * 0.85), edgecolor="k")
     losses = [p["val_loss"] for p in points]
+    if law.has_optimum:
+        losses += [float(law.loss(*law.optimal(c))) for c in budgets]
     span = max(losses) - min(losses) or 0.1
     # A degenerate fit (an exponent running off) would stretch the axis to nothing.
     right.set_ylim(min(losses) - 0.5 * span, max(losses) + 0.5 * span)
