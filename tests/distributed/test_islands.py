@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from torch.distributed import TCPStore
 
 from frontierlm.config import PretrainConfig, RunConfig
-from frontierlm.distributed.diloco import DilocoSync
+from frontierlm.distributed.diloco import DilocoSync, split_fragments
 from frontierlm.distributed.island import join_island
-from frontierlm.distributed.quantize import Codec
+from frontierlm.distributed.quantize import Codec, padded_length
 from frontierlm.distributed.wan import Link, Wan
 from frontierlm.train.metrics import MetricsLog
 
@@ -120,13 +120,13 @@ def max_gap(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize(
-    ("fragments", "overlap", "codec", "h", "exchanges"),
-    # Plain DiLoCo, H = 2: syncs at 2, 4, 6, 8. Streaming, H = 4, 2 fragments: at 2, 6 and
-    # 4, 8, and the first's flush at 8.
-    [(1, 0, "fp32", 2, 4), pytest.param(2, 1, "int8", 4, 5, marks=pytest.mark.slow)],
+    ("fragments", "overlap", "codec", "h", "syncs"),
+    # Syncs per fragment. Plain DiLoCo, H = 2: at 2, 4, 6, 8. Streaming, H = 4, 2 fragments:
+    # the first at 2, 6 and its flush at 8, the second at 4, 8.
+    [(1, 0, "fp32", 2, [4]), pytest.param(2, 1, "int8", 4, [3, 2], marks=pytest.mark.slow)],
 )
 def test_islands_of_two_ddp_processes_follow_islands_of_one(
-    tmp_path: Path, fragments: int, overlap: int, codec: str, h: int, exchanges: int
+    tmp_path: Path, fragments: int, overlap: int, codec: str, h: int, syncs: list[int]
 ) -> None:
     args = (fragments, overlap, codec, h)
     one, one_records, one_ledgers = run_islands(tmp_path / "k1", 1, "ddp", *args)
@@ -137,30 +137,61 @@ def test_islands_of_two_ddp_processes_follow_islands_of_one(
     assert len(losses) == STEPS and losses[0][0] != losses[-1][0]
     # The same data and updates; only the order of float additions differs (DDP's mean).
     assert max(abs(a - b) for a, b in losses) < 1e-4, losses
-    assert max_gap(one[0], two[0]) < 1e-4
+    # int8: a value that float noise moves across a rounding boundary lands one level off.
+    assert max_gap(one[0], two[0]) < {"fp32": 1e-4, "int8": 2e-3}[codec]
     assert one_records[-1]["val_loss"] == pytest.approx(two_records[-1]["val_loss"], abs=1e-4)
-    # The bytes an island sends: the same with 2 processes (each sends its half) as with 1;
-    # the model's 36032 values split evenly into 2 x 2 chunks, so no padding differs.
+    # The bytes an island sends: 2 (M - 1) / M of a payload of each fragment per sync, whether
+    # one process sends it or each of 2 its half; only the padding differs, to a multiple of
+    # K x M x the codec's block (none for the fp32 model's 36032 values).
+    fragment_sizes = [
+        sum(p.numel() for p in group)
+        for group in split_fragments(list(new_model().parameters()), fragments)
+    ]
+
+    def island_bytes(k: int) -> int:
+        c = Codec(codec, block=64)
+        return sum(
+            count
+            * 2
+            * (ISLANDS - 1)
+            * c.payload_bytes(padded_length(n, k * ISLANDS * c.align))
+            // ISLANDS
+            for n, count in zip(fragment_sizes, syncs, strict=True)
+        )
+
     for a, b in zip(one_ledgers, two_ledgers, strict=True):
-        assert a["exchanges"] == b["exchanges"] == exchanges
-        assert b["bytes_sent"] == a["bytes_sent"] == a["bytes_received"] > 0
+        assert a["exchanges"] == b["exchanges"] == sum(syncs)
+        assert a["bytes_sent"] == a["bytes_received"] == island_bytes(1)
+        assert b["bytes_sent"] == b["bytes_received"] == island_bytes(2)
         assert b["process_bytes_sent"] == b["bytes_sent"] // 2
     if codec == "fp32":
-        n = sum(v.numel() for v in new_model().parameters())
-        assert one_ledgers[0]["bytes_sent"] == exchanges * 2 * (ISLANDS - 1) * 4 * n // ISLANDS
+        assert one_ledgers[0]["bytes_sent"] == two_ledgers[0]["bytes_sent"]
 
 
-def test_fsdp2_inside_islands_matches_ddp_inside_islands(tmp_path: Path) -> None:
-    ddp, ddp_records, ddp_ledgers = run_islands(tmp_path / "ddp", 2, "ddp")
-    fsdp, fsdp_records, fsdp_ledgers = run_islands(tmp_path / "fsdp", 2, "fsdp")
+@pytest.mark.parametrize(
+    ("fragments", "overlap", "codec", "h"),
+    [(1, 0, "fp32", 2), pytest.param(2, 1, "int8", 4, marks=pytest.mark.slow)],
+)
+def test_fsdp2_inside_islands_matches_ddp_inside_islands(
+    tmp_path: Path, fragments: int, overlap: int, codec: str, h: int
+) -> None:
+    args = (fragments, overlap, codec, h)
+    ddp, ddp_records, ddp_ledgers = run_islands(tmp_path / "ddp", 2, "ddp", *args)
+    fsdp, fsdp_records, fsdp_ledgers = run_islands(tmp_path / "fsdp", 2, "fsdp", *args)
     assert_all_identical(fsdp)  # gathered, every process of every island: one global model
     losses = [(a["loss"], b["loss"]) for a, b in zip(ddp_records, fsdp_records, strict=True)]
-    assert max(abs(a - b) for a, b in losses) < 1e-4, losses
-    assert max_gap(ddp[0], fsdp[0]) < 1e-4
-    # FSDP2 processes send their own shards (uneven: the 97-row embedding splits 49 / 48),
-    # which add up to the whole model: the same bytes per island as under DDP.
-    assert fsdp_ledgers[0]["bytes_sent"] == ddp_ledgers[0]["bytes_sent"]
-    assert fsdp_ledgers[0]["process_bytes_sent"] != ddp_ledgers[0]["process_bytes_sent"]
+    # int8: the blocks of one scale cover other values (shards, not halves of the vector), so
+    # the outer gradients round differently, within a quantisation level (measured: losses
+    # 2.4e-4 apart, weights 9.3e-4).
+    loss_tolerance, weight_tolerance = {"fp32": (1e-4, 1e-4), "int8": (2e-3, 5e-3)}[codec]
+    assert max(abs(a - b) for a, b in losses) < loss_tolerance, losses
+    assert max_gap(ddp[0], fsdp[0]) < weight_tolerance
+    assert fsdp_ledgers[0]["exchanges"] == ddp_ledgers[0]["exchanges"]
+    if codec == "fp32":
+        # FSDP2 processes send their own shards (uneven: the 97-row embedding splits 49 / 48),
+        # which add up to the whole model: the same bytes per island as under DDP.
+        assert fsdp_ledgers[0]["bytes_sent"] == ddp_ledgers[0]["bytes_sent"]
+        assert fsdp_ledgers[0]["process_bytes_sent"] != ddp_ledgers[0]["process_bytes_sent"]
 
 
 # ----------------------------------------------------------------------------- config
