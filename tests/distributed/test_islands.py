@@ -213,3 +213,29 @@ def test_island_config_errors_name_the_keys() -> None:
     cfg = load_config(recipe, ["--pretrain.batch_size=16", "--diloco.islands=2", *async_two])
     with pytest.raises(NotImplementedError, match=r"processes_per_island=2 .*issue 9"):
         _check(cfg)
+
+
+def test_islands_are_started_by_the_launcher_not_torchrun_and_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frontierlm.config import load_config
+    from frontierlm.distributed.launch import _check
+    from frontierlm.stages import STAGES, fingerprint
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"not under torchrun.*diloco\.processes_per_island"):
+        _check(load_config(recipe))
+    for dep in ("tokenizer", "tokenize"):
+        (tmp_path / "quickstart" / dep).mkdir(parents=True)
+        (tmp_path / "quickstart" / dep / "stage.json").write_text('{"fingerprint": "x"}')
+
+    def diloco_fingerprint(*overrides: str) -> str:
+        cfg = load_config(recipe, [f"--run.out_dir={tmp_path}", *overrides])
+        return fingerprint(cfg, STAGES["diloco"])
+
+    # Runs of one-process islands keep the fingerprint they had before the key existed.
+    assert "processes_per_island" not in load_config(recipe).section_json("diloco")
+    one = diloco_fingerprint("--diloco.processes_per_island=1")
+    assert one == diloco_fingerprint()
+    assert one != diloco_fingerprint("--diloco.processes_per_island=2")
