@@ -2,19 +2,18 @@
 
 Runs `frontierlm sweep recipes/quickstart.toml` over three model sizes and three token budgets
 (9 fitted runs sharing one copy of the data, tokenizer and token shards), fits
-L(N, D) = E + A/N^alpha + B/D^beta with N the non-embedding parameters, and reports the wall
+L(N, D) = E + A/N^alpha + B/D^beta with N the total parameters, and reports the wall
 time (the bar: <= 20 minutes for >= 9 runs), the machine's load average before and after (the
 machine is shared), the fitted law and its fit quality next to the published exponents, and the
 plot. JSON to $OUT or benchmarks/out/.
 
-The design, so that a bigger model is not handicapped by settings tuned for another size:
-Muon on the hidden matrices (its update RMS does not grow with width), a learning rate per
-width by muP's rule for hidden matrices, lr = 5e-3 x 192 / d_model (5e-3 is the best of
-2.5e-3/5e-3/1e-2 for the recipe's 192-wide model, benchmarks/optimizer_sweep.py), warmup a tenth
-of every run, sizes 36x apart in non-embedding parameters (49k, 393k, 1.77M; with a 4k
-vocabulary the embeddings are most of a small model's total, which would squeeze the sizes to a
-5.8x span). `--lr-search 5e-3,1e-2` tunes per size on the smallest budget instead (measured: it
-picks too high an lr for the longer runs; see RESULTS.md).
+The design, so that a bigger model is not handicapped by settings tuned for another size, and
+so that the fit has something to find (measured on an H200 with 10 variants of this grid, see
+RESULTS.md 2026-11-30): Muon on the hidden matrices (its update RMS does not grow with width),
+lr = 1e-2 x (192 / d_model)^0.5 per width, a cosine schedule with warmup a tenth of every run,
+budgets 0.5M / 1M / 2M tokens (at 0.25M every size ties and the N exponent runs off), N counted
+as total parameters as Hoffmann et al. did (with non-embedding N, two of three seeds drove E to 0
+and alpha to 0.01), and two points at a time, one per core (`--jobs 2`).
 
     nice -n 10 python benchmarks/sweep.py --fresh   # 9 runs
     python benchmarks/sweep.py --tiny          # 6 micro-recipe runs, a minute or two: smoke test
@@ -37,10 +36,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="recipes/quickstart.toml")
     parser.add_argument("--sizes", default="64x1,128x2,192x4")
-    parser.add_argument("--tokens", default="0.25M,0.5M,1M")
+    parser.add_argument("--tokens", default="0.5M,1M,2M")
     parser.add_argument("--lr-search", default="", help="e.g. 5e-3,1e-2 (instead of the rule)")
-    parser.add_argument("--lr-width-exponent", default="1", help="lr x (192 / d_model)^this")
-    parser.add_argument("--n-count", default="non-embedding", choices=["non-embedding", "total"])
+    parser.add_argument("--lr-width-exponent", default="0.5", help="lr x (192 / d_model)^this")
+    parser.add_argument("--n-count", default="total", choices=["non-embedding", "total"])
+    parser.add_argument("--jobs", default="2", help="points trained at once (one per core)")
     parser.add_argument("--name", default="bench-sweep")
     parser.add_argument("--tiny", action="store_true", help="micro recipe, 2 sizes x 2 budgets")
     parser.add_argument("--fresh", action="store_true", help="delete earlier sweep points first")
@@ -49,7 +49,7 @@ def main() -> None:
         # One torch thread: on this shared 2-core machine at load ~20, a d=64 step took 1.07 s
         # with 1 thread and 5.5 s with torch's default 2 (threads spinning for a busy core).
         extra.append("--run.threads=1")
-    defaults = {"--pretrain.optimizer=": "muon"}
+    defaults = {"--pretrain.optimizer=": "muon", "--pretrain.lr=": "1e-2"}
     for key, value in defaults.items():
         if not any(x.startswith(key) for x in extra):
             extra.append(key + value)
@@ -69,6 +69,7 @@ def main() -> None:
         f"--tokens={args.tokens}",
         f"--run.name={args.name}",
         f"--n-count={args.n_count}",
+        f"--jobs={args.jobs}",
         *([f"--lr-search={args.lr_search}"] if args.lr_search else []),
         *([f"--lr-width-exponent={args.lr_width_exponent}"] if not args.lr_search else []),
         *extra,

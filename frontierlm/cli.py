@@ -106,9 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--n-count",
         choices=["non-embedding", "total"],
-        default="non-embedding",
-        help="the parameters the law's N counts: non-embedding (Kaplan et al.; default) or "
-        "total active parameters, embeddings included (Hoffmann et al.)",
+        default="total",
+        help="the parameters the law's N counts: total active parameters, embeddings included "
+        "(Hoffmann et al., and what `plan` counts; default) or non-embedding (Kaplan et al.)",
+    )
+    sweep.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="points trained at once, each in its own process (one GPU each where there are "
+        "several; on CPU cores / jobs threads each unless run.threads is set)",
     )
     sweep.add_argument("--force", action="store_true", help="retrain points already done")
     inference_commands.add_parsers(sub)
@@ -403,6 +410,7 @@ def sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
             warmup_fraction=args.warmup_fraction,
             n_count=args.n_count,
             lr_width_exponent=args.lr_width_exponent,
+            jobs=args.jobs,
         )
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         console.print(f"[red]error in sweep:[/] {err}")

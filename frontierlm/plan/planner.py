@@ -24,6 +24,7 @@ from frontierlm.plan.scaling import (
     deepseek_batch_lr,
     tokens_per_param_optimum,
 )
+from frontierlm.plan.sweep import fit_warning
 
 
 @dataclass
@@ -154,6 +155,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     d = args.tokens
     given = {"compute": compute is not None, "params": n is not None, "tokens": d is not None}
     notes = []
+    if law is not None and (warning := fit_warning(law)):
+        notes.append(f"--law {args.law}: {warning}")
     if not any(given.values()):
         raise ValueError(
             "give a compute budget (--flops, --gpu-hours or --dollars), --params (or --recipe) "

@@ -37,6 +37,10 @@ UPSTREAM = ("data", "tokenizer", "tokenize")
 LINKED = ("tokenizer", "tokenize")  # what pretrain reads from its run directory
 WARMUP_FRACTION = 0.1
 N_COUNTS = ("non-embedding", "total")  # which parameters the law's N counts
+# Fit-quality thresholds for the "weakly identified" warning: a leave-one-out spread of an
+# exponent wider than 2x, or an irreducible loss E below 5% of the best run's loss (no floor seen).
+WEAK_SPREAD = 2.0
+WEAK_E_SHARE = 0.05
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -156,8 +160,9 @@ def run_sweep(
     force: bool = False,
     lrs: list[float] | None = None,
     warmup_fraction: float = WARMUP_FRACTION,
-    n_count: str = "non-embedding",
+    n_count: str = "total",
     lr_width_exponent: float = 0.0,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train the grid and fit the law. One lr for all sizes favours whichever size it was
     tuned for, and the fit then measures the tuning, not the size; two ways out:
@@ -174,6 +179,8 @@ def run_sweep(
         raise ValueError("give --lr-search or --lr-width-exponent, not both")
     if n_count not in N_COUNTS:
         raise ValueError(f"--n-count: {n_count!r} is not one of {', '.join(N_COUNTS)}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     runs = len(sizes) * len(tokens or flops)
     if runs < 5:
         raise ValueError(
@@ -191,41 +198,37 @@ def run_sweep(
     total = runs + (len(sizes) * (len(lrs) - 1) if lrs else 0)
     done = 0
 
-    def train_point(
+    def plan_point(
         d_model: int, n_layers: int, n_tokens: float, budget: float | None, lr: float | None
-    ) -> dict[str, Any]:
-        nonlocal done
+    ) -> tuple[RecipeConfig, float | None]:
         point = point_config(cfg, d_model, n_layers, n_tokens, points_dir, lr, warmup_fraction)
-        done += 1
-        console.rule(
-            f"[bold]sweep point {done}/{total}[/]: d_model {d_model}, {n_layers} layers, "
-            f"{point.pretrain.steps} steps, lr {point.pretrain.lr:g}"
-        )
         _link_upstream(upstream, point.run.run_dir)
-        record = run_stage(point, "pretrain", force=force)
-        m = record["metrics"]
-        non_embedding = non_embedding_params(count_model(point.model, vocab), point.model)
-        return {
-            "name": point.run.name,
-            "d_model": d_model,
-            "n_layers": n_layers,
-            "params": m["params"],
-            "active_params": m["active_params"],
-            "non_embedding_params": non_embedding,
-            "n": non_embedding if n_count == "non-embedding" else m["active_params"],
-            "tokens": m["tokens_seen"],
-            "flops": m["train_flops"],
-            "flops_per_token": m["flops_per_token"],
-            "budget": budget,
-            "steps": point.pretrain.steps,
-            "lr": point.pretrain.lr,
-            "warmup_steps": point.pretrain.warmup_steps,
-            "val_loss": m["val_loss"],
-            "val_bpb": m["val_bpb"],
-            "wall_s": record["wall_s"],
-        }
+        return point, budget
+
+    def train_points(planned: list[tuple[RecipeConfig, float | None]]) -> list[dict[str, Any]]:
+        """Train the points (in order with one job; longest first over `jobs` processes) and
+        return their records in the order given."""
+        nonlocal done
+        if jobs == 1:
+            records = []
+            for point, _ in planned:
+                done += 1
+                console.rule(
+                    f"[bold]sweep point {done}/{total}[/]: d_model {point.model.d_model}, "
+                    f"{point.model.n_layers} layers, {point.pretrain.steps} steps, "
+                    f"lr {point.pretrain.lr:g}"
+                )
+                records.append(run_stage(point, "pretrain", force=force))
+        else:
+            records = _train_in_parallel([p for p, _ in planned], jobs, force, done, total)
+            done += len(planned)
+        return [
+            _point_record(point, record, budget, vocab, n_count)
+            for (point, budget), record in zip(planned, records, strict=True)
+        ]
 
     points, search = [], []
+    size_budgets: list[tuple[int, int, list[tuple[float, float | None]]]] = []
     for d_model, n_layers in sizes:
         budgets = []
         for amount in tokens or flops:
@@ -235,16 +238,32 @@ def run_sweep(
             probe = point_config(cfg, d_model, n_layers, 1.0, points_dir)
             per_token = count_model(probe.model, vocab)
             budgets.append((amount / per_token.train_flops_per_token(cfg.pretrain.seq_len), amount))
-        budgets.sort()
-        lr = width_lr(cfg, d_model, lr_width_exponent) if lr_width_exponent else None
-        if lrs:  # the smallest budget at every lr; the best one is that budget's grid point
-            tried = [train_point(d_model, n_layers, *budgets[0], each) for each in lrs]
-            best = min(tried, key=lambda p: p["val_loss"])
-            lr = best["lr"]
-            search += [p | {"chosen": p is best} for p in tried]
+        size_budgets.append((d_model, n_layers, sorted(budgets)))
+    chosen_lr: dict[tuple[int, int], float | None] = {}
+    if lrs:  # each size's smallest budget at every lr; the best one is that budget's grid point
+        tried = train_points(
+            [plan_point(d, layers, *b[0], each) for d, layers, b in size_budgets for each in lrs]
+        )
+        for d_model, n_layers, _ in size_budgets:
+            own = [p for p in tried if (p["d_model"], p["n_layers"]) == (d_model, n_layers)]
+            best = min(own, key=lambda p: p["val_loss"])
+            chosen_lr[(d_model, n_layers)] = best["lr"]
+            search += [p | {"chosen": p is best} for p in own]
             points.append(best)
-            budgets = budgets[1:]
-        points += [train_point(d_model, n_layers, d, budget, lr) for d, budget in budgets]
+        size_budgets = [(d, layers, b[1:]) for d, layers, b in size_budgets]
+    else:
+        for d_model, n_layers, _ in size_budgets:
+            exponent = lr_width_exponent
+            chosen_lr[(d_model, n_layers)] = width_lr(cfg, d_model, exponent) if exponent else None
+    points += train_points(
+        [
+            plan_point(d, layers, n_tokens, budget, chosen_lr[(d, layers)])
+            for d, layers, budgets in size_budgets
+            for n_tokens, budget in budgets
+        ]
+    )
+    size_index = {size: i for i, size in enumerate(sizes)}
+    points.sort(key=lambda p: (size_index[(p["d_model"], p["n_layers"])], p["tokens"]))
     law = fit_points(points, loo=True)
     law = dataclasses.replace(law, extra=law.extra | {"n_count": n_count})
     result = {
@@ -272,6 +291,89 @@ def run_sweep(
     plot_sweep(result, sweep_dir / "sweep.png")
     write_text(sweep_dir / "report.md", "\n".join(sweep_section(result, "")) + "\n")
     return result
+
+
+def _point_record(
+    point: RecipeConfig, record: dict[str, Any], budget: float | None, vocab: int, n_count: str
+) -> dict[str, Any]:
+    """What the fit and the report keep of one finished point."""
+    m = record["metrics"]
+    non_embedding = non_embedding_params(count_model(point.model, vocab), point.model)
+    return {
+        "name": point.run.name,
+        "d_model": point.model.d_model,
+        "n_layers": point.model.n_layers,
+        "params": m["params"],
+        "active_params": m["active_params"],
+        "non_embedding_params": non_embedding,
+        "n": non_embedding if n_count == "non-embedding" else m["active_params"],
+        "tokens": m["tokens_seen"],
+        "flops": m["train_flops"],
+        "flops_per_token": m["flops_per_token"],
+        "budget": budget,
+        "steps": point.pretrain.steps,
+        "lr": point.pretrain.lr,
+        "warmup_steps": point.pretrain.warmup_steps,
+        "val_loss": m["val_loss"],
+        "val_bpb": m["val_bpb"],
+        "wall_s": record["wall_s"],
+    }
+
+
+def _worker_init(devices: Any, threads: int) -> None:
+    """A sweep worker process: its own GPU where there are several, `threads` CPU threads, a
+    quiet console (the parent prints one line per finished point)."""
+    import torch
+
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
+    torch.set_num_threads(threads)
+    console.quiet = True
+
+
+def _train_worker(point_json: str, force: bool) -> dict[str, Any]:
+    from frontierlm.stages import run_stage
+
+    return run_stage(RecipeConfig.model_validate_json(point_json), "pretrain", force=force)
+
+
+def _train_in_parallel(
+    points: list[RecipeConfig], jobs: int, force: bool, done: int, total: int
+) -> list[dict[str, Any]]:
+    """Train `points` over `jobs` worker processes, longest first (the last to start are the
+    shortest, so the workers finish together); records in the order given. On a machine with
+    GPUs each worker takes its own (jobs above the GPU count share them round-robin); on CPU
+    each takes cores / jobs threads unless run.threads says how many."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    jobs = min(jobs, len(points))
+    context = multiprocessing.get_context("spawn")  # no forked torch state in the workers
+    devices = None
+    gpus = torch.cuda.device_count() if points[0].run.device != "cpu" else 0
+    if gpus > 1:
+        devices = context.Queue()
+        for i in range(jobs):
+            devices.put(i % gpus)
+    threads = points[0].run.threads or max(1, (os.cpu_count() or 1) // jobs)
+    order = sorted(range(len(points)), key=lambda i: -points[i].pretrain.steps)
+    records: list[dict[str, Any] | None] = [None] * len(points)
+    console.print(f"sweep: {len(points)} points over {jobs} processes, {threads} threads each")
+    with ProcessPoolExecutor(jobs, context, _worker_init, (devices, threads)) as pool:
+        futures = {pool.submit(_train_worker, points[i].model_dump_json(), force): i for i in order}
+        for future in as_completed(futures):
+            i = futures[future]
+            records[i] = future.result()
+            done += 1
+            p = points[i]
+            console.print(
+                f"sweep point {done}/{total}: d_model {p.model.d_model}, {p.model.n_layers} "
+                f"layers, {p.pretrain.steps} steps, lr {p.pretrain.lr:g}: val loss "
+                f"{records[i]['metrics']['val_loss']:.4f} in {records[i]['wall_s']:.0f} s"
+            )
+    return [r for r in records if r is not None]
 
 
 N_MEANING = {
@@ -401,7 +503,31 @@ def fit_warning(law: ScalingLaw) -> str:
             "edge of Hoffmann et al.'s starting grid), i.e. within these runs the loss hardly "
             f"depends on {' or '.join(loose)}; longer runs or a wider range would separate it."
         )
+    notes = []
+    floor = WEAK_E_SHARE * float(law.loss(*_largest_run(law)))
+    if floor > law.E:
+        notes.append(
+            f"E ran to {law.E:.3g}: the runs show no loss floor, so E, A and α trade off "
+            "against each other and α is not pinned down"
+        )
+    for name, key in (("α", "loo_alpha"), ("β", "loo_beta")):
+        low, high = law.extra.get(key, (1.0, 1.0))
+        if low <= 0 or high / low > WEAK_SPREAD:
+            notes.append(f"leaving one run out moves {name} from {low:.3g} to {high:.3g}")
+    if notes:
+        return (
+            "Weakly identified: "
+            + "; ".join(notes)
+            + ". Treat the exponents as rough; more sizes, longer runs or repeated seeds would "
+            "narrow them."
+        )
     return ""
+
+
+def _largest_run(law: ScalingLaw) -> tuple[float, float]:
+    """The biggest N and D the law was fitted on (its measured range), else a middling run."""
+    n_range, d_range = law.extra.get("n_range"), law.extra.get("d_range")
+    return (n_range[1], d_range[1]) if n_range and d_range else (1e6, 1e6)
 
 
 def _first_size(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The sweep's machinery: grid parsing, point configs, fit + plot + report on known points, and
 (slow) a real micro sweep end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -162,6 +163,14 @@ def test_micro_sweep_end_to_end(tmp_path):
     )
     again = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
     assert [p["val_loss"] for p in again["points"]] == [p["val_loss"] for p in result["points"]]
+    # Retrained over two worker processes: the same runs, the same losses, in the same order.
+    flags = [f"--run.out_dir={out}", "--pretrain.eval_batches=2", "--run.threads=1"]
+    assert main([*args, *flags, "--jobs", "2", "--force"]) == 0
+    parallel = json.loads((out / "micro" / "sweep" / "sweep.json").read_text())
+    assert [p["name"] for p in parallel["points"]] == [p["name"] for p in result["points"]]
+    assert [p["val_loss"] for p in parallel["points"]] == pytest.approx(
+        [p["val_loss"] for p in result["points"]], abs=1e-6
+    )
 
 
 def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkeypatch):
@@ -207,7 +216,9 @@ def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkey
     sizes, tokens = [(64, 1), (128, 2), (128, 4)], [4e5, 1e5, 2e5]
     with pytest.raises(ValueError, match="not both"):
         run_sweep(cfg, sizes, tokens, lrs=[5e-3, 1e-2], lr_width_exponent=1.0)
-    result = run_sweep(cfg, sizes, tokens, lrs=[5e-3, 1e-2], warmup_fraction=0.2)
+    result = run_sweep(
+        cfg, sizes, tokens, lrs=[5e-3, 1e-2], warmup_fraction=0.2, n_count="non-embedding"
+    )
     # 3 sizes x 2 lrs on the smallest budget (1e5 tokens, sorted first), then 2 budgets each.
     assert len(trained) == 12 and len(result["lr_search"]) == 6 and len(result["points"]) == 9
     chosen = {(p["d_model"], p["n_layers"]): p["lr"] for p in result["lr_search"] if p["chosen"]}
@@ -227,3 +238,23 @@ def test_lr_search_picks_each_sizes_best_and_fits_only_the_grid(tmp_path, monkey
     ruled = run_sweep(cfg, sizes, tokens, lr_width_exponent=1.0)
     assert len(trained) == 9 and ruled["lr_search"] == []
     assert {(p["d_model"], p["lr"]) for p in ruled["points"]} == {(64, 1.5e-2), (128, 7.5e-3)}
+
+
+def test_weakly_identified_exponents_are_flagged():
+    """A finite fit can still be loose: no loss floor (E near 0) or exponents that one run moves
+    by more than 2x get a warning in the report (and in `plan --law`); a firm fit gets none."""
+    from frontierlm.plan.sweep import fit_warning
+
+    ranges = {"n_range": [1e5, 3e6], "d_range": [5e5, 2e6]}
+    firm = ScalingLaw(E=2.0, A=40.0, B=300.0, alpha=0.3, beta=0.35)
+    firm = dataclasses.replace(
+        firm, extra=ranges | {"loo_alpha": [0.28, 0.33], "loo_beta": [0.3, 0.4]}
+    )
+    assert fit_warning(firm) == ""
+    floorless = dataclasses.replace(firm, E=1e-6)
+    assert "no loss floor" in fit_warning(floorless)
+    loose = dataclasses.replace(
+        firm, extra=ranges | {"loo_alpha": [0.03, 4.8], "loo_beta": [0.3, 0.4]}
+    )
+    warning = fit_warning(loose)
+    assert "moves α from 0.03 to 4.8" in warning and "β" not in warning.split("Treat")[0]
