@@ -11,10 +11,13 @@
   (e) (`--parts e`, on a machine with 2 GPUs) the same DiLoCo with one island per GPU: bytes,
       seconds per outer step and the share of time communicating over a simulated 1 Gbit/s link.
 
-The data-parallel baseline is DDP under torchrun with M = islands gloo processes of one thread
-each (the islands' CPU share on a shared machine), on the same global batch, steps, schedule,
-data stream and held-out windows; its bytes are what DDP's ring all-reduce of fp32 gradients
-sends, 2 (M - 1) / M x 4 bytes x parameters per worker per step. DiLoCo's bytes
+With `--processes-per-island K` every island is K processes, data parallel inside (DDP, or
+FSDP2 with `--parallel fsdp`), and the outer exchange goes between islands only.
+
+The data-parallel baseline is DDP under torchrun with N = islands x K gloo processes of one
+thread each (the islands' CPU share on a shared machine), on the same global batch, steps,
+schedule, data stream and held-out windows; its bytes are what DDP's ring all-reduce of fp32
+gradients sends, 2 (N - 1) / N x 4 bytes x parameters per worker per step. DiLoCo's bytes
 are counted from the payloads the islands actually exchange. "Solo speed" in (c) is an island's
 tokens over its own compute time (its steps, slowdown included, without communication or
 waiting): what it would do alone; the aggregate is the sum of the islands' rates over their
@@ -23,6 +26,7 @@ plot is written beside the JSON.
 
     python benchmarks/diloco.py --upstream /work/main/runs/bench-opt-shared    # ~20 min, 2 cores
     python benchmarks/diloco.py --tiny                                         # smoke run
+    python benchmarks/diloco.py --tiny --parts a --processes-per-island 2     # islands of 2
     python benchmarks/diloco.py --parts e --steps 500 --batch 32 --seq-len 256    # 2 GPUs
 """
 
@@ -89,6 +93,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--islands", type=int, default=4)
     parser.add_argument("--inner-steps", type=int, default=50)
+    parser.add_argument(
+        "--processes-per-island", type=int, default=1, help="K: processes per island"
+    )
+    parser.add_argument(
+        "--parallel", default="ddp", choices=["ddp", "fsdp"], help="inside an island of K > 1"
+    )
     parser.add_argument("--parts", default="a,b,c,d", help="which claims to measure")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything")
     parser.add_argument(
@@ -107,6 +117,7 @@ def main() -> None:
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "out"))
     out.mkdir(parents=True, exist_ok=True)
     M, H, T = args.islands, args.inner_steps, args.steps
+    K = args.processes_per_island
     common = [
         RECIPE,
         f"--pretrain.steps={T}",
@@ -117,6 +128,8 @@ def main() -> None:
         "--pretrain.eval_batches=8",
         f"--diloco.islands={M}",
         f"--diloco.inner_steps={H}",
+        f"--diloco.processes_per_island={K}",
+        f"--run.parallel={args.parallel}",
         "--force",
     ]
     previous = out / "diloco.json"
@@ -151,15 +164,18 @@ def main() -> None:
     if parts & {"a", "b", "c"}:
         run("diloco", "diloco")
         diloco_log = MetricsLog(ROOT / "runs/bench-diloco-diloco/diloco/islands/0/metrics.jsonl")
-        curves[f"DiLoCo M={M} H={H}"] = loss_vs_bytes(diloco_log.read(), islands=M)
+        label = f"DiLoCo M={M} H={H}" + (f" K={K}" if K > 1 else "")
+        curves[label] = loss_vs_bytes(diloco_log.read(), islands=M)
     if "a" in parts:
-        # M gloo processes of one thread each, like the M islands: the same CPU share under load
-        ddp = run("ddp", "pretrain", "--run.threads=1", processes=M)
+        # M x K gloo processes of one thread each, like the islands' processes: the same CPU
+        # share under load.
+        N = M * K
+        ddp = run("ddp", "pretrain", "--run.threads=1", "--run.parallel=ddp", processes=N)
         params = ddp["params"]
-        per_step = M * 2 * (M - 1) / M * 4 * params  # all workers, ring all-reduce, fp32
+        per_step = N * 2 * (N - 1) / N * 4 * params  # all workers, ring all-reduce, fp32
         ddp["bytes_sent"] = per_step * T
         log = MetricsLog(ROOT / "runs/bench-diloco-ddp/pretrain/metrics.jsonl")
-        curves[f"data parallel ({M} workers)"] = loss_vs_bytes(log.read(), bytes_per_step=per_step)
+        curves[f"data parallel ({N} workers)"] = loss_vs_bytes(log.read(), bytes_per_step=per_step)
     if "b" in parts:
         run("streaming", "diloco", "--diloco.fragments=4", "--diloco.overlap=1",
             "--diloco.codec=int4")  # fmt: skip
@@ -167,7 +183,9 @@ def main() -> None:
         curves["Streaming DiLoCo, 4-bit"] = loss_vs_bytes(log.read(), islands=M)
     if "c" in parts:
         slow = ",".join(["1"] * (M - 1) + ["3"])
-        run("async", "diloco", "--diloco.mode=async", f"--diloco.slowdown=[{slow}]")
+        # Asynchronous islands are one process each (K > 1 is not built yet, issue 9).
+        run("async", "diloco", "--diloco.mode=async", f"--diloco.slowdown=[{slow}]",
+            "--diloco.processes_per_island=1")  # fmt: skip
     if "e" in parts:  # one island per GPU (on a machine with them), a simulated 1 Gbit/s link
         run("gpu", "diloco", "--diloco.islands=2", "--diloco.bandwidth_mbit=[1000]",
             "--diloco.latency_ms=[10]", "--pretrain.precision=auto")  # fmt: skip
@@ -238,7 +256,8 @@ def kill_and_rejoin(common: list[str], upstream: Path, out: Path) -> dict:
     run_dir = prepare(name, upstream)
     work = run_dir / "diloco.partial"
     load = uptime()
-    overrides = ["--diloco.mode=async", "--diloco.timeout_s=10", "--diloco.rejoin_wait_s=120"]
+    overrides = ["--diloco.mode=async", "--diloco.timeout_s=10", "--diloco.rejoin_wait_s=120",
+                 "--diloco.processes_per_island=1"]  # fmt: skip
     log = (out / "diloco-kill.log").open("w")
     launcher = subprocess.Popen(
         ["nice", "-n", "10", sys.executable, "-m", "frontierlm.cli", "diloco", *common,

@@ -1050,9 +1050,16 @@ class PretrainConfig(LoopConfig):
 class DilocoConfig(Strict):
     """Training across islands that sync rarely (frontierlm/distributed/): `frontierlm diloco
     RECIPE`, or `pretrain.mode = "diloco"`. pretrain.batch_size stays the global batch: each of
-    the islands takes batch_size / islands sequences per inner step."""
+    the islands takes batch_size / islands sequences per inner step, and each of an island's
+    processes batch_size / (islands x processes_per_island) of them."""
 
-    islands: int = Field(4, ge=1, description="M: islands, one process each")
+    islands: int = Field(4, ge=1, description="M: islands")
+    processes_per_island: int = Field(
+        1,
+        ge=1,
+        description="K: processes per island, data parallel inside it as a torchrun job "
+        "(run.parallel: DDP or FSDP2); the outer exchange goes between islands only",
+    )
     inner_steps: int = Field(50, ge=1, description="H: inner steps between outer syncs")
     mode: Literal["sync", "async"] = Field(
         "sync",
@@ -1561,6 +1568,8 @@ class RecipeConfig(Strict):
         dump["token_sources"] = self.token_sources_json()
         if dump["pretrain"]["mode"] == "local":  # recipes from before the field keep their hash
             dump["pretrain"].pop("mode")
+        if dump["diloco"]["processes_per_island"] == 1:  # likewise, runs of one-process islands
+            dump["diloco"].pop("processes_per_island")
         return json.dumps({n: dump[n] for n in names}, sort_keys=True)
 
 

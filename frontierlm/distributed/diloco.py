@@ -17,6 +17,14 @@ sends chunk j of its encoded pseudo-gradient to island j (all_to_all), island j 
 and re-encodes its chunk, then the averaged chunks are all-gathered and decoded. Every island
 decodes the same bytes, so the global weights stay identical everywhere; each island sends and
 receives 2 (M - 1) / M of one payload per exchange, the figure the ledger counts.
+
+An island of K processes (diloco.processes_per_island) trains data parallel inside, as a
+torchrun job would (DDP or FSDP2 on its own default process group). Local rank r of every island
+joins a cross-island group, and each process exchanges its 1/K of the pseudo-gradient there: under
+DDP (every process holds all the weights) slice r of the flat vector, then the island's processes
+all-gather the averaged slices; under FSDP2 the shard the process holds, with nothing to gather.
+The island's link carries the sum of its processes' payloads, which is what the ledger counts
+and the WAN simulator times: the same bytes as an island of one process, up to padding.
 """
 
 from __future__ import annotations
@@ -55,6 +63,12 @@ def split_fragments(params: list[nn.Parameter], parts: int) -> list[list[nn.Para
 def fragment_offsets(inner_steps: int, parts: int) -> list[int]:
     """The step (mod H) at which each fragment syncs; the last one at multiples of H."""
     return [((p + 1) * inner_steps // parts) % inner_steps for p in range(parts)]
+
+
+def held(param: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `param`: its FSDP2 shard (a view of the DTensor's local
+    tensor, so writing it writes the parameter), or the plain tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -129,7 +143,9 @@ class _InFlight:
 
 class DilocoSync:
     """The outer loop of one synchronous island, called by the training loop after every inner
-    step (`after_step`); `group` holds the islands (one process each), this one at `island`."""
+    step (`after_step`). `group` holds one process of each island (this one at `island`):
+    local rank r of every island, when `island_group` (the island's own K processes, gloo,
+    used only by the exchange thread, never by the training loop's collectives) is given."""
 
     def __init__(
         self,
@@ -145,6 +161,7 @@ class DilocoSync:
         overlap: int = 0,
         codec: Codec | None = None,
         global_log: MetricsLog | None = None,
+        island_group: dist.ProcessGroup | None = None,
     ) -> None:
         if overlap >= inner_steps // fragments:
             raise ValueError(
@@ -157,6 +174,9 @@ class DilocoSync:
         self.n_fragments, self.overlap = fragments, overlap
         self.codec = codec or Codec()
         self.global_log = global_log
+        self.island_group = island_group
+        self.processes = island_group.size() if island_group is not None else 1
+        self.rank = island_group.rank() if island_group is not None else 0
         self.ledger = Ledger()
         self.outer_steps = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
@@ -166,14 +186,17 @@ class DilocoSync:
 
     def start(self, model: nn.Module, step: int) -> int:
         params = [p for p in model.parameters() if p.requires_grad]
+        # FSDP2: each process holds a shard, the same one as its local rank in every island.
+        self.sharded = any(hasattr(p, "to_local") for p in params)
         with torch.no_grad():  # every island starts from island 0's weights
-            weights = flat(params).cpu()
+            weights = flat([held(p) for p in params]).cpu()
             options = dist.BroadcastOptions()
             options.rootRank = 0
             self.group.broadcast([weights], options).wait()
-            unflatten_into(weights, params)
+            unflatten_into(weights, [held(p) for p in params])
+        # Fragments by the full parameters' sizes: the same split in every process.
         self.fragments = split_fragments(params, self.n_fragments)
-        self.global_weights = [[p.detach().clone() for p in frag] for frag in self.fragments]
+        self.global_weights = [[held(p).detach().clone() for p in frag] for frag in self.fragments]
         self.outer = [
             OuterNesterov(weights, self.outer_lr, self.outer_momentum)
             for weights in self.global_weights
@@ -205,8 +228,11 @@ class DilocoSync:
 
     # -------------------------------------------------------------- exchanges
 
+    def _local(self, fragment: int) -> list[torch.Tensor]:
+        return [held(param) for param in self.fragments[fragment]]
+
     def _launch(self, p: int, step: int, overlap: int) -> _InFlight:
-        local = flat(self.fragments[p])
+        local = flat(self._local(p))
         pseudo_gradient = flat(self.global_weights[p]) - local
         self.last_sync[p] = step
         future = self.executor.submit(self._exchange, pseudo_gradient.cpu())
@@ -223,15 +249,50 @@ class DilocoSync:
         self.ledger.extra["arrival_wait_s"] = round(
             self.ledger.extra.get("arrival_wait_s", 0.0) + arrived - started, 4
         )
-        mean, sent = island_mean(self.group, pseudo_gradient, self.codec)
+        mean, sent = island_mean(self.group, self._my_part(pseudo_gradient), self.codec)
+        island_sent = self._island_sum(sent)  # what crosses the island's link
         members = list(range(self.group.size()))
-        hold_until(arrived, self.wan.exchange_seconds(sent, rounds=2, members=members))
+        hold_until(arrived, self.wan.exchange_seconds(island_sent, rounds=2, members=members))
+        mean = self._whole(mean, pseudo_gradient.numel())
         comm = time.perf_counter() - arrived
-        self.ledger.bytes_sent += sent
-        self.ledger.bytes_received += sent
+        self.ledger.bytes_sent += island_sent
+        self.ledger.bytes_received += island_sent
+        if self.processes > 1:
+            self.ledger.extra["process_bytes_sent"] = (
+                self.ledger.extra.get("process_bytes_sent", 0) + sent
+            )
         self.ledger.exchanges += 1
         self.ledger.comm_s += comm
         return mean, comm
+
+    def _replicated(self) -> bool:
+        """Several processes that each hold all the weights (DDP): each exchanges a slice."""
+        return self.processes > 1 and not self.sharded
+
+    def _my_part(self, vector: torch.Tensor) -> torch.Tensor:
+        """This process's slice r of K of the (padded) vector under DDP, else all of it."""
+        if not self._replicated():
+            return vector
+        n = vector.numel()
+        padded = padded_length(n, self.processes * self.group.size() * self.codec.align)
+        x = torch.zeros(padded)
+        x[:n] = vector
+        return x.view(self.processes, -1)[self.rank]
+
+    def _whole(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """The island's K averaged slices put together (DDP); a shard stays as it is."""
+        if not self._replicated():
+            return part
+        parts = [torch.empty_like(part) for _ in range(self.processes)]
+        self.island_group.allgather([parts], [part]).wait()
+        return torch.cat(parts)[:n]
+
+    def _island_sum(self, sent: int) -> int:
+        if self.processes == 1:
+            return sent
+        total = torch.tensor([sent], dtype=torch.int64)
+        self.island_group.allreduce([total]).wait()
+        return int(total)
 
     @torch.no_grad()
     def _apply(self, job: _InFlight) -> None:
@@ -247,7 +308,7 @@ class DilocoSync:
         self.in_flight.remove(job)
         p = job.fragment
         self.outer[p].step(mean)
-        local = self.fragments[p]
+        local = self._local(p)
         progress = flat(local) - job.snapshot  # steps taken while the exchange ran
         unflatten_into(flat(self.global_weights[p]) + progress, local)
         self.outer_steps += 1

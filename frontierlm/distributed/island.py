@@ -1,8 +1,10 @@
-"""One island: a process that runs the ordinary pretraining loop on its share of the data, with
-DiLoCo's outer loop around it. Started by the launcher (launch.py); an asynchronous island that
-died can be restarted by hand while the run goes on:
+"""One island: K processes (diloco.processes_per_island; one by default) that run the ordinary
+pretraining loop on the island's share of the data, data parallel among themselves as a torchrun
+job would (run.parallel: DDP or FSDP2), with DiLoCo's outer loop around it. Started by the
+launcher (launch.py), one command per process (LOCAL_RANK defaults to 0); an asynchronous island
+that died can be restarted by hand while the run goes on:
 
-    python -m frontierlm.distributed.island runs/NAME/diloco.partial ISLAND
+    python -m frontierlm.distributed.island runs/NAME/diloco.partial ISLAND [LOCAL_RANK]
 
 It reads the job the launcher wrote (`diloco_job.json`: config, store address), pulls the newest
 global weights and the data position it owns, and continues.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed import PrefixStore, TCPStore
+from torch.distributed import PrefixStore, Store, TCPStore
 
 from frontierlm.config import RecipeConfig
 from frontierlm.distributed.async_islands import AsyncIsland
@@ -31,6 +33,7 @@ from frontierlm.tokenizer.shards import TokenSplit
 from frontierlm.tokenizer.train import BOS, load_tokenizer
 from frontierlm.train.loop import TrainTask, train
 from frontierlm.train.metrics import MetricsLog
+from frontierlm.train.parallel import join_process_group, shutdown_distributed
 from frontierlm.train.pretrain import ShuffledWindows, lm_loss, tracked_sources, val_bpb_fn
 
 JOB_FILE = "diloco_job.json"
@@ -64,19 +67,65 @@ def store_timeout(cfg: RecipeConfig) -> timedelta:
     return timedelta(seconds=max(600.0, 4 * cfg.diloco.timeout_s))
 
 
-def run_island(work_dir: Path, island: int) -> dict[str, float]:
+def island_device(cfg: RecipeConfig, island: int, rank: int) -> torch.device:
+    """A GPU per process while there are enough (an island's processes always on distinct
+    ones, as NCCL needs); islands share GPUs round robin when there are more processes."""
+    if cfg.run.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus, k = torch.cuda.device_count(), cfg.diloco.processes_per_island
+    if k > gpus:
+        raise ValueError(
+            f"diloco.processes_per_island={k} but {gpus} GPUs are visible: an island's "
+            "processes need a GPU each; use at most that many, or run.device = 'cpu'"
+        )
+    return torch.device("cuda", (island * k + rank) % gpus)
+
+
+def join_island(
+    store: Store,
+    island: int,
+    islands: int,
+    rank: int,
+    processes: int,
+    device: torch.device,
+    timeout: timedelta,
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """This process's groups, all from the run's store: with several processes per island, the
+    island's own default group (which the training loop's DDP or FSDP2 runs on, as in a torchrun
+    job) and a gloo group of the island for the outer step's traffic; and the cross-island gloo
+    group of local rank `rank` of every island, over which the outer exchange goes. Returns
+    (cross-island group, island group or None)."""
+    island_group = None
+    if processes > 1:
+        join_process_group(device, PrefixStore(f"island{island}", store), rank, processes)
+        island_group = dist.ProcessGroupGloo(
+            PrefixStore(f"island{island}/outer", store), rank, processes, timeout
+        )
+    group = dist.ProcessGroupGloo(PrefixStore(f"islands/{rank}", store), island, islands, timeout)
+    return group, island_group
+
+
+def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
     job = json.loads((work_dir / JOB_FILE).read_text())
     cfg = RecipeConfig.model_validate(job["config"])
     d = cfg.diloco
+    k = d.processes_per_island
     if not 0 <= island < d.islands:
         raise ValueError(f"island {island} does not exist: this run has islands 0-{d.islands - 1}")
+    if not 0 <= rank < k:
+        raise ValueError(
+            f"local rank {rank} does not exist: diloco.processes_per_island={k} (ranks 0-{k - 1})"
+        )
     if d.threads:
         torch.set_num_threads(d.threads)
-    if cfg.run.device != "cpu" and torch.cuda.is_available():
-        device = torch.device("cuda", island % torch.cuda.device_count())
+    device = island_device(cfg, island, rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    store = TCPStore(job["host"], job["port"], is_master=False, timeout=store_timeout(cfg))
+    if d.mode == "sync":
+        group, island_group = join_island(
+            store, island, d.islands, rank, k, device, store_timeout(cfg)
+        )
     ctx = StageContext(cfg=cfg, stage=STAGES["diloco"], work_dir=work_dir)
     plan = island_plan(cfg)[island]
     loop = cfg.pretrain.model_copy(
@@ -104,13 +153,9 @@ def run_island(work_dir: Path, island: int) -> dict[str, float]:
         loss=functools.partial(lm_loss, source_names=train_split.source_names),
         evaluate=evaluate if island == 0 else (lambda model: {}),
     )
-    store = TCPStore(job["host"], job["port"], is_master=False, timeout=store_timeout(cfg))
     wan, codec = wan_of(cfg), Codec(d.codec, d.block_size)
     island_dir = work_dir / "islands" / str(island)
     if d.mode == "sync":
-        group = dist.ProcessGroupGloo(
-            PrefixStore("islands", store), island, islands, store_timeout(cfg)
-        )
         outer = DilocoSync(
             group,
             island,
@@ -122,7 +167,8 @@ def run_island(work_dir: Path, island: int) -> dict[str, float]:
             fragments=d.fragments,
             overlap=d.overlap,
             codec=codec,
-            global_log=MetricsLog(work_dir / "diloco.jsonl") if island == 0 else None,
+            global_log=MetricsLog(work_dir / "diloco.jsonl") if island == rank == 0 else None,
+            island_group=island_group,
         )
     else:
         outer = AsyncIsland(
@@ -136,18 +182,24 @@ def run_island(work_dir: Path, island: int) -> dict[str, float]:
         )
     # Island 0 (sync) writes the final global weights, which every island holds at the end.
     export = island == 0 and d.mode == "sync"
-    return train(model, loop, task, island_dir, device, cfg.run, export=export, outer=outer)
+    try:
+        return train(model, loop, task, island_dir, device, cfg.run, export=export, outer=outer)
+    finally:
+        shutdown_distributed()
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m frontierlm.distributed.island WORK_DIR ISLAND", file=sys.stderr)
+    if len(argv) not in (2, 3) or not all(a.isdigit() for a in argv[1:]):
+        print(
+            "usage: python -m frontierlm.distributed.island WORK_DIR ISLAND [LOCAL_RANK]",
+            file=sys.stderr,
+        )
         return 2
     work_dir = Path(argv[0])
     if not (work_dir / JOB_FILE).is_file():
         print(f"error: {work_dir / JOB_FILE} not found: start the run with `frontierlm diloco`")
         return 1
-    run_island(work_dir, int(argv[1]))
+    run_island(work_dir, *(int(a) for a in argv[1:]))
     return 0
 
 

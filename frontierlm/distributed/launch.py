@@ -2,12 +2,13 @@
 through.
 
 The launcher hosts the run's TCPStore (the islands' rendezvous; in async mode also their
-transport and heartbeats), starts one process per island (`python -m
-frontierlm.distributed.island`), and in async mode runs the coordinator that owns the global
-weights. Synchronous islands need each other: one that fails ends the run (restart it to start
-over). Asynchronous islands do not: one that dies is dropped and the run goes on; restarted by
-hand (the command is printed), it rejoins. At the end the launcher evaluates the global model on
-the held-out windows and writes it to `model/` like the pretrain stage.
+transport and heartbeats), starts diloco.processes_per_island processes per island (`python -m
+frontierlm.distributed.island WORK_DIR ISLAND LOCAL_RANK`, data parallel inside the island), and
+in async mode runs the coordinator that owns the global weights. Synchronous islands need each
+other: one that fails ends the run (restart it to start over). Asynchronous islands do not: one
+that dies is dropped and the run goes on; restarted by hand (the command is printed), it
+rejoins. At the end the launcher evaluates the global model on the held-out windows and writes
+it to `model/` like the pretrain stage.
 """
 
 from __future__ import annotations
@@ -39,17 +40,24 @@ from frontierlm.train.pretrain import val_bpb_fn
 
 def _check(cfg) -> None:
     d, loop = cfg.diloco, cfg.pretrain
+    k = d.processes_per_island
     if launched_world_size() > 1:
-        raise NotImplementedError(
-            "diloco under torchrun (islands of several processes each) is not built yet "
-            "(issue 9): run `frontierlm diloco RECIPE` as one process; it starts the islands"
+        raise ValueError(
+            "diloco starts its own processes: run `frontierlm diloco RECIPE` as one process, not "
+            "under torchrun; for islands of several processes set diloco.processes_per_island"
         )
     if loop.mixture:
         raise NotImplementedError("pretrain.mixture with diloco is not built yet (issue 9)")
-    if loop.batch_size % d.islands:
+    if d.mode == "async" and k > 1:
+        raise NotImplementedError(
+            f"diloco.mode = 'async' with diloco.processes_per_island={k} is not built yet "
+            "(issue 9): asynchronous islands are one process each"
+        )
+    if loop.batch_size % (d.islands * k):
         raise ValueError(
             f"pretrain.batch_size={loop.batch_size} does not divide by diloco.islands="
-            f"{d.islands}: it is the global batch, of which each island takes an equal share"
+            f"{d.islands} x diloco.processes_per_island={k}: it is the global batch, of which "
+            "each island takes an equal share and each of its processes an equal part of that"
         )
 
 
@@ -83,20 +91,24 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
         )
         thread = threading.Thread(target=coordinator.run, name="diloco-coordinator", daemon=True)
         thread.start()
-    processes = {}
+    processes: dict[int, list[subprocess.Popen]] = {}
     for i in range(d.islands):
         island_dir = work_dir / "islands" / str(i)
         island_dir.mkdir(parents=True, exist_ok=True)
         (island_dir / "metrics.jsonl").unlink(missing_ok=True)
-        log = (island_dir / "log.txt").open("w")
-        command = [sys.executable, "-m", "frontierlm.distributed.island", str(work_dir), str(i)]
-        processes[i] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ
-        )
-        write_text(island_dir / "pid", str(processes[i].pid))
+        processes[i] = []
+        for rank in range(d.processes_per_island):
+            log = (island_dir / ("log.txt" if rank == 0 else f"log.{rank}.txt")).open("w")
+            command = [sys.executable, "-m", "frontierlm.distributed.island", str(work_dir),
+                       str(i), str(rank)]  # fmt: skip
+            processes[i].append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+            )
+        write_text(island_dir / "pid", str(processes[i][0].pid))
     console.print(
-        f"diloco: {d.islands} {d.mode} islands (H={d.inner_steps}, fragments={d.fragments}, "
-        f"codec={d.codec}); logs in {work_dir}/islands/*/log.txt"
+        f"diloco: {d.islands} {d.mode} islands of {d.processes_per_island} process(es) "
+        f"(H={d.inner_steps}, fragments={d.fragments}, codec={d.codec}); "
+        f"logs in {work_dir}/islands/*/log.txt"
     )
     if d.mode == "async":
         console.print(
@@ -117,28 +129,35 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     return _finish(ctx, model, wall_s, coordinator)
 
 
-def _watch(processes, mode: str, coordinator, thread: threading.Thread | None) -> list[int]:
-    """Wait for the islands; sync: stop all when one fails; async: until the coordinator is done
-    (a dead island is its business). Returns the islands whose process failed."""
+def _watch(
+    processes: dict[int, list[subprocess.Popen]],
+    mode: str,
+    coordinator,
+    thread: threading.Thread | None,
+) -> list[int]:
+    """Wait for the islands; sync: stop all when one process fails; async: until the coordinator
+    is done (a dead island is its business). Returns the islands with a failed process."""
     failed: list[int] = []
+    every = [proc for procs in processes.values() for proc in procs]
     while True:
-        for i, proc in processes.items():
-            if proc.poll() not in (None, 0) and i not in failed:
+        for i, procs in processes.items():
+            codes = [proc.poll() for proc in procs]
+            if any(code not in (None, 0) for code in codes) and i not in failed:
                 failed.append(i)
-                console.print(f"[red]diloco: island {i} exited with {proc.returncode}")
+                console.print(f"[red]diloco: island {i} exited with {codes}")
                 if coordinator is not None and i not in coordinator.alive | coordinator.finished:
                     coordinator.dropped.add(i)  # died before it ever joined
         if mode == "sync" and failed:
-            for proc in processes.values():
+            for proc in every:
                 if proc.poll() is None:
                     proc.terminate()
-            for proc in processes.values():
+            for proc in every:
                 proc.wait()
             return failed
-        if mode == "sync" and all(p.poll() is not None for p in processes.values()):
+        if mode == "sync" and all(proc.poll() is not None for proc in every):
             return failed
         if mode == "async" and not thread.is_alive():
-            for proc in processes.values():
+            for proc in every:
                 proc.wait()
             return failed
         time.sleep(0.2)

@@ -74,9 +74,7 @@ def _wants_cuda(run: RunConfig) -> bool:
 
 
 def init_distributed(run: RunConfig) -> torch.device:
-    """Join the torchrun job once (NCCL on GPU, gloo on CPU) and return this process's device.
-    Processes other than rank 0 go quiet: one console speaks for the job."""
-    global _control_group
+    """Join the torchrun job once (NCCL on GPU, gloo on CPU) and return this process's device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = _wants_cuda(run)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -85,17 +83,29 @@ def init_distributed(run: RunConfig) -> torch.device:
             f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
             "launch at most one process per GPU (torchrun --nproc_per_node)"
         )
+    join_process_group(device)
+    return device
+
+
+def join_process_group(
+    device: torch.device, store: dist.Store | None = None, rank: int = -1, size: int = -1
+) -> None:
+    """Make this process a member of the default process group (NCCL on GPU, gloo on CPU):
+    from torchrun's environment, or from `store` as process `rank` of `size` (the processes of
+    one DiLoCo island, frontierlm/distributed/island.py). Processes other than rank 0 go quiet:
+    one console speaks for the group."""
+    global _control_group
     if not dist.is_initialized():
-        if cuda:
+        membership = {"store": store, "rank": rank, "world_size": size}
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **membership)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **membership)
     if _control_group is None:
         _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     if dist.get_rank() != 0:
         console.quiet = True
-    return device
 
 
 def shutdown_distributed() -> None:
