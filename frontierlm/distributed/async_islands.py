@@ -23,6 +23,14 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
     (the inner steps of its last accepted contribution), so it continues its own data stream;
     the coordinator logs it as joined and counts it in again.
 
+An island of K processes (diloco.processes_per_island, DDP inside) talks to the coordinator
+through its local rank 0 alone: DDP keeps the K copies of the weights identical, so rank 0's
+pseudo-gradient is the island's; rank 0 pushes it, pulls the newest global weights and
+broadcasts them (with the version and the data position) over the island's gloo group, on which
+the other ranks wait at the same step, so every process of the island stays identical. Rank 0
+alone refreshes the heartbeat: a process that dies takes the island down (its peers' next
+collective fails, or times out), the heartbeat stops, and the coordinator drops the island.
+
 Each island pushes after its own H inner steps (with `dynamic_inner_steps`, H divided by the
 island's slowdown, as in Liu et al. 2024, so slow islands contribute about as often and as
 fresh as fast ones) and then, once the coordinator has applied it, adopts the newest global
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed import Store
 
@@ -257,7 +266,9 @@ class Coordinator:
 
 
 class AsyncIsland:
-    """The outer loop of one decoupled island (the training loop's OuterSync)."""
+    """The outer loop of one decoupled island (the training loop's OuterSync). With
+    `island_group` (the island's K processes, gloo), local rank 0 does the talking and the
+    others receive what it pulled."""
 
     def __init__(
         self,
@@ -269,8 +280,11 @@ class AsyncIsland:
         total_steps: int,
         tokens_per_step: int,
         codec: Codec,
+        island_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.store, self.island, self.wan = store, island, wan
+        self.island_group = island_group
+        self.rank = island_group.rank() if island_group is not None else 0
         self.inner_steps, self.total_steps = inner_steps, total_steps
         self.tokens_per_step = tokens_per_step
         self.codec = codec
@@ -278,15 +292,19 @@ class AsyncIsland:
         self.pushes = 0
 
     def _beat(self) -> None:
-        self.store.set(f"hb/{self.island}", str(time.time()))
+        if self.rank == 0:
+            self.store.set(f"hb/{self.island}", str(time.time()))
 
     def start(self, model: nn.Module, step: int) -> int:
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._beat()
-        position = _get_int(self.store, f"pos/{self.island}")
-        self.first_step = max(step, position)
-        # A restarted island continues the count of pushes under which its keys are read.
-        self.pushes = _get_int(self.store, f"pushed/{self.island}")
+        first_step = step
+        if self.rank == 0:
+            self._beat()
+            position = _get_int(self.store, f"pos/{self.island}")
+            first_step = max(step, position)
+            # A restarted island continues the count of pushes under which its keys are read.
+            self.pushes = _get_int(self.store, f"pushed/{self.island}")
+        self.first_step = self._share(first_step)
         self._pull()
         self.since_push = 0
         self.mark = time.perf_counter()
@@ -301,10 +319,11 @@ class AsyncIsland:
         self._beat()
         self.since_push += 1
         if self.since_push >= self.inner_steps or step >= self.total_steps:
-            self._push(step)
+            if self.rank == 0:
+                self._push(step)
             self._pull()
             self.since_push = 0
-            if step >= self.total_steps:
+            if step >= self.total_steps and self.rank == 0:
                 self.store.set(f"done/{self.island}", "1")
         self.mark = time.perf_counter()
         return {"outer_version": self.base, "pushes": self.pushes, **self.ledger.record()}
@@ -335,22 +354,42 @@ class AsyncIsland:
         self.ledger.exchanges += 1
         self.ledger.comm_s += time.perf_counter() - started
 
+    def _share(self, value: int) -> int:
+        """Local rank 0's `value` on every process of the island."""
+        if self.island_group is None:
+            return value
+        box = torch.tensor([value], dtype=torch.int64)
+        self._broadcast(box)
+        return int(box)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        self.island_group.broadcast([tensor], options).wait()
+
     @torch.no_grad()
     def _pull(self) -> None:
-        """Adopt the newest global weights (a version can vanish while we read: read again)."""
+        """Adopt the newest global weights (a version can vanish while we read: read again);
+        local rank 0 reads them from the store and hands them to the island's other ranks."""
         started = time.perf_counter()
-        while True:
-            version = int(self.store.get("g/version"))
-            key = f"g/w/{version}"
-            if has_bytes(self.store, key):
-                try:
-                    raw = get_bytes(self.store, key)
-                    break
-                except Exception:  # deleted between check and get
-                    continue
-        self.base = version
-        self.global_weights = _tensor(raw, torch.float32)
-        hold_until(started, self.wan.point_seconds(self.island, len(raw)))
-        self.ledger.bytes_received += len(raw)
+        if self.rank == 0:
+            while True:
+                version = int(self.store.get("g/version"))
+                key = f"g/w/{version}"
+                if has_bytes(self.store, key):
+                    try:
+                        raw = get_bytes(self.store, key)
+                        break
+                    except Exception:  # deleted between check and get
+                        continue
+            self.global_weights = _tensor(raw, torch.float32)
+            hold_until(started, self.wan.point_seconds(self.island, len(raw)))
+            self.ledger.bytes_received += len(raw)
+        else:
+            version = 0
+            self.global_weights = torch.empty(sum(p.numel() for p in self.params))
+        self.base = self._share(version)
+        if self.island_group is not None:  # the others wait here for rank 0's pull
+            self._broadcast(self.global_weights)
         self.ledger.comm_s += time.perf_counter() - started
         unflatten_into(self.global_weights, self.params)

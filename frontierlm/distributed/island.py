@@ -2,7 +2,7 @@
 pretraining loop on the island's share of the data, data parallel among themselves as a torchrun
 job would (run.parallel: DDP or FSDP2), with DiLoCo's outer loop around it. Started by the
 launcher (launch.py), one command per process (LOCAL_RANK defaults to 0); an asynchronous island
-that died can be restarted by hand while the run goes on:
+that died can be restarted by hand while the run goes on, all K of its processes (each once):
 
     python -m frontierlm.distributed.island runs/NAME/diloco.partial ISLAND [LOCAL_RANK]
 
@@ -105,6 +105,39 @@ def join_island(
     return group, island_group
 
 
+def island_generation(store: Store, island: int, rank: int) -> int:
+    """How many times local rank `rank` of `island` has started in this run (1 the first time):
+    the processes of one start of an island, each starting once, agree on it without talking,
+    and a restarted island's groups live under keys of their own, apart from the dead ones'."""
+    return store.add(f"island{island}/starts/{rank}", 1)
+
+
+def join_async_island(
+    store: Store,
+    island: int,
+    rank: int,
+    processes: int,
+    device: torch.device,
+    timeout: timedelta,
+) -> dist.ProcessGroup | None:
+    """An asynchronous island of several processes: its own default process group (DDP runs on
+    it) and a gloo group over which local rank 0 hands the others what it pulled, both under
+    this start's generation. Returns the gloo group (None for an island of one process)."""
+    if processes == 1:
+        return None
+    generation = island_generation(store, island, rank)
+    prefix = f"island{island}/g{generation}"
+    join_process_group(device, PrefixStore(prefix, store), rank, processes)
+    return dist.ProcessGroupGloo(PrefixStore(f"{prefix}/outer", store), rank, processes, timeout)
+
+
+def island_timeout(cfg: RecipeConfig) -> timedelta:
+    """How long an asynchronous island's processes wait for each other: past it, a process
+    whose peer died gives up (and with it the island). Local rank 0 may spend up to 30 s waiting
+    for the coordinator to apply a push while the others wait for its pull."""
+    return timedelta(seconds=max(60.0, 2 * cfg.diloco.timeout_s))
+
+
 def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
     job = json.loads((work_dir / JOB_FILE).read_text())
     cfg = RecipeConfig.model_validate(job["config"])
@@ -126,6 +159,8 @@ def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
         group, island_group = join_island(
             store, island, d.islands, rank, k, device, store_timeout(cfg)
         )
+    else:
+        island_group = join_async_island(store, island, rank, k, device, island_timeout(cfg))
     ctx = StageContext(cfg=cfg, stage=STAGES["diloco"], work_dir=work_dir)
     plan = island_plan(cfg)[island]
     loop = cfg.pretrain.model_copy(
@@ -179,6 +214,7 @@ def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
             total_steps=plan["steps"],
             tokens_per_step=loop.batch_size * loop.seq_len * loop.grad_accum,
             codec=codec,
+            island_group=island_group,
         )
     # Island 0 (sync) writes the final global weights, which every island holds at the end.
     export = island == 0 and d.mode == "sync"

@@ -48,10 +48,11 @@ def _check(cfg) -> None:
         )
     if loop.mixture:
         raise NotImplementedError("pretrain.mixture with diloco is not built yet (issue 9)")
-    if d.mode == "async" and k > 1:
+    if d.mode == "async" and k > 1 and cfg.run.parallel != "ddp":
         raise NotImplementedError(
-            f"diloco.mode = 'async' with diloco.processes_per_island={k} is not built yet "
-            "(issue 9): asynchronous islands are one process each"
+            f"diloco.mode = 'async' with diloco.processes_per_island={k} and run.parallel = "
+            f"'{cfg.run.parallel}' (FSDP2) is not built yet (issue 9): asynchronous islands of "
+            "several processes run DDP inside; set run.parallel = 'ddp'"
         )
     if loop.batch_size % (d.islands * k):
         raise ValueError(
@@ -111,9 +112,10 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
         f"logs in {work_dir}/islands/*/log.txt"
     )
     if d.mode == "async":
-        console.print(
-            f"  restart a dead island with: python -m frontierlm.distributed.island {work_dir} I"
-        )
+        command = f"python -m frontierlm.distributed.island {work_dir} I"
+        if d.processes_per_island > 1:  # all of the island's processes, each once
+            command = f"for R in {{0..{d.processes_per_island - 1}}}; do {command} $R & done"
+        console.print(f"  restart a dead island I with: {command}")
     failed = _watch(processes, d.mode, coordinator, thread)
     wall_s = time.perf_counter() - started
     if d.mode == "sync":
