@@ -25,21 +25,50 @@ DDP (every process holds all the weights) slice r of the flat vector, then the i
 all-gather the averaged slices; under FSDP2 the shard the process holds, with nothing to gather.
 The island's link carries the sum of its processes' payloads, which is what the ledger counts
 and the WAN simulator times: the same bytes as an island of one process, up to padding.
+
+A killed run resumes (`state_dir`, `checkpoint_every`): at the steps the training loop
+checkpoints the island (its weights, inner optimizer and data position), every process also
+writes its outer state beside it, atomically: the global weights of each fragment (its shard of
+them under FSDP2), the outer Nesterov momentum, the outer step count, the fragments' last syncs
+and the ledger. Every island holds the same global weights and momentum (they all apply the
+same mean), so each keeps its own copy and resumes from it, and the islands go on from the same
+step as if never stopped. Only at steps with no exchange in flight (diloco.overlap = 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from frontierlm.atomic import atomic_file
 from frontierlm.distributed.quantize import Codec, padded_length
 from frontierlm.distributed.wan import Ledger, Wan, hold_until
 from frontierlm.train.metrics import MetricsLog
+
+OUTER_STATE = re.compile(r"step_(\d{7})\.rank(\d+)\.pt")
+
+
+def outer_state_path(state_dir: Path, step: int, rank: int) -> Path:
+    return state_dir / f"step_{step:07d}.rank{rank}.pt"
+
+
+def outer_state_steps(state_dir: Path, processes: int) -> list[int]:
+    """The steps for which every one of the island's processes wrote its outer state."""
+    if not state_dir.is_dir():
+        return []
+    ranks: dict[int, set[int]] = {}
+    for path in state_dir.iterdir():
+        if match := OUTER_STATE.fullmatch(path.name):
+            ranks.setdefault(int(match[1]), set()).add(int(match[2]))
+    return sorted(step for step, seen in ranks.items() if seen >= set(range(processes)))
 
 
 def split_fragments(params: list[nn.Parameter], parts: int) -> list[list[nn.Parameter]]:
@@ -162,6 +191,9 @@ class DilocoSync:
         codec: Codec | None = None,
         global_log: MetricsLog | None = None,
         island_group: dist.ProcessGroup | None = None,
+        state_dir: Path | None = None,
+        checkpoint_every: int = 0,
+        keep_states: int = 2,
     ) -> None:
         if overlap >= inner_steps // fragments:
             raise ValueError(
@@ -181,6 +213,16 @@ class DilocoSync:
         self.outer_steps = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange")
         self.in_flight: list[_InFlight] = []
+        # The steps at which the training loop checkpoints (and at the end): the outer state
+        # is written at the same ones, so a checkpoint has its outer state beside it.
+        self.state_dir, self.checkpoint_every = state_dir, checkpoint_every
+        self.keep_states = keep_states
+        if checkpoint_every and overlap:
+            raise ValueError(
+                f"diloco.overlap={overlap}: a killed run cannot resume with exchanges in "
+                "flight; checkpoints of islands need diloco.overlap = 0 (or "
+                "pretrain.checkpoint_every = 0)"
+            )
 
     # -------------------------------------------------------------- the loop's hooks
 
@@ -188,12 +230,15 @@ class DilocoSync:
         params = [p for p in model.parameters() if p.requires_grad]
         # FSDP2: each process holds a shard, the same one as its local rank in every island.
         self.sharded = any(hasattr(p, "to_local") for p in params)
-        with torch.no_grad():  # every island starts from island 0's weights
-            weights = flat([held(p) for p in params]).cpu()
-            options = dist.BroadcastOptions()
-            options.rootRank = 0
-            self.group.broadcast([weights], options).wait()
-            unflatten_into(weights, [held(p) for p in params])
+        if step == 0:
+            with torch.no_grad():  # every island starts from island 0's weights
+                weights = flat([held(p) for p in params]).cpu()
+                options = dist.BroadcastOptions()
+                options.rootRank = 0
+                self.group.broadcast([weights], options).wait()
+                unflatten_into(weights, [held(p) for p in params])
+        # (Resumed: each island's own weights from its checkpoint, which differ from the
+        # others' by the progress of fragments synced before the checkpoint step.)
         # Fragments by the full parameters' sizes: the same split in every process.
         self.fragments = split_fragments(params, self.n_fragments)
         self.global_weights = [[held(p).detach().clone() for p in frag] for frag in self.fragments]
@@ -203,8 +248,49 @@ class DilocoSync:
         ]
         self.offsets = fragment_offsets(self.inner_steps, self.n_fragments)
         self.last_sync = [step] * self.n_fragments
+        if step > 0:
+            self._resume(step)
         self.mark = time.perf_counter()
         return step
+
+    # -------------------------------------------------------------- resume
+
+    def _state_path(self, step: int) -> Path:
+        return outer_state_path(self.state_dir, step, self.rank)
+
+    def _resume(self, step: int) -> None:
+        path = self._state_path(step) if self.state_dir is not None else None
+        if path is None or not path.is_file():
+            raise RuntimeError(
+                f"island {self.island} resumes its inner training at step {step} but has no "
+                f"outer state for it ({path}): the islands' checkpoints and outer states do not "
+                "match; delete the run's diloco.partial directory to start over"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for mine, saved in zip(self.global_weights, state["global_weights"], strict=True):
+                for weight, value in zip(mine, saved, strict=True):
+                    weight.copy_(value)
+        for outer, saved in zip(self.outer, state["outer"], strict=True):
+            outer.load_state_dict(saved)
+        self.outer_steps, self.last_sync = state["outer_steps"], list(state["last_sync"])
+        self.ledger = Ledger(**state["ledger"])
+        if self.global_log is not None:  # forget outer steps the resumed state does not hold
+            self.global_log.truncate_after(step)
+
+    def _save_state(self, step: int) -> None:
+        state = {
+            "global_weights": [[w.cpu() for w in frag] for frag in self.global_weights],
+            "outer": [outer.state_dict() for outer in self.outer],
+            "outer_steps": self.outer_steps,
+            "last_sync": self.last_sync,
+            "ledger": dataclasses.asdict(self.ledger),
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self._state_path(step)) as f:
+            torch.save(state, f)
+        for old in outer_state_steps(self.state_dir, self.processes)[: -self.keep_states]:
+            self._state_path(old).unlink(missing_ok=True)
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float]:
         elapsed = time.perf_counter() - self.mark
@@ -223,6 +309,9 @@ class DilocoSync:
                     self._apply(job)
         if final:
             self.executor.shutdown(wait=True)
+        every = self.checkpoint_every
+        if self.state_dir is not None and every and (step % every == 0 or final):
+            self._save_state(step)  # before the loop's checkpoint of the same step
         self.mark = time.perf_counter()
         return {"outer_step": self.outer_steps, **self.ledger.record()}
 
@@ -313,6 +402,5 @@ class DilocoSync:
         unflatten_into(flat(self.global_weights[p]) + progress, local)
         self.outer_steps += 1
         if self.global_log is not None:
-            self.global_log.write(
-                {"outer_step": self.outer_steps, "fragment": p, **self.ledger.record()}
-            )
+            record = {"step": job.due, "outer_step": self.outer_steps, "fragment": p}
+            self.global_log.write({**record, **self.ledger.record()})

@@ -138,6 +138,17 @@ def island_timeout(cfg: RecipeConfig) -> timedelta:
     return timedelta(seconds=max(60.0, 2 * cfg.diloco.timeout_s))
 
 
+def checkpoint_every(cfg: RecipeConfig) -> int:
+    """Synchronous islands checkpoint (and so resume) at the first multiple of
+    diloco.inner_steps at or past every pretrain.checkpoint_every steps; not at all with
+    exchanges that overlap the inner steps (diloco.overlap > 0), nor in async mode, whose
+    islands rejoin from the coordinator's state instead."""
+    d, every = cfg.diloco, cfg.pretrain.checkpoint_every
+    if d.mode != "sync" or d.overlap or not every:
+        return 0
+    return -(-every // d.inner_steps) * d.inner_steps
+
+
 def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
     job = json.loads((work_dir / JOB_FILE).read_text())
     cfg = RecipeConfig.model_validate(job["config"])
@@ -163,8 +174,14 @@ def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
         island_group = join_async_island(store, island, rank, k, device, island_timeout(cfg))
     ctx = StageContext(cfg=cfg, stage=STAGES["diloco"], work_dir=work_dir)
     plan = island_plan(cfg)[island]
+    every = checkpoint_every(cfg)
     loop = cfg.pretrain.model_copy(
-        update={"batch_size": plan["batch"], "steps": plan["steps"], "checkpoint_every": 0}
+        update={
+            "batch_size": plan["batch"],
+            "steps": plan["steps"],
+            "checkpoint_every": every,
+            "keep_checkpoints": max(2, cfg.pretrain.keep_checkpoints),
+        }
     )
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every island
     tok = load_tokenizer(ctx.path("tokenizer"))
@@ -204,6 +221,9 @@ def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
             codec=codec,
             global_log=MetricsLog(work_dir / "diloco.jsonl") if island == rank == 0 else None,
             island_group=island_group,
+            state_dir=island_dir / "outer",
+            checkpoint_every=every,
+            keep_states=loop.keep_checkpoints,
         )
     else:
         outer = AsyncIsland(

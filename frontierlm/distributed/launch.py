@@ -5,20 +5,23 @@ The launcher hosts the run's TCPStore (the islands' rendezvous; in async mode al
 transport and heartbeats), starts diloco.processes_per_island processes per island (`python -m
 frontierlm.distributed.island WORK_DIR ISLAND LOCAL_RANK`, data parallel inside the island), and
 in async mode runs the coordinator that owns the global weights. Synchronous islands need each
-other: one that fails ends the run (restart it to start over). Asynchronous islands do not: one
-that dies is dropped and the run goes on; restarted by hand (the command is printed), it
-rejoins. At the end the launcher evaluates the global model on the held-out windows and writes
-it to `model/` like the pretrain stage.
+other: one that fails ends the run; rerun the same command and the islands resume from the last
+step at which all of them checkpointed (island checkpoints and outer states, see diloco.py).
+Asynchronous islands do not: one that dies is dropped and the run goes on; restarted by hand
+(the command is printed), it rejoins. At the end the launcher evaluates the global model on
+the held-out windows and writes it to `model/` like the pretrain stage.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch.distributed import TCPStore
@@ -26,13 +29,18 @@ from torch.distributed import TCPStore
 from frontierlm.atomic import write_text
 from frontierlm.console import console
 from frontierlm.distributed.async_islands import Coordinator
-from frontierlm.distributed.diloco import flat, unflatten_into
+from frontierlm.distributed.diloco import flat, outer_state_steps, unflatten_into
 from frontierlm.distributed.island import JOB_FILE, island_plan, store_timeout
 from frontierlm.distributed.quantize import Codec
 from frontierlm.model import Transformer
 from frontierlm.stages import StageContext
 from frontierlm.tokenizer.train import BOS, load_tokenizer
-from frontierlm.train.checkpoint import load_model_dir, save_model_dir
+from frontierlm.train.checkpoint import (
+    STEP_PREFIX,
+    list_checkpoints,
+    load_model_dir,
+    save_model_dir,
+)
 from frontierlm.train.metrics import MetricsLog
 from frontierlm.train.parallel import launched_world_size
 from frontierlm.train.pretrain import val_bpb_fn
@@ -62,6 +70,29 @@ def _check(cfg) -> None:
         )
 
 
+def resume_step(work_dir: Path, islands: int, processes: int) -> int:
+    """The last step at which every island left both its checkpoint and the outer state of each
+    of its processes (0: none, start over); what any island holds past it is removed, so that
+    every island's training loop resumes from that step."""
+    roots = [work_dir / "islands" / str(i) for i in range(islands)]
+    common: set[int] | None = None
+    for root in roots:
+        steps = {
+            int(c.name.removeprefix(STEP_PREFIX)) for c in list_checkpoints(root / "checkpoints")
+        }
+        steps &= set(outer_state_steps(root / "outer", processes))
+        common = steps if common is None else common & steps
+    step = max(common or {0})
+    for root in roots:
+        for checkpoint in list_checkpoints(root / "checkpoints"):
+            if int(checkpoint.name.removeprefix(STEP_PREFIX)) > step:
+                shutil.rmtree(checkpoint)
+        for path in (root / "outer").glob("step_*.pt"):  # incomplete sets of ranks too
+            if int(path.name.split(".")[0].removeprefix("step_")) > step:
+                path.unlink()
+    return step
+
+
 def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     cfg, work_dir = ctx.cfg, ctx.work_dir
     d = cfg.diloco
@@ -74,8 +105,15 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(ctx.path("tokenizer"))
     model = Transformer(cfg.model, tok.get_vocab_size())
-    for name in ("diloco.jsonl", "events.jsonl"):  # a rerun starts over
-        (work_dir / name).unlink(missing_ok=True)
+    resumed = resume_step(work_dir, d.islands, d.processes_per_island) if d.mode == "sync" else 0
+    if resumed:
+        console.print(f"[yellow]diloco: resuming every island from step {resumed}")
+    else:  # a rerun starts over: nothing any island wrote counts
+        for name in ("diloco.jsonl", "events.jsonl"):
+            (work_dir / name).unlink(missing_ok=True)
+        for i in range(d.islands):
+            for part in ("checkpoints", "outer"):
+                shutil.rmtree(work_dir / "islands" / str(i) / part, ignore_errors=True)
     coordinator, thread = None, None
     if d.mode == "async":
         coordinator = Coordinator(
@@ -96,10 +134,12 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     for i in range(d.islands):
         island_dir = work_dir / "islands" / str(i)
         island_dir.mkdir(parents=True, exist_ok=True)
-        (island_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if not resumed:  # resumed: each island's loop cuts its log at the step it resumes from
+            (island_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (island_dir / "events.jsonl").unlink(missing_ok=True)
         processes[i] = []
         for rank in range(d.processes_per_island):
-            log = (island_dir / ("log.txt" if rank == 0 else f"log.{rank}.txt")).open("w")
+            log = (island_dir / ("log.txt" if rank == 0 else f"log.{rank}.txt")).open("a")
             command = [sys.executable, "-m", "frontierlm.distributed.island", str(work_dir),
                        str(i), str(rank)]  # fmt: skip
             processes[i].append(
@@ -122,7 +162,8 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
         if failed:
             raise RuntimeError(
                 f"diloco: island(s) {failed} failed (see {work_dir}/islands/N/log.txt); "
-                "synchronous islands need each other, so the run stopped"
+                "synchronous islands need each other, so the run stopped; rerun the same command "
+                "to resume from the islands' last common checkpoint (pretrain.checkpoint_every)"
             )
         model = load_model_dir(work_dir / "islands" / "0" / "model")
     else:

@@ -212,14 +212,20 @@ def train(
                     {"step": step + 1, "event": "skipped", "reason": spike, "data_step": data_step}
                 )
                 console.print(f"[yellow]{task.name}: step {step + 1} skipped: {spike}")
-                if skips_in_a_row >= cfg.spike_max_skips and not list_checkpoints(ckpt_root):
+                no_rollback = (
+                    "no checkpoint yet"
+                    if not list_checkpoints(ckpt_root)
+                    # An island rolled back alone would leave the others' outer steps.
+                    else "an outer loop does not roll back"
+                    if outer is not None
+                    else None
+                )
+                if skips_in_a_row >= cfg.spike_max_skips and no_rollback:
                     # Nothing to roll back to: what looks like a spike is the run's new normal
                     # (early training moves fast). Judge from here on against it.
                     guard = SpikeGuard(cfg, [])
                     skips_in_a_row = 0
-                    events.write(
-                        {"step": step + 1, "event": "guard_reset", "reason": "no checkpoint yet"}
-                    )
+                    events.write({"step": step + 1, "event": "guard_reset", "reason": no_rollback})
                     continue
                 if skips_in_a_row >= cfg.spike_max_skips:
                     ckpts = list_checkpoints(ckpt_root)

@@ -210,6 +210,113 @@ def test_islands_train_the_real_loop_and_end_identical(
     assert last["compute_s"] > 0 and "val_loss" in last
 
 
+# ----------------------------------------------------------------------------- resume
+
+
+def _resume_job(island: int, group, out: Path, kill_at: int | None) -> None:
+    """As island.py runs a synchronous island: checkpoints every 2 steps (H = 2) with the
+    outer state beside them; SIGKILLed at step `kill_at`, as a crashed machine."""
+    import os
+    import signal
+
+    from frontierlm.train.loop import TrainTask, train
+
+    loop = PretrainConfig(steps=8, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
+    loop = loop.model_copy(update={"eval_every": 8, "checkpoint_every": 2})
+    model = new_model()
+    base = make_task(loop)
+    task = TrainTask("island", lambda i: base.batch(2 * i + island), base.loss, base.evaluate)
+    island_dir = out / "islands" / str(island)
+    sync = DilocoSync(group, island, NO_WAN, inner_steps=2, total_steps=8,
+                      global_log=MetricsLog(out / "diloco.jsonl") if island == 0 else None,
+                      state_dir=island_dir / "outer", checkpoint_every=2)  # fmt: skip
+    after_step = sync.after_step
+
+    def dying_after_step(step: int, model) -> dict[str, float]:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return after_step(step, model)
+
+    sync.after_step = dying_after_step
+    train(model, loop, task, island_dir, torch.device("cpu"), RunConfig(), export=False,
+          outer=sync)  # fmt: skip
+    torch.save(model.state_dict(), out / f"weights{island}.pt")
+
+
+def spawn_killed(job, *args) -> list[int]:
+    """As spawn, for islands that die: their exit codes."""
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = mp.start_processes(
+        _worker, args=(store.port, job, args), nprocs=ISLANDS, join=False, start_method="forkserver"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.is_alive() for p in context.processes):
+        assert time.monotonic() < deadline, "the islands did not die"
+        time.sleep(0.1)
+    return [p.exitcode for p in context.processes]
+
+
+def test_killed_sync_run_resumes_at_its_last_outer_step_and_ends_as_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    from frontierlm.distributed.launch import resume_step
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    spawn(_resume_job, whole, None)
+    # Killed at step 5: after its 2nd outer sync (steps 2 and 4) and the checkpoint of step 4.
+    assert spawn_killed(_resume_job, killed, 5) == [-9, -9]
+    assert resume_step(killed, ISLANDS, 1) == 4  # what the launcher finds on the rerun
+    spawn(_resume_job, killed, None)
+    for i in range(ISLANDS):
+        a, b = (torch.load(run / f"weights{i}.pt") for run in (whole, killed))
+        # The same data, inner and outer state: fp32 on CPU, bit for bit.
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        records = [MetricsLog(run / "islands" / str(i) / "metrics.jsonl").read()
+                   for run in (whole, killed)]  # fmt: skip
+        assert [r["step"] for r in records[1]] == list(range(1, 9))  # cut at 4, then 5-8
+        assert [r["loss"] for r in records[0]] == [r["loss"] for r in records[1]]
+        # The ledger goes on from the checkpoint: the same exchanges and bytes in all.
+        assert records[1][-1]["exchanges"] == records[0][-1]["exchanges"] == 4
+        assert records[1][-1]["bytes_sent"] == records[0][-1]["bytes_sent"]
+    outer_steps = [r["outer_step"] for r in MetricsLog(killed / "diloco.jsonl").read()]
+    assert outer_steps == [1, 2, 3, 4]  # the log cut at step 4 too, no outer step twice
+
+
+def test_resume_step_is_the_last_one_every_island_holds_whole(tmp_path: Path) -> None:
+    from frontierlm.distributed.launch import resume_step
+
+    def make(island: int, checkpoints: list[int], states: dict[int, list[int]]) -> Path:
+        root = tmp_path / "islands" / str(island)
+        for step in checkpoints:
+            (root / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
+        (root / "outer").mkdir(parents=True, exist_ok=True)
+        for step, ranks in states.items():
+            for rank in ranks:
+                (root / "outer" / f"step_{step:07d}.rank{rank}.pt").write_bytes(b"x")
+        return root
+
+    # Island 0 died after its outer state of step 6 (rank 1's missing) but before its
+    # checkpoint; island 1 wrote both: step 4 is the last whole one everywhere.
+    a = make(0, [2, 4], {2: [0, 1], 4: [0, 1], 6: [0]})
+    b = make(1, [4, 6], {4: [0, 1], 6: [0, 1]})
+    assert resume_step(tmp_path, 2, 2) == 4
+    assert [p.name for p in sorted((b / "checkpoints").iterdir())] == ["step_0000004"]
+    assert sorted(p.name for p in (a / "outer").iterdir()) == [
+        f"step_000000{s}.rank{r}.pt" for s in (2, 4) for r in (0, 1)
+    ]
+    assert len(list((b / "outer").iterdir())) == 2
+    # Nothing in common (island 0 kept 2 and 4, island 1 only 6 and 8): start over, with
+    # every island's later work gone.
+    tmp_path = tmp_path / "apart"
+    a = make(0, [2, 4], {2: [0], 4: [0]})
+    b = make(1, [6, 8], {6: [0], 8: [0]})
+    assert resume_step(tmp_path, 2, 1) == 0
+    assert not any((a / "checkpoints").iterdir()) and not any((b / "outer").iterdir())
+    assert resume_step(tmp_path / "none", 2, 1) == 0
+
+
 # ----------------------------------------------------------------------------- async islands
 
 
