@@ -440,3 +440,55 @@ def test_loss_vs_bytes_points_and_plot(tmp_path: Path) -> None:
         {"a": loss_vs_bytes(island), "b": loss_vs_bytes(ddp, 100.0)}, tmp_path / "p.png"
     )
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path: Path) -> None:
+    """The launcher's path: `frontierlm diloco` on the micro recipe (2 islands, H = 5, 40 steps,
+    checkpoints every 10), an island SIGKILLed once both have checkpointed step 20; the rerun of
+    the same command resumes there and writes the model of an uninterrupted run."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = str(root / "recipes" / "micro.toml")
+    args = [f"--run.out_dir={tmp_path}", "--diloco.islands=2", "--diloco.inner_steps=5",
+            "--pretrain.steps=40", "--pretrain.checkpoint_every=10",
+            "--run.device=cpu"]  # fmt: skip
+
+    def cli(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "frontierlm.cli", *extra, recipe, *args]
+
+    for stage in ("data", "tokenizer", "tokenize"):
+        subprocess.run(cli(stage), cwd=root, check=True, capture_output=True, timeout=300)
+    for name in ("whole", "killed"):
+        shutil.copytree(tmp_path / "micro", tmp_path / name)
+    done = subprocess.run(cli("diloco", "--run.name=whole"), cwd=root, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    work = tmp_path / "killed" / "diloco.partial"
+    launcher = subprocess.Popen(cli("diloco", "--run.name=killed"), cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoints = [work / "islands" / str(i) / "checkpoints" / "step_0000020" for i in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(c.is_dir() for c in checkpoints):
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint at 20"
+        time.sleep(0.05)
+    os.kill(int((work / "islands" / "1" / "pid").read_text()), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0  # synchronous islands stop together
+    assert not (tmp_path / "killed" / "diloco").exists()
+    again = subprocess.run(cli("diloco", "--run.name=killed"), cwd=root, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "resuming every island from step" in again.stdout + again.stderr
+    a, b = (load_file(tmp_path / n / "diloco" / "model" / "model.safetensors")
+            for n in ("whole", "killed"))  # fmt: skip
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    metrics = [json.loads((tmp_path / n / "diloco" / "stage.json").read_text())["metrics"]
+               for n in ("whole", "killed")]  # fmt: skip
+    assert metrics[0]["val_bpb"] == pytest.approx(metrics[1]["val_bpb"], abs=1e-6)
+    assert metrics[0]["bytes_sent"] == metrics[1]["bytes_sent"]  # the ledgers resumed too
