@@ -25,6 +25,8 @@ training steps (exchanges and waiting included, process start-up excluded). The 
 plot is written beside the JSON.
 
     python benchmarks/diloco.py --upstream /work/main/runs/bench-opt-shared    # ~20 min, 2 cores
+    python benchmarks/diloco.py --upstream runs/bench-opt-shared --parts a --steps 500 \
+        --dp-lr 2.5e-3 --inner-lr 1.25e-3 --outer-lr 0.5 --outer-momentum 0.8   # each tuned
     python benchmarks/diloco.py --tiny                                         # smoke run
     python benchmarks/diloco.py --tiny --parts a --processes-per-island 2     # islands of 2
     python benchmarks/diloco.py --parts e --steps 500 --batch 32 --seq-len 256    # 2 GPUs
@@ -99,6 +101,10 @@ def main() -> None:
     parser.add_argument(
         "--parallel", default="ddp", choices=["ddp", "fsdp"], help="inside an island of K > 1"
     )
+    parser.add_argument("--dp-lr", type=float, help="data parallel's lr (default: the recipe's)")
+    parser.add_argument("--inner-lr", type=float, help="the islands' lr (default: the recipe's)")
+    parser.add_argument("--outer-lr", type=float, help="outer Nesterov lr (default: 0.7)")
+    parser.add_argument("--outer-momentum", type=float, help="outer momentum (default: 0.9)")
     parser.add_argument("--parts", default="a,b,c,d", help="which claims to measure")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything")
     parser.add_argument(
@@ -132,6 +138,19 @@ def main() -> None:
         f"--run.parallel={args.parallel}",
         "--force",
     ]
+    # Each method at its own tuned settings (RESULTS.md 2026-11-30 found them on a GPU).
+    tuned = {
+        "pretrain": [f"--pretrain.lr={args.dp_lr}"] if args.dp_lr else [],
+        "diloco": [
+            f"--{key}={value}"
+            for key, value in (
+                ("pretrain.lr", args.inner_lr),
+                ("diloco.outer_lr", args.outer_lr),
+                ("diloco.outer_momentum", args.outer_momentum),
+            )
+            if value is not None
+        ],
+    }
     previous = out / "diloco.json"
     results: dict[str, dict] = {}
     if args.reuse and previous.is_file():
@@ -151,7 +170,8 @@ def main() -> None:
         load = uptime()
         t0 = time.perf_counter()
         log = out / f"diloco-{label}.log"
-        cli(stage, *common, f"--run.name={name}", *overrides, log=log, processes=processes)
+        cli(stage, *common, *tuned[stage], f"--run.name={name}", *overrides, log=log,
+            processes=processes)  # fmt: skip
         metrics = stage_metrics(run_dir, stage)
         metrics["inner_steps"] = H
         metrics["bench_wall_s"] = time.perf_counter() - t0

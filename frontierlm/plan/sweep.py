@@ -253,8 +253,8 @@ def run_sweep(
         size_budgets = [(d, layers, b[1:]) for d, layers, b in size_budgets]
     else:
         for d_model, n_layers, _ in size_budgets:
-            exponent = lr_width_exponent
-            chosen_lr[(d_model, n_layers)] = width_lr(cfg, d_model, exponent) if exponent else None
+            rule = width_lr(cfg, d_model, lr_width_exponent) if lr_width_exponent else None
+            chosen_lr[(d_model, n_layers)] = rule
     points += train_points(
         [
             plan_point(d, layers, n_tokens, budget, chosen_lr[(d, layers)])
