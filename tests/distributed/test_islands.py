@@ -64,6 +64,19 @@ def spawn(k: int, job, *args) -> None:
             pytest.fail(f"{ISLANDS} x {k} processes did not finish within {TIMEOUT_S} s")
 
 
+def island_setup(island: int):
+    """The loop, a fresh model and the task of one island, as island.py builds them: island i
+    owns batches i, i + M, ...; the training loop splits each by rank."""
+    from frontierlm.train.loop import TrainTask
+
+    batch = GLOBAL_BATCH // ISLANDS
+    loop = PretrainConfig(steps=STEPS, batch_size=batch, seq_len=16, lr=1e-2, warmup_steps=1)
+    loop = loop.model_copy(update={"eval_every": STEPS, "checkpoint_every": 0})
+    base = make_task(loop)
+    task = TrainTask("island", lambda i: base.batch(ISLANDS * i + island), base.loss, base.evaluate)
+    return loop, new_model(), task
+
+
 def _island_job(
     island: int,
     rank: int,
@@ -76,15 +89,9 @@ def _island_job(
     codec: str,
     inner_steps: int,
 ) -> None:
-    from frontierlm.train.loop import TrainTask, train
+    from frontierlm.train.loop import train
 
-    batch = GLOBAL_BATCH // ISLANDS
-    loop = PretrainConfig(steps=STEPS, batch_size=batch, seq_len=16, lr=1e-2, warmup_steps=1)
-    loop = loop.model_copy(update={"eval_every": STEPS, "checkpoint_every": 0})
-    model = new_model()
-    base = make_task(loop)
-    # As island.py: island i owns batches i, i + M, ...; the loop splits each by rank.
-    task = TrainTask("island", lambda i: base.batch(ISLANDS * i + island), base.loss, base.evaluate)
+    loop, model, task = island_setup(island)
     sync = DilocoSync(group, island, NO_WAN, inner_steps=inner_steps, total_steps=STEPS,
                       fragments=fragments, overlap=overlap, codec=Codec(codec, block=64),
                       island_group=island_group)  # fmt: skip
@@ -257,7 +264,7 @@ def _async_worker(
 
     from frontierlm.distributed.async_islands import AsyncIsland
     from frontierlm.distributed.island import join_async_island
-    from frontierlm.train.loop import TrainTask, train
+    from frontierlm.train.loop import train
     from frontierlm.train.parallel import shutdown_distributed
 
     torch.set_num_threads(1)
@@ -266,12 +273,8 @@ def _async_worker(
     island_group = join_async_island(
         store, island, rank, k, torch.device("cpu"), timedelta(seconds=20)
     )
-    batch = GLOBAL_BATCH // ISLANDS
-    loop = PretrainConfig(steps=STEPS, batch_size=batch, seq_len=16, lr=1e-2, warmup_steps=1)
-    loop = loop.model_copy(update={"eval_every": STEPS, "checkpoint_every": 0})
-    model = new_model()
-    base = make_task(loop)
-    task = TrainTask("island", lambda i: base.batch(ISLANDS * i + island), base.loss, base.evaluate)
+    loop, model, task = island_setup(island)
+    batch = loop.batch_size
     outer = AsyncIsland(store, island, NO_WAN, inner_steps=2, total_steps=STEPS,
                         tokens_per_step=batch * 16, codec=Codec(),
                         island_group=island_group)  # fmt: skip
