@@ -139,9 +139,9 @@ def run(args, name: str, cfg, vocab, train, val, bos) -> dict:
             opt.step(grads, gap)
         if not dp and ((step + 1) % h == 0 or step + 1 == args.steps):
             with torch.no_grad():
-                for j, p in enumerate(global_params):
-                    local = [list(mo.parameters())[j] for mo in models]
-                    p.grad = p - torch.stack([q.detach() for q in local]).mean(dim=0)
+                local = [[q for q in mo.parameters() if q.requires_grad] for mo in models]
+                for p, copies in zip(global_params, zip(*local, strict=True), strict=True):
+                    p.grad = p - torch.stack(copies).mean(dim=0)
                 outer.step()
                 outer.zero_grad(set_to_none=True)
                 for model in models:

@@ -29,7 +29,7 @@ from torch.distributed import TCPStore
 from frontierlm.atomic import write_text
 from frontierlm.console import console
 from frontierlm.distributed.async_islands import Coordinator
-from frontierlm.distributed.diloco import flat, outer_state_steps, unflatten_into
+from frontierlm.distributed.diloco import OUTER_STATE, flat, outer_state_steps, unflatten_into
 from frontierlm.distributed.island import JOB_FILE, island_plan, store_timeout
 from frontierlm.distributed.quantize import Codec
 from frontierlm.model import Transformer
@@ -88,7 +88,8 @@ def resume_step(work_dir: Path, islands: int, processes: int) -> int:
             if int(checkpoint.name.removeprefix(STEP_PREFIX)) > step:
                 shutil.rmtree(checkpoint)
         for path in (root / "outer").glob("step_*.pt"):  # incomplete sets of ranks too
-            if int(path.name.split(".")[0].removeprefix("step_")) > step:
+            match = OUTER_STATE.fullmatch(path.name)
+            if match and int(match[1]) > step:
                 path.unlink()
     return step
 
@@ -139,7 +140,9 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
             (island_dir / "events.jsonl").unlink(missing_ok=True)
         processes[i] = []
         for rank in range(d.processes_per_island):
-            log = (island_dir / ("log.txt" if rank == 0 else f"log.{rank}.txt")).open("a")
+            # A resumed island's log goes on; a fresh run's starts empty.
+            name = "log.txt" if rank == 0 else f"log.{rank}.txt"
+            log = (island_dir / name).open("a" if resumed else "w")
             command = [sys.executable, "-m", "frontierlm.distributed.island", str(work_dir),
                        str(i), str(rank)]  # fmt: skip
             processes[i].append(
