@@ -27,6 +27,9 @@ plot is written beside the JSON.
     python benchmarks/diloco.py --upstream /work/main/runs/bench-opt-shared    # ~20 min, 2 cores
     python benchmarks/diloco.py --upstream runs/bench-opt-shared --parts a --steps 500 \
         --dp-lr 2.5e-3 --inner-lr 1.25e-3 --outer-lr 0.5 --outer-momentum 0.8   # each tuned
+    python benchmarks/diloco.py --upstream runs/bench-opt-shared --parts a --batch 1024 \
+        --steps 500 --dp-lr 1e-2 --inner-lr 1e-2 --outer-lr 1 --outer-momentum 0 \
+        --dp-processes 1 --set pretrain.compile=none      # 20 tokens/parameter, one GPU
     python benchmarks/diloco.py --tiny                                         # smoke run
     python benchmarks/diloco.py --tiny --parts a --processes-per-island 2     # islands of 2
     python benchmarks/diloco.py --parts e --steps 500 --batch 32 --seq-len 256    # 2 GPUs
@@ -105,6 +108,19 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, help="the islands' lr (default: the recipe's)")
     parser.add_argument("--outer-lr", type=float, help="outer Nesterov lr (default: 0.7)")
     parser.add_argument("--outer-momentum", type=float, help="outer momentum (default: 0.9)")
+    parser.add_argument(
+        "--dp-processes",
+        type=int,
+        help="data parallel's DDP workers (default islands x K; 1 = one process on the global "
+        "batch, the same arithmetic, for a machine with one GPU)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run, e.g. --set run.seed=1 --set pretrain.compile=none",
+    )
     parser.add_argument("--parts", default="a,b,c,d", help="which claims to measure")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything")
     parser.add_argument(
@@ -136,6 +152,7 @@ def main() -> None:
         f"--diloco.inner_steps={H}",
         f"--diloco.processes_per_island={K}",
         f"--run.parallel={args.parallel}",
+        *(f"--{override}" for override in args.set),
         "--force",
     ]
     # Each method at its own tuned settings (RESULTS.md 2026-11-30 found them on a GPU).
@@ -190,7 +207,9 @@ def main() -> None:
         # M x K gloo processes of one thread each, like the islands' processes: the same CPU
         # share under load.
         N = M * K
-        ddp = run("ddp", "pretrain", "--run.threads=1", "--run.parallel=ddp", processes=N)
+        dp_processes = args.dp_processes or N
+        ddp = run("ddp", "pretrain", "--run.threads=1", "--run.parallel=ddp",
+                  processes=dp_processes)  # fmt: skip
         params = ddp["params"]
         per_step = N * 2 * (N - 1) / N * 4 * params  # all workers, ring all-reduce, fp32
         ddp["bytes_sent"] = per_step * T
