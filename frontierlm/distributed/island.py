@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
 
-from frontierlm.config import RecipeConfig
+from frontierlm.config import PretrainConfig, RecipeConfig
 from frontierlm.distributed.async_islands import AsyncIsland
 from frontierlm.distributed.diloco import DilocoSync
 from frontierlm.distributed.quantize import Codec
@@ -31,8 +32,9 @@ from frontierlm.model import Transformer
 from frontierlm.stages import STAGES, StageContext
 from frontierlm.tokenizer.shards import TokenSplit
 from frontierlm.tokenizer.train import BOS, load_tokenizer
-from frontierlm.train.loop import TrainTask, train
+from frontierlm.train.loop import Batch, TrainTask, train
 from frontierlm.train.metrics import MetricsLog
+from frontierlm.train.mixture import MixtureWindows
 from frontierlm.train.parallel import join_process_group, shutdown_distributed
 from frontierlm.train.pretrain import ShuffledWindows, lm_loss, tracked_sources, val_bpb_fn
 
@@ -150,6 +152,29 @@ def checkpoint_every(cfg: RecipeConfig) -> int:
     return -(-every // d.inner_steps) * d.inner_steps
 
 
+def island_batches(
+    loop: PretrainConfig,
+    islands: int,
+    island: int,
+    split: TokenSplit,
+    seed: int,
+    bos_id: int | None = None,
+) -> Callable[[int], Batch]:
+    """Island `island`'s batch of each (micro-)step: together the islands read the stream data
+    parallel would. Plain windows: island i owns batches i, i + M, i + 2M, ... of its batch
+    size. A data mixture's stages are set in global steps, so every island deals the global
+    batch of its step, as data parallel would, and keeps its own rows of it. `loop` is the
+    run's (its batch_size the global batch)."""
+    rows = loop.batch_size // islands
+    sources = tracked_sources(split, loop)
+    if loop.mixture:
+        mixture = MixtureWindows(split, loop, seed, bos_id, sources is not None)
+        mine = slice(island * rows, (island + 1) * rows)
+        return lambda index: {key: value[mine] for key, value in mixture(index).items()}
+    windows = ShuffledWindows(split.tokens, loop.seq_len, rows, seed, bos_id, sources)
+    return lambda index: windows(index * islands + island)
+
+
 def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
     job = json.loads((work_dir / JOB_FILE).read_text())
     cfg = RecipeConfig.model_validate(job["config"])
@@ -189,20 +214,10 @@ def run_island(work_dir: Path, island: int, rank: int = 0) -> dict[str, float]:
     model = Transformer(cfg.model, tok.get_vocab_size())
     bos_id = tok.token_to_id(BOS) if loop.document_mask else None
     train_split = TokenSplit.open(ctx.path("tokenize"), "train")
-    windows = ShuffledWindows(
-        train_split.tokens,
-        loop.seq_len,
-        loop.batch_size,
-        cfg.run.seed,
-        bos_id,
-        tracked_sources(train_split, loop),
-    )
-    islands = d.islands
-    # Island i owns batches i, i + M, i + 2M, ...: together the islands read one stream.
     evaluate = val_bpb_fn(ctx, loop, loop.eval_batches, device, bos_id)
     task = TrainTask(
         name=f"island{island}",
-        batch=lambda index: windows(index * islands + island),
+        batch=island_batches(cfg.pretrain, d.islands, island, train_split, cfg.run.seed, bos_id),
         loss=functools.partial(lm_loss, source_names=train_split.source_names),
         evaluate=evaluate if island == 0 else (lambda model: {}),
     )

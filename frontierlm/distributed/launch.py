@@ -54,8 +54,12 @@ def _check(cfg) -> None:
             "diloco starts its own processes: run `frontierlm diloco RECIPE` as one process, not "
             "under torchrun; for islands of several processes set diloco.processes_per_island"
         )
-    if loop.mixture:
-        raise NotImplementedError("pretrain.mixture with diloco is not built yet (issue 9)")
+    if loop.mixture and d.mode == "async":
+        raise NotImplementedError(
+            "pretrain.mixture with diloco.mode = 'async' is not built yet (issue 9): islands of "
+            "different speeds reach a stage boundary at different times; use diloco.mode = "
+            "'sync' for a data mixture"
+        )
     if loop.batch_size % (d.islands * k):
         raise ValueError(
             f"pretrain.batch_size={loop.batch_size} does not divide by diloco.islands="

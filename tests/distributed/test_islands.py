@@ -226,6 +226,11 @@ def test_island_config_errors_name_the_keys() -> None:
                  "--diloco.processes_per_island=2", "--diloco.mode=async"]  # fmt: skip
     for parallel in ("auto", "fsdp", "ddp"):  # "auto" is FSDP2: async islands run either
         _check(load_config(recipe, [*async_two, f"--run.parallel={parallel}"]))
+    mixture = recipe.with_name("quickstart-mixture.toml")
+    _check(load_config(mixture, ["--diloco.islands=2"]))  # sync islands deal the mixture
+    with pytest.raises(NotImplementedError, match=r"pretrain\.mixture with diloco\.mode = "
+                       r"'async' is not built yet \(issue 9\)"):  # fmt: skip
+        _check(load_config(mixture, ["--diloco.islands=2", "--diloco.mode=async"]))
 
 
 def test_islands_are_started_by_the_launcher_not_torchrun_and_fingerprint(

@@ -287,3 +287,29 @@ def test_stage_lengths_from_fractions_and_tokens():
     # 4 x 2 x 8 = 64 tokens a step: 320 tokens are 5 steps.
     tokens = [{"name": "a", "tokens": 320}, {"name": "b"}]
     assert loop_cfg(tokens).mixture_ends() == [5, 10]
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_diloco_islands_together_read_data_parallels_batches(mixture: bool) -> None:
+    """4 DiLoCo islands: at every micro-step their rows are data parallel's global batch (a
+    mixture's, stage by stage, in the island order); plain windows: batches i, i + M, ..."""
+    from frontierlm.distributed.island import island_batches
+    from frontierlm.train.pretrain import ShuffledWindows
+
+    split = make_split()
+    stages = [{"name": "a", "steps": 4, "weights": {"web": 1.0}}, {"name": "b"}] if mixture else []
+    loop = loop_cfg(stages, batch_size=8)
+    islands = [island_batches(loop, 4, i, split, seed=3, bos_id=BOS) for i in range(4)]
+    if mixture:
+        whole = MixtureWindows(split, loop, 3, BOS)
+        for index in (0, 7, 8, 19):  # micro-steps: stage a, its last, stage b's first, the end
+            parts = [island(index) for island in islands]
+            for key, value in whole(index).items():
+                assert torch.equal(torch.cat([p[key] for p in parts]), value), key
+        assert set(sources_of(islands[2](5))) == {0}  # stage a: web only, on every island
+        assert len(set(sources_of(islands[2](9)))) > 1 or len(set(sources_of(islands[3](9)))) > 1
+    else:
+        plain = ShuffledWindows(split.tokens, loop.seq_len, 2, 3, BOS)
+        for index in (0, 5):
+            for i, island in enumerate(islands):
+                assert torch.equal(island(index)["input_ids"], plain(4 * index + i)["input_ids"])
