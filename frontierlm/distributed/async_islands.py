@@ -270,6 +270,8 @@ class AsyncIsland:
     `island_group` (the island's K processes, gloo), local rank 0 does the talking and the
     others receive what it pulled."""
 
+    checkpoint_offset = 0  # (its islands do not checkpoint: they rejoin from the coordinator)
+
     def __init__(
         self,
         store: Store,

@@ -213,23 +213,29 @@ def test_islands_train_the_real_loop_and_end_identical(
 # ----------------------------------------------------------------------------- resume
 
 
-def _resume_job(island: int, group, out: Path, kill_at: int | None) -> None:
-    """As island.py runs a synchronous island: checkpoints every 2 steps (H = 2) with the
-    outer state beside them; SIGKILLed at step `kill_at`, as a crashed machine."""
+def _resume_job(
+    island: int, group, out: Path, kill_at: int | None, streaming: tuple[int, int] = (1, 0)
+) -> None:
+    """As island.py runs a synchronous island: checkpoints every H steps (`overlap` past each
+    multiple of H) with the outer state beside them; SIGKILLed at step `kill_at`, as a crashed
+    machine. DiLoCo: 8 steps, H = 2; Streaming (fragments, overlap): 12 steps, H = 4."""
     import os
     import signal
 
     from frontierlm.train.loop import TrainTask, train
 
-    loop = PretrainConfig(steps=8, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
-    loop = loop.model_copy(update={"eval_every": 8, "checkpoint_every": 2})
+    fragments, overlap = streaming
+    steps, h = (12, 4) if fragments > 1 else (8, 2)
+    loop = PretrainConfig(steps=steps, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
+    loop = loop.model_copy(update={"eval_every": steps, "checkpoint_every": h})
     model = new_model()
     base = make_task(loop)
     task = TrainTask("island", lambda i: base.batch(2 * i + island), base.loss, base.evaluate)
     island_dir = out / "islands" / str(island)
-    sync = DilocoSync(group, island, NO_WAN, inner_steps=2, total_steps=8,
+    sync = DilocoSync(group, island, NO_WAN, inner_steps=h, total_steps=steps,
+                      fragments=fragments, overlap=overlap,
                       global_log=MetricsLog(out / "diloco.jsonl") if island == 0 else None,
-                      state_dir=island_dir / "outer", checkpoint_every=2)  # fmt: skip
+                      state_dir=island_dir / "outer", checkpoint_every=h)  # fmt: skip
     after_step = sync.after_step
 
     def dying_after_step(step: int, model) -> dict[str, float]:
@@ -257,17 +263,30 @@ def spawn_killed(job, *args) -> list[int]:
     return [p.exitcode for p in context.processes]
 
 
+@pytest.mark.parametrize(
+    ("streaming", "kill_at", "resumed", "exchanges"),
+    [
+        # DiLoCo (H = 2): killed at step 5, after its 2nd outer sync (steps 2 and 4) and the
+        # checkpoint of step 4.
+        ((1, 0), 5, 4, 4),
+        # Streaming DiLoCo, 2 fragments synced at steps 2 mod 4 and 0 mod 4, each exchange
+        # applied a step later: the checkpoint comes at step 5, once the exchange launched at 4
+        # has landed; killed at step 7 with the exchange launched at 6 in flight. 7 exchanges:
+        # at 2, 4, 6, 8, 10, 12 and the final flush of fragment 0's steps 11-12.
+        ((2, 1), 7, 5, 7),
+    ],
+)
 def test_killed_sync_run_resumes_at_its_last_outer_step_and_ends_as_uninterrupted(
-    tmp_path: Path,
+    tmp_path: Path, streaming: tuple[int, int], kill_at: int, resumed: int, exchanges: int
 ) -> None:
     from frontierlm.distributed.launch import resume_step
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    spawn(_resume_job, whole, None)
-    # Killed at step 5: after its 2nd outer sync (steps 2 and 4) and the checkpoint of step 4.
-    assert spawn_killed(_resume_job, killed, 5) == [-9, -9]
-    assert resume_step(killed, ISLANDS, 1) == 4  # what the launcher finds on the rerun
-    spawn(_resume_job, killed, None)
+    spawn(_resume_job, whole, None, streaming)
+    assert spawn_killed(_resume_job, killed, kill_at, streaming) == [-9, -9]
+    assert resume_step(killed, ISLANDS, 1) == resumed  # what the launcher finds on the rerun
+    spawn(_resume_job, killed, None, streaming)
+    steps = 12 if streaming[0] > 1 else 8
     for i in range(ISLANDS):
         a, b = (torch.load(run / f"weights{i}.pt") for run in (whole, killed))
         # The same data, inner and outer state: fp32 on CPU, bit for bit.
@@ -275,13 +294,15 @@ def test_killed_sync_run_resumes_at_its_last_outer_step_and_ends_as_uninterrupte
         assert all(torch.equal(a[k], b[k]) for k in a)
         records = [MetricsLog(run / "islands" / str(i) / "metrics.jsonl").read()
                    for run in (whole, killed)]  # fmt: skip
-        assert [r["step"] for r in records[1]] == list(range(1, 9))  # cut at 4, then 5-8
+        # Cut at the resumed step, then on to the end: each step once.
+        assert [r["step"] for r in records[1]] == list(range(1, steps + 1))
         assert [r["loss"] for r in records[0]] == [r["loss"] for r in records[1]]
         # The ledger goes on from the checkpoint: the same exchanges and bytes in all.
-        assert records[1][-1]["exchanges"] == records[0][-1]["exchanges"] == 4
+        assert records[1][-1]["exchanges"] == records[0][-1]["exchanges"] == exchanges
         assert records[1][-1]["bytes_sent"] == records[0][-1]["bytes_sent"]
     outer_steps = [r["outer_step"] for r in MetricsLog(killed / "diloco.jsonl").read()]
-    assert outer_steps == [1, 2, 3, 4]  # the log cut at step 4 too, no outer step twice
+    # The log cut at the resumed step too, no outer step twice.
+    assert outer_steps == list(range(1, exchanges + 1))
 
 
 def test_resume_step_is_the_last_one_every_island_holds_whole(tmp_path: Path) -> None:
@@ -443,10 +464,18 @@ def test_loss_vs_bytes_points_and_plot(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("streaming", "checkpoint"),
+    # Streaming DiLoCo (2 fragments, overlap 1) checkpoints a step past each multiple of 10.
+    [([], 20), (["--diloco.fragments=2", "--diloco.overlap=1", "--diloco.codec=int8"], 21)],
+)
+def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(
+    tmp_path: Path, streaming: list[str], checkpoint: int
+) -> None:
     """The launcher's path: `frontierlm diloco` on the micro recipe (2 islands, H = 5, 40 steps,
-    checkpoints every 10), an island SIGKILLed once both have checkpointed step 20; the rerun of
-    the same command resumes there and writes the model of an uninterrupted run."""
+    checkpoints every 10), an island SIGKILLed once both have checkpointed step 20 (21 with
+    Streaming DiLoCo); the rerun of the same command resumes there and writes the model of an
+    uninterrupted run."""
     import os
     import shutil
     import signal
@@ -458,7 +487,7 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path:
     recipe = str(root / "recipes" / "micro.toml")
     args = [f"--run.out_dir={tmp_path}", "--diloco.islands=2", "--diloco.inner_steps=5",
             "--pretrain.steps=40", "--pretrain.checkpoint_every=10",
-            "--run.device=cpu"]  # fmt: skip
+            "--run.device=cpu", *streaming]  # fmt: skip
 
     def cli(*extra: str) -> list[str]:
         return [sys.executable, "-m", "frontierlm.cli", *extra, recipe, *args]
@@ -473,10 +502,11 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path:
     work = tmp_path / "killed" / "diloco.partial"
     launcher = subprocess.Popen(cli("diloco", "--run.name=killed"), cwd=root,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoints = [work / "islands" / str(i) / "checkpoints" / "step_0000020" for i in (0, 1)]
+    checkpoints = [work / "islands" / str(i) / "checkpoints" / f"step_{checkpoint:07d}"
+                   for i in (0, 1)]  # fmt: skip
     deadline = time.monotonic() + 300
     while not all(c.is_dir() for c in checkpoints):
-        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint at 20"
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint yet"
         time.sleep(0.05)
     os.kill(int((work / "islands" / "1" / "pid").read_text()), signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0  # synchronous islands stop together
