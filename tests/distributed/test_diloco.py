@@ -18,7 +18,12 @@ import torch.multiprocessing as mp
 from torch.distributed import PrefixStore, TCPStore
 
 from frontierlm.config import PretrainConfig, RunConfig
-from frontierlm.distributed.async_islands import Coordinator, put_bytes, staleness_weight
+from frontierlm.distributed.async_islands import (
+    Coordinator,
+    get_bytes,
+    put_bytes,
+    staleness_weight,
+)
 from frontierlm.distributed.diloco import DilocoSync, fragment_offsets, split_fragments
 from frontierlm.distributed.quantize import CODECS, Codec
 from frontierlm.distributed.wan import Link, Wan
@@ -420,6 +425,79 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
         ("outer_step", None),
         ("rejoined", 1),
     ]
+
+
+def _coordinate(store, coordinator: Coordinator, pushes: list[tuple], upto: int) -> None:
+    """Hand `coordinator` pushes[:upto] one poll at a time, as islands taking turns would."""
+    for i in range(2):
+        store.set(f"hb/{i}", str(time.time()))
+    for island, seq, base, delta, position in pushes[:upto]:
+        _push(store, island, seq, base, delta, position)
+        coordinator.poll()
+
+
+def test_a_killed_coordinator_resumes_from_its_saved_state(tmp_path: Path) -> None:
+    """A killed launcher's rerun: the coordinator saved its state once an island passed a
+    multiple of checkpoint_every; a new one in a new store loads it, the islands push again
+    from their saved positions, and the run ends bit for bit as if never stopped."""
+    torch.manual_seed(0)
+    # Two islands taking turns, pushing every 2 and 3 steps; island 1 a version behind (its
+    # bases lag), so staleness weights differ from 1.
+    pushes, version = [], 0
+    for seq in range(1, 5):
+        for island in (0, 1):
+            base = max(0, version - island)
+            pushes.append((island, seq, base, torch.randn(10), (2 + island) * seq))
+            version += 1
+
+    def coordinator(store, run: str) -> Coordinator:
+        return Coordinator(store, torch.zeros(10), 2, Codec(), staleness_power=0.5,
+                           events=MetricsLog(tmp_path / run / "events.jsonl"),
+                           state_path=tmp_path / run / "coordinator.pt",
+                           checkpoint_every=5)  # fmt: skip
+
+    def finish(store, c: Coordinator) -> None:
+        store.set("done/0", "1")
+        store.set("done/1", "1")
+        c.run(poll_s=0.0)
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    whole = coordinator(store, "whole")
+    _coordinate(store, whole, pushes, len(pushes))
+    finish(store, whole)
+    # Killed after 6 contributions: the state saved when island 0 passed step 5 (version 5,
+    # halfway through a round of momentum) holds the first 5; island 1's push from step 9 is
+    # lost with the launcher.
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    killed = coordinator(store, "killed")
+    _coordinate(store, killed, pushes, 6)
+    assert killed.version == 6
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rerun = coordinator(store, "killed")
+    rerun.load_state()
+    assert rerun.version == 5 and rerun.positions == {0: 6, 1: 6} and rerun.round_count == 1
+    assert store.get("g/version") == b"5" and store.get("pos/1") == b"6"
+    global_weights = torch.frombuffer(bytearray(get_bytes(store, "g/w/5")), dtype=torch.float32)
+    assert torch.equal(global_weights, rerun.weights)  # what a rejoining island pulls
+    assert store.add("pushed/1", 0) == 2  # island 1's next push is its 3rd
+    _coordinate(store, rerun, pushes[5:], len(pushes) - 5)  # from step 6 on, again
+    finish(store, rerun)
+    assert torch.equal(rerun.weights, whole.weights)
+    assert torch.equal(rerun.momentum, whole.momentum)
+    assert (rerun.version, rerun.tokens, rerun.contributions, rerun.positions) == (
+        whole.version, whole.tokens, whole.contributions, whole.positions
+    )  # fmt: skip
+    # The events cut at version 5: every outer step once, then the rerun's "resumed".
+    events = [MetricsLog(tmp_path / run / "events.jsonl").read() for run in ("whole", "killed")]
+    versions = [[e["version"] for e in log if e["event"] == "outer_step"] for log in events]
+    assert versions[0] == versions[1] == list(range(1, 9))
+    assert [e["version"] for e in events[1] if e["event"] == "resumed"] == [5]
+    # The saved state at the end holds the finished run: a rerun would find nothing to do.
+    done = coordinator(TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False), "whole")
+    done.load_state()
+    assert done.finished == {0, 1} and torch.equal(done.weights, whole.weights)
 
 
 # ----------------------------------------------------------------------------- config
