@@ -600,3 +600,68 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(
                for n in ("whole", "killed")]  # fmt: skip
     assert metrics[0]["val_bpb"] == pytest.approx(metrics[1]["val_bpb"], abs=1e-6)
     assert metrics[0]["bytes_sent"] == metrics[1]["bytes_sent"]  # the ledgers resumed too
+
+
+@pytest.mark.slow
+def test_frontierlm_diloco_async_launcher_killed_then_rerun_resumes(tmp_path: Path) -> None:
+    """A killed asynchronous launcher (coordinator and islands SIGKILLed together, as a lost
+    machine) on the micro recipe (2 islands, H = 5, 40 steps each, coordinator state saved as
+    islands pass multiples of 10): the rerun of the same command resumes from the saved
+    version, each island from its saved position, and each step's tokens count once."""
+    import os
+    import signal
+    import subprocess
+
+    from frontierlm.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = root / "recipes" / "micro.toml"
+    args = [f"--run.out_dir={tmp_path}", "--diloco.islands=2", "--diloco.inner_steps=5",
+            "--pretrain.steps=40", "--pretrain.checkpoint_every=10", "--diloco.mode=async",
+            "--run.device=cpu"]  # fmt: skip
+
+    def cli(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "frontierlm.cli", *extra, str(recipe), *args]
+
+    for stage in ("data", "tokenizer", "tokenize"):
+        subprocess.run(cli(stage), cwd=root, check=True, capture_output=True, timeout=300)
+    work = tmp_path / "micro" / "diloco.partial"
+    launcher = subprocess.Popen(cli("diloco"), cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+    state, saved = work / "coordinator.pt", None
+    deadline = time.monotonic() + 300
+    while saved is None or min(saved["positions"].values()) < 20:
+        assert launcher.poll() is None and time.monotonic() < deadline, "no state at step 20"
+        time.sleep(0.05)
+        if state.is_file():
+            saved = torch.load(state, weights_only=True)
+    for pid in [launcher.pid] + [
+        int((work / "islands" / str(i) / "pid").read_text()) for i in (0, 1)
+    ]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    again = subprocess.run(cli("diloco"), cwd=root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the coordinator from version" in again.stdout + again.stderr
+    final = tmp_path / "micro" / "diloco"
+    events = MetricsLog(final / "events.jsonl").read()
+    resumed = [e["version"] for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0] >= saved["version"]
+    # Every outer step once: those up to the saved state, then the rerun's.
+    versions = [e["version"] for e in events if e["event"] == "outer_step"]
+    assert versions == list(range(1, len(versions) + 1))
+    positions = next(e for e in events if e["event"] == "resumed")["positions"]
+    for i in (0, 1):  # each island's log cut at its resumed position: every step once
+        log = MetricsLog(final / "islands" / str(i) / "metrics.jsonl").read()
+        steps = [r["step"] for r in log]
+        assert steps == sorted(set(steps))
+        # Only the record of the step whose contribution was saved can be missing: the kill
+        # may fall between the push and the loop's record of it, never trained twice.
+        assert set(range(1, 41)) - set(steps) <= {positions[str(i)]}, (steps, positions)
+    metrics = json.loads((final / "stage.json").read_text())["metrics"]
+    loop = load_config(recipe, args).pretrain
+    # The lost contributions' steps were trained again and counted once.
+    assert metrics["contributed_tokens"] == 40 * loop.batch_size * loop.seq_len * loop.grad_accum
+    # Each island's 8 contributions (one per H = 5 steps) applied once: 16 outer steps, the
+    # last round whole (no partial round's momentum step at the end).
+    assert metrics["outer_steps"] == 16
