@@ -33,13 +33,17 @@ restarted island does: from the newest global weights, at the position of their 
 contribution in the saved state, with a fresh inner optimizer. Contributions applied after the
 save are lost with the launcher; their steps are trained again, on the same data.
 
-An island of K processes (diloco.processes_per_island, DDP inside) talks to the coordinator
-through its local rank 0 alone: DDP keeps the K copies of the weights identical, so rank 0's
-pseudo-gradient is the island's; rank 0 pushes it, pulls the newest global weights and
-broadcasts them (with the version and the data position) over the island's gloo group, on which
-the other ranks wait at the same step, so every process of the island stays identical. Rank 0
-alone refreshes the heartbeat: a process that dies takes the island down (its peers' next
-collective fails, or times out), the heartbeat stops, and the coordinator drops the island.
+An island of K processes (diloco.processes_per_island) talks to the coordinator through its
+local rank 0 alone, which pushes the island's pseudo-gradient, pulls the newest global weights
+and hands the others what they need over the island's gloo group (with the version and the data
+position), on which they wait at the same step. With DDP inside, the K copies of the weights are
+identical, so rank 0's pseudo-gradient is the island's, and it broadcasts the whole pulled
+weights. With FSDP2 inside, each process holds a shard and keeps the global weights of that
+shard only: at a push the processes gather their shards' pseudo-gradients on rank 0, which
+joins them in the order of the full parameters (the coordinator's), and after a pull rank 0
+scatters to each process its shard of the new global weights (diloco.py's shard helpers).
+Rank 0 alone refreshes the heartbeat: a process that dies takes the island down (its peers'
+next collective fails, or times out), the heartbeat stops, and the coordinator drops the island.
 
 Each island pushes after its own H inner steps (with `dynamic_inner_steps`, H divided by the
 island's slowdown, as in Liu et al. 2024, so slow islands contribute about as often and as
@@ -63,7 +67,14 @@ from torch import nn
 from torch.distributed import Store
 
 from frontierlm.atomic import atomic_file
-from frontierlm.distributed.diloco import flat, unflatten_into
+from frontierlm.distributed.diloco import (
+    flat,
+    gather_shards,
+    held,
+    scatter_shards,
+    shard_sizes,
+    unflatten_into,
+)
 from frontierlm.distributed.quantize import Codec, padded_length
 from frontierlm.distributed.wan import Ledger, Wan, hold_until
 from frontierlm.train.metrics import MetricsLog
@@ -345,7 +356,7 @@ class Coordinator:
 class AsyncIsland:
     """The outer loop of one decoupled island (the training loop's OuterSync). With
     `island_group` (the island's K processes, gloo), local rank 0 does the talking and the
-    others receive what it pulled."""
+    others receive what it pulled: all of it (DDP), or each its own shard (FSDP2)."""
 
     checkpoint_offset = 0  # (its islands do not checkpoint: they rejoin from the coordinator)
 
@@ -375,7 +386,14 @@ class AsyncIsland:
             self.store.set(f"hb/{self.island}", str(time.time()))
 
     def start(self, model: nn.Module, step: int) -> int:
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
+        # What this process holds and trains: all the weights, or its FSDP2 shard of each.
+        self.local = [held(p) for p in params]
+        self.total = sum(p.numel() for p in params)
+        self.sharded = any(hasattr(p, "to_local") for p in params)
+        if self.sharded and self.island_group is None:
+            raise ValueError("an island of FSDP2 shards needs its island_group")
+        self.sizes = shard_sizes(self.island_group, params) if self.sharded else None
         first_step = step
         if self.rank == 0:
             self._beat()
@@ -400,8 +418,7 @@ class AsyncIsland:
         self._beat()
         self.since_push += 1
         if self.since_push >= self.inner_steps or step >= self.total_steps:
-            if self.rank == 0:
-                self._push(step)
+            self._push(step)
             self._pull()
             self.since_push = 0
             if step >= self.total_steps and self.rank == 0:
@@ -411,8 +428,16 @@ class AsyncIsland:
 
     @torch.no_grad()
     def _push(self, step: int) -> None:
+        """Local rank 0 sends the island's pseudo-gradient (under FSDP2 the others first hand
+        it their shards' part)."""
         started = time.perf_counter()
-        delta = self.global_weights - flat(self.params).cpu()
+        if self.rank != 0 and not self.sharded:  # DDP: rank 0's pseudo-gradient is the island's
+            return
+        delta = self.global_weights - flat(self.local).cpu()
+        if self.sharded:
+            delta = gather_shards(self.island_group, delta, self.sizes)
+        if self.rank != 0:
+            return
         x = torch.zeros(padded_length(delta.numel(), self.codec.align))
         x[: delta.numel()] = delta
         payload = self.codec.encode(x)
@@ -451,7 +476,8 @@ class AsyncIsland:
     @torch.no_grad()
     def _pull(self) -> None:
         """Adopt the newest global weights (a version can vanish while we read: read again);
-        local rank 0 reads them from the store and hands them to the island's other ranks."""
+        local rank 0 reads them from the store and hands them to the island's other ranks (each
+        its own shard under FSDP2, which is all of them that a process keeps)."""
         started = time.perf_counter()
         if self.rank == 0:
             while True:
@@ -463,14 +489,17 @@ class AsyncIsland:
                         break
                     except Exception:  # deleted between check and get
                         continue
-            self.global_weights = _tensor(raw, torch.float32)
+            pulled = _tensor(raw, torch.float32)
             hold_until(started, self.wan.point_seconds(self.island, len(raw)))
             self.ledger.bytes_received += len(raw)
         else:
             version = 0
-            self.global_weights = torch.empty(sum(p.numel() for p in self.params))
-        self.base = self._share(version)
-        if self.island_group is not None:  # the others wait here for rank 0's pull
-            self._broadcast(self.global_weights)
+            pulled = None if self.sharded else torch.empty(self.total)
+        self.base = self._share(version)  # the others wait here for rank 0's pull
+        if self.sharded:
+            pulled = scatter_shards(self.island_group, pulled, self.sizes)
+        elif self.island_group is not None:
+            self._broadcast(pulled)
+        self.global_weights = pulled
         self.ledger.comm_s += time.perf_counter() - started
-        unflatten_into(self.global_weights, self.params)
+        unflatten_into(self.global_weights, self.local)

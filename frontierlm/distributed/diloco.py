@@ -108,6 +108,83 @@ def held(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+def shard_sizes(group: dist.ProcessGroup, params: list[torch.Tensor]) -> list[list[int]]:
+    """sizes[r][i]: the elements of parameter i that local rank r of `group` holds. FSDP2 shards
+    a parameter along dim 0 (Shard(0)), so rank r's shard is a contiguous run of the flattened
+    parameter, after those of ranks 0..r-1 (uneven: a 97-row embedding splits 49 / 48)."""
+    from torch.distributed.tensor import Shard
+
+    for p in params:
+        placements = getattr(p, "placements", (Shard(0),))
+        if any(type(x) is not Shard or x.dim != 0 for x in placements):
+            raise NotImplementedError(
+                f"FSDP2 placements {placements}: islands gather and scatter Shard(0) only (issue 9)"
+            )
+    mine = torch.tensor([held(p).numel() for p in params], dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(group.size())]
+    group.allgather([every], [mine]).wait()
+    return [row.tolist() for row in every]
+
+
+def join_shards(parts: list[torch.Tensor], sizes: list[list[int]]) -> torch.Tensor:
+    """The flat vector of the full parameters (the order `flat` gives the unsharded model) from
+    each rank's flat shards (`flat` of what it holds); the inverse of `split_shards`."""
+    pieces, offsets = [], [0] * len(parts)
+    for i in range(len(sizes[0])):
+        for r, part in enumerate(parts):
+            pieces.append(part[offsets[r] : offsets[r] + sizes[r][i]])
+            offsets[r] += sizes[r][i]
+    return torch.cat(pieces)
+
+
+def split_shards(vector: torch.Tensor, sizes: list[list[int]]) -> list[torch.Tensor]:
+    """Each rank's flat shards of the full parameters' flat `vector`."""
+    parts: list[list[torch.Tensor]] = [[] for _ in sizes]
+    offset = 0
+    for i in range(len(sizes[0])):
+        for r, row in enumerate(sizes):
+            parts[r].append(vector[offset : offset + row[i]])
+            offset += row[i]
+    return [torch.cat(part) for part in parts]
+
+
+def gather_shards(
+    group: dist.ProcessGroup, part: torch.Tensor, sizes: list[list[int]]
+) -> torch.Tensor | None:
+    """The full flat vector on local rank 0 of `group` (None elsewhere) from every rank's flat
+    shards `part` (fp32 CPU); padded to the longest, as gloo gathers equal sizes."""
+    longest = max(sum(row) for row in sizes)
+    padded = torch.zeros(longest)
+    padded[: part.numel()] = part
+    root = group.rank() == 0
+    received = [[torch.empty(longest) for _ in sizes]] if root else []
+    options = dist.GatherOptions()
+    options.rootRank = 0
+    group.gather(received, [padded], options).wait()
+    if not root:
+        return None
+    return join_shards([x[: sum(row)] for x, row in zip(received[0], sizes, strict=True)], sizes)
+
+
+def scatter_shards(
+    group: dist.ProcessGroup, vector: torch.Tensor | None, sizes: list[list[int]]
+) -> torch.Tensor:
+    """This rank's flat shards of the full flat `vector` that local rank 0 of `group` holds
+    (the others pass None): each rank receives its own part only."""
+    longest = max(sum(row) for row in sizes)
+    mine = torch.empty(longest)
+    sent = []
+    if group.rank() == 0:
+        padded = [torch.zeros(longest) for _ in sizes]
+        for x, part in zip(padded, split_shards(vector, sizes), strict=True):
+            x[: part.numel()] = part
+        sent = [padded]
+    options = dist.ScatterOptions()
+    options.rootRank = 0
+    group.scatter([mine], sent, options).wait()
+    return mine[: sum(sizes[group.rank()])]
+
+
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 

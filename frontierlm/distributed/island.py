@@ -120,9 +120,10 @@ def join_async_island(
     device: torch.device,
     timeout: timedelta,
 ) -> dist.ProcessGroup | None:
-    """An asynchronous island of several processes: its own default process group (DDP runs on
-    it) and a gloo group over which local rank 0 hands the others what it pulled, both under
-    this start's generation. Returns the gloo group (None for an island of one process)."""
+    """An asynchronous island of several processes: its own default process group (DDP or FSDP2
+    runs on it) and a gloo group over which local rank 0 hands the others what it pulled (and
+    under FSDP2 gathers their shards' pseudo-gradients), both under this start's generation.
+    Returns the gloo group (None for an island of one process)."""
     if processes == 1:
         return None
     generation = island_generation(store, island, rank)

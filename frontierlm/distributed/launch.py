@@ -58,12 +58,6 @@ def _check(cfg) -> None:
         )
     if loop.mixture:
         raise NotImplementedError("pretrain.mixture with diloco is not built yet (issue 9)")
-    if d.mode == "async" and k > 1 and cfg.run.parallel != "ddp":
-        raise NotImplementedError(
-            f"diloco.mode = 'async' with diloco.processes_per_island={k} and run.parallel = "
-            f"'{cfg.run.parallel}' (FSDP2) is not built yet (issue 9): asynchronous islands of "
-            "several processes run DDP inside; set run.parallel = 'ddp'"
-        )
     if loop.batch_size % (d.islands * k):
         raise ValueError(
             f"pretrain.batch_size={loop.batch_size} does not divide by diloco.islands="

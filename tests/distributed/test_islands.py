@@ -64,6 +64,15 @@ def spawn(k: int, job, *args) -> None:
             pytest.fail(f"{ISLANDS} x {k} processes did not finish within {TIMEOUT_S} s")
 
 
+def full_state(model) -> dict:
+    """The model's weights, whole: under FSDP2 the island's processes gather the shards (a
+    collective: every process of the island calls it at the same point)."""
+    state = model.state_dict()
+    if any(hasattr(v, "full_tensor") for v in state.values()):
+        state = {name: v.full_tensor() for name, v in state.items()}
+    return state
+
+
 def island_setup(island: int):
     """The loop, a fresh model and the task of one island, as island.py builds them: island i
     owns batches i, i + M, ...; the training loop splits each by rank."""
@@ -97,10 +106,7 @@ def _island_job(
                       island_group=island_group)  # fmt: skip
     train(model, loop, task, out / str(island), torch.device("cpu"), RunConfig(parallel=parallel),
           export=False, outer=sync)  # fmt: skip
-    state = model.state_dict()
-    if any(hasattr(v, "full_tensor") for v in state.values()):  # FSDP2: gather the shards
-        state = {name: v.full_tensor() for name, v in state.items()}
-    torch.save(state, out / f"weights{island}.{rank}.pt")
+    torch.save(full_state(model), out / f"weights{island}.{rank}.pt")
     if rank == 0:
         (out / f"ledger{island}.json").write_text(json.dumps(sync.ledger.record()))
 
@@ -216,14 +222,10 @@ def test_island_config_errors_name_the_keys() -> None:
         _check(cfg)
     _check(load_config(recipe, ["--pretrain.batch_size=16", "--diloco.islands=2",
                                 "--diloco.processes_per_island=4"]))  # fmt: skip
-    async_two = ["--diloco.processes_per_island=2", "--diloco.mode=async"]
-    cfg = load_config(recipe, ["--pretrain.batch_size=16", "--diloco.islands=2", *async_two])
-    with pytest.raises(
-        NotImplementedError, match=r"processes_per_island=2 .*issue 9.*run\.parallel = 'ddp'"
-    ):
-        _check(cfg)  # run.parallel = "auto" is FSDP2, which async islands do not run yet
-    _check(load_config(recipe, ["--pretrain.batch_size=16", "--diloco.islands=2", *async_two,
-                                "--run.parallel=ddp"]))  # fmt: skip
+    async_two = ["--pretrain.batch_size=16", "--diloco.islands=2",
+                 "--diloco.processes_per_island=2", "--diloco.mode=async"]  # fmt: skip
+    for parallel in ("auto", "fsdp", "ddp"):  # "auto" is FSDP2: async islands run either
+        _check(load_config(recipe, [*async_two, f"--run.parallel={parallel}"]))
 
 
 def test_islands_are_started_by_the_launcher_not_torchrun_and_fingerprint(
@@ -255,10 +257,26 @@ def test_islands_are_started_by_the_launcher_not_torchrun_and_fingerprint(
 # ----------------------------------------------------------------------------- async islands
 
 
+def wait_turn(store, outer, key: str) -> None:
+    """Local rank 0 waits for `key`, keeping its island's heartbeat, so none is dropped."""
+    while not store.check([key]):
+        outer._beat()
+        time.sleep(0.01)
+
+
 def _async_worker(
-    index: int, port: int, k: int, island: int, out: Path, kill_at: int | None
+    index: int,
+    port: int,
+    k: int,
+    island: int,
+    out: Path,
+    kill_at: int | None,
+    parallel: str,
+    in_turn: bool,
 ) -> None:
-    """Local rank `index` of asynchronous `island`, as island.py runs it."""
+    """Local rank `index` of asynchronous `island`, as island.py runs it. `in_turn`: the islands
+    start and then exchange in a fixed order (island 0, 1, 0, 1, ...), so the coordinator
+    applies the same contributions in the same order every run, and two runs can be compared."""
     import os
     import signal
 
@@ -278,26 +296,49 @@ def _async_worker(
     outer = AsyncIsland(store, island, NO_WAN, inner_steps=2, total_steps=STEPS,
                         tokens_per_step=batch * 16, codec=Codec(),
                         island_group=island_group)  # fmt: skip
-    after_step = outer.after_step
+    start, after_step = outer.start, outer.after_step
+
+    def in_turn_start(model, step: int) -> int:
+        # Turn t: island t's start (t < M), then exchange s of island i at turn M s + i.
+        if in_turn and rank == 0 and island > 0:
+            wait_turn(store, outer, f"turn/{island}")
+        first = start(model, step)
+        if in_turn and rank == 0:
+            store.set(f"turn/{island + 1}", "1")
+        return first
 
     def dying_after_step(step: int, model) -> dict[str, float]:
         if step == kill_at and rank == k - 1:  # SIGKILL, as a machine that vanishes
             os.kill(os.getpid(), signal.SIGKILL)
+        turn = ISLANDS * (step // 2) + island if in_turn and rank == 0 and step % 2 == 0 else 0
+        if turn:
+            wait_turn(store, outer, f"turn/{turn}")
         record = after_step(step, model)
-        torch.save(model.state_dict(), out / f"step{step}.{island}.{rank}.pt")
+        if turn:
+            store.set(f"turn/{turn + 1}", "1")
+        torch.save(full_state(model), out / f"step{step}.{island}.{rank}.pt")
         return record
 
-    outer.after_step = dying_after_step
-    train(model, loop, task, out / str(island), torch.device("cpu"), RunConfig(parallel="ddp"),
-          export=False, outer=outer)  # fmt: skip
-    torch.save(model.state_dict(), out / f"weights{island}.{rank}.pt")
+    outer.start, outer.after_step = in_turn_start, dying_after_step
+    train(model, loop, task, out / str(island), torch.device("cpu"),
+          RunConfig(parallel=parallel), export=False, outer=outer)  # fmt: skip
+    torch.save(full_state(model), out / f"weights{island}.{rank}.pt")
     shutdown_distributed()
 
 
-def start_island(port: int, k: int, island: int, out: Path, kill_at: int | None = None):
+def start_island(
+    port: int,
+    k: int,
+    island: int,
+    out: Path,
+    kill_at: int | None = None,
+    parallel: str = "ddp",
+    in_turn: bool = False,
+):
     multiprocessing.set_forkserver_preload(PRELOAD)
-    return mp.start_processes(_async_worker, args=(port, k, island, out, kill_at), nprocs=k,
-                              join=False, start_method="forkserver")  # fmt: skip
+    return mp.start_processes(_async_worker, args=(port, k, island, out, kill_at, parallel,
+                                                   in_turn),
+                              nprocs=k, join=False, start_method="forkserver")  # fmt: skip
 
 
 def wait_for(context, what: str, deadline: float) -> None:
@@ -310,10 +351,13 @@ def wait_for(context, what: str, deadline: float) -> None:
         time.sleep(0.2)
 
 
-def async_run(out: Path, k: int, kill: bool) -> tuple[object, list[dict]]:
-    """2 asynchronous islands of k DDP processes, equal speeds, H = 2; with `kill`, local rank
-    k - 1 of island 1 is SIGKILLed at step 3 and, once the coordinator has dropped the island,
-    all of island 1's processes are restarted by hand. Returns the coordinator and its events."""
+def async_run(
+    out: Path, k: int, kill: bool, parallel: str = "ddp", in_turn: bool = False
+) -> tuple[object, list[dict]]:
+    """2 asynchronous islands of k processes (`parallel` inside), equal speeds, H = 2; with
+    `kill`, local rank k - 1 of island 1 is SIGKILLed at step 3 and, once the coordinator has
+    dropped the island, all of island 1's processes are restarted by hand; `in_turn`: the islands
+    exchange in a fixed order. Returns the coordinator and its events."""
     import threading
 
     from frontierlm.distributed.async_islands import Coordinator
@@ -326,7 +370,8 @@ def async_run(out: Path, k: int, kill: bool) -> tuple[object, list[dict]]:
     thread = threading.Thread(target=coordinator.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT_S
-    contexts = [start_island(store.port, k, i, out, 3 if kill and i == 1 else None)
+    contexts = [start_island(store.port, k, i, out, 3 if kill and i == 1 else None, parallel,
+                             in_turn)
                 for i in range(ISLANDS)]  # fmt: skip
     if kill:
         wait_for(contexts[1], "island 1 after the kill", deadline)
@@ -335,7 +380,7 @@ def async_run(out: Path, k: int, kill: bool) -> tuple[object, list[dict]]:
         while 1 not in coordinator.dropped:
             assert time.monotonic() < deadline, "island 1 was never dropped"
             time.sleep(0.1)
-        contexts[1] = start_island(store.port, k, 1, out)  # the restart by hand, every rank
+        contexts[1] = start_island(store.port, k, 1, out, parallel=parallel)  # every rank
     for i, context in enumerate(contexts):
         wait_for(context, f"island {i}", deadline)
         assert [p.exitcode for p in context.processes] == [0] * k
@@ -363,9 +408,66 @@ def test_async_islands_of_two_ddp_processes_complete_identical(tmp_path: Path) -
     assert records[-1]["pushes"] == 4 and records[-1]["exchanges"] == 4
 
 
+def test_shards_join_in_the_order_of_the_full_parameters() -> None:
+    from frontierlm.distributed.diloco import flat, join_shards, split_shards
+
+    # FSDP2's Shard(0) of 2 ranks: rows split as torch.chunk splits them (97 -> 49 / 48,
+    # 5 -> 3 / 2, a 1-row tensor -> 1 / 0).
+    params = [torch.randn(97, 3), torch.randn(5), torch.randn(1, 4)]
+    shards = [[p.chunk(2)[r] if r < len(p.chunk(2)) else p[:0] for p in params] for r in (0, 1)]
+    sizes = [[t.numel() for t in rank] for rank in shards]
+    assert sizes == [[147, 3, 4], [144, 2, 0]]
+    parts = [flat(rank) for rank in shards]
+    assert torch.equal(join_shards(parts, sizes), flat(params))
+    split = split_shards(flat(params), sizes)
+    assert all(torch.equal(a, b) for a, b in zip(split, parts, strict=True))
+
+
+def test_async_islands_of_fsdp2_processes_match_ddp_processes(tmp_path: Path) -> None:
+    """FSDP2 inside: the processes gather their shards' pseudo-gradients for rank 0's push and
+    each takes its shard of the pulled weights; with the exchanges in a fixed order the run
+    follows the same run with DDP inside."""
+    ddp, ddp_events = async_run(tmp_path / "ddp", 2, kill=False, parallel="ddp", in_turn=True)
+    fsdp, fsdp_events = async_run(tmp_path / "fsdp", 2, kill=False, parallel="fsdp", in_turn=True)
+    order = [[e["islands"] for e in events if e["event"] == "outer_step"]
+             for events in (ddp_events, fsdp_events)]  # fmt: skip
+    assert order[0] == order[1] == [[0], [1]] * 4
+    assert ddp.contributions == fsdp.contributions == {0: 4, 1: 4}
+    n = ddp.weights.numel()
+    for i in range(ISLANDS):
+        for step in (2, 5, STEPS):  # gathered, both processes of the island hold the same model
+            assert_all_identical(
+                [torch.load(tmp_path / "fsdp" / f"step{step}.{i}.{r}.pt") for r in range(2)]
+            )
+        a = MetricsLog(tmp_path / "ddp" / str(i) / "metrics.jsonl").read()
+        b = MetricsLog(tmp_path / "fsdp" / str(i) / "metrics.jsonl").read()
+        losses = [(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True)]
+        assert len(losses) == STEPS and losses[0][0] != losses[-1][0]
+        # The same data and updates; only the order of float additions differs.
+        assert max(abs(x - y) for x, y in losses) < 1e-4, losses
+        # Bytes per island: rank 0 sends the whole pseudo-gradient either way (4 pushes of the
+        # 36032 fp32 values) and receives the whole weights (the start's pull and 4 more).
+        for key in ("bytes_sent", "bytes_received", "exchanges", "pushes"):
+            assert a[-1][key] == b[-1][key], key
+        assert b[-1]["bytes_sent"] == 4 * 4 * n and b[-1]["bytes_received"] == 5 * 4 * n
+        # Each process of the island ends at the global weights of its last pull.
+        final = torch.load(tmp_path / "fsdp" / f"weights{i}.0.pt")
+        assert max_gap(final, torch.load(tmp_path / "ddp" / f"weights{i}.0.pt")) < 1e-4
+    assert (ddp.weights - fsdp.weights).abs().max() < 1e-4
+    # Island 1 pushed last and pulled after it: its shards put together are the global weights.
+    from frontierlm.distributed.diloco import flat
+
+    final = torch.load(tmp_path / "fsdp" / "weights1.1.pt")
+    assert torch.equal(flat([final[name] for name, _ in new_model().named_parameters()]),
+                       fsdp.weights)  # fmt: skip
+
+
 @pytest.mark.slow
-def test_async_island_of_two_processes_killed_and_restarted_rejoins(tmp_path: Path) -> None:
-    coordinator, events = async_run(tmp_path, 2, kill=True)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_async_island_of_two_processes_killed_and_restarted_rejoins(
+    tmp_path: Path, parallel: str
+) -> None:
+    coordinator, events = async_run(tmp_path, 2, kill=True, parallel=parallel)
     kinds = [(e["event"], e.get("island")) for e in events if e["event"] != "outer_step"]
     assert ("dropped", 1) in kinds and ("rejoined", 1) in kinds
     assert kinds.index(("dropped", 1)) < kinds.index(("rejoined", 1))
