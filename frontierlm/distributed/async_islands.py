@@ -23,6 +23,16 @@ the launcher) owns the global weights and the outer Nesterov optimizer:
     (the inner steps of its last accepted contribution), so it continues its own data stream;
     the coordinator logs it as joined and counts it in again.
 
+A killed launcher (the coordinator with it) resumes too: once an island's data position passes
+a multiple of `checkpoint_every` (and at the end), the coordinator writes its whole state
+atomically to `state_path`: the global weights and version, the outer momentum and the round
+in progress, how many contributions of each island it applied, their data positions and
+tokens, the finished islands. The rerun of the same command loads it, puts the counts and
+positions back in the new store, and starts the unfinished islands, which rejoin as a
+restarted island does: from the newest global weights, at the position of their last
+contribution in the saved state, with a fresh inner optimizer. Contributions applied after the
+save are lost with the launcher; their steps are trained again, on the same data.
+
 An island of K processes (diloco.processes_per_island) talks to the coordinator through its
 local rank 0 alone, which pushes the island's pseudo-gradient, pulls the newest global weights
 and hands the others what they need over the island's gloo group (with the version and the data
@@ -49,12 +59,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import Store
 
+from frontierlm.atomic import atomic_file
 from frontierlm.distributed.diloco import (
     flat,
     gather_shards,
@@ -138,6 +150,8 @@ class Coordinator:
     timeout_s: float = 60.0
     rejoin_wait_s: float = 0.0  # after the others finish, how long a dropped island may return
     events: MetricsLog | None = None
+    state_path: Path | None = None  # where the state is checkpointed, for a rerun to resume
+    checkpoint_every: int = 0  # save once an island's data position passes a multiple of it
     version: int = 0
     alive: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
@@ -147,6 +161,7 @@ class Coordinator:
     seen: dict[int, int] = field(default_factory=dict)
     tokens: int = 0
     contributions: dict[int, int] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)  # of each last contribution
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -155,7 +170,64 @@ class Coordinator:
         self.round_sum = torch.zeros_like(self.weights)
         self.seen = dict.fromkeys(range(self.islands), 0)
         self.contributions = dict.fromkeys(range(self.islands), 0)
+        self.positions = dict.fromkeys(range(self.islands), 0)
+        self.saved_positions = dict(self.positions)
         self._publish()
+
+    # -------------------------------------------------------------- resume
+
+    def save_state(self) -> None:
+        state = {
+            "weights": self.weights,
+            "momentum": self.momentum,
+            "round_sum": self.round_sum,
+            "round_count": self.round_count,
+            "version": self.version,
+            "seen": self.seen,
+            "contributions": self.contributions,
+            "positions": self.positions,
+            "tokens": self.tokens,
+            "finished": sorted(self.finished),
+        }
+        with atomic_file(self.state_path) as f:
+            torch.save(state, f)
+        self.saved_positions = dict(self.positions)
+
+    def load_state(self) -> None:
+        """Continue from the state a killed launcher's coordinator saved: the same weights,
+        momentum and round, and in this run's store the version, each island's count of
+        applied pushes (its next push goes on from there) and data position, as it was."""
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(
+                f"{self.state_path} holds {state['weights'].numel()} weights, the model has "
+                f"{self.weights.numel()}: not this run's state; delete it to start over"
+            )
+        delete_bytes(self.store, f"g/w/{self.version}")
+        self.weights, self.momentum = state["weights"], state["momentum"]
+        self.round_sum, self.round_count = state["round_sum"], state["round_count"]
+        self.version, self.tokens = state["version"], state["tokens"]
+        self.seen, self.contributions = state["seen"], state["contributions"]
+        self.positions, self.finished = state["positions"], set(state["finished"])
+        self.saved_positions = dict(self.positions)
+        for i in range(self.islands):
+            self.store.set(f"pushed/{i}", str(self.seen[i]))
+            self.store.set(f"pos/{i}", str(self.positions[i]))
+        self._publish()
+        if self.events is not None:  # forget outer steps the saved state does not hold
+            self.events.truncate_after(self.version, key="version")
+        self._event({"event": "resumed", "version": self.version, "positions": self.positions})
+
+    def _checkpoint_due(self) -> bool:
+        every = self.checkpoint_every
+        return (
+            self.state_path is not None
+            and every > 0
+            and any(
+                self.positions[i] // every > self.saved_positions[i] // every
+                for i in range(self.islands)
+            )
+        )
 
     def _event(self, record: dict) -> None:
         if self.events is not None:
@@ -203,6 +275,8 @@ class Coordinator:
                 self.seen[i] += 1
                 self._apply(self._take(i, self.seen[i]))
                 self.store.set(f"applied/{i}/{self.seen[i]}", str(self.version))
+        if self._checkpoint_due():
+            self.save_state()
 
     def _take(self, island: int, seq: int) -> Contribution:
         meta = json.loads(self.store.get(f"meta/{island}/{seq}"))
@@ -211,6 +285,7 @@ class Coordinator:
         n = self.weights.numel()
         vector = self.codec.decode(payload, padded_length(n, self.codec.align))[:n]
         self.store.set(f"pos/{island}", str(meta["position"]))
+        self.positions[island] = meta["position"]
         self.tokens += meta["tokens"]
         self.contributions[island] += 1
         return Contribution(island, meta["base"], meta["position"], meta["tokens"], vector)
@@ -273,6 +348,8 @@ class Coordinator:
             self._momentum_step()
             self.version += 1
             self._publish()
+        if self.state_path is not None and self.checkpoint_every:
+            self.save_state()  # a launcher killed from here on finds the run done
         self.store.set("g/final", str(self.version))
 
 
@@ -280,6 +357,8 @@ class AsyncIsland:
     """The outer loop of one decoupled island (the training loop's OuterSync). With
     `island_group` (the island's K processes, gloo), local rank 0 does the talking and the
     others receive what it pulled: all of it (DDP), or each its own shard (FSDP2)."""
+
+    checkpoint_offset = 0  # (its islands do not checkpoint: they rejoin from the coordinator)
 
     def __init__(
         self,
@@ -322,6 +401,8 @@ class AsyncIsland:
             first_step = max(step, position)
             # A restarted island continues the count of pushes under which its keys are read.
             self.pushes = _get_int(self.store, f"pushed/{self.island}")
+            if first_step >= self.total_steps:  # its last contribution is in: nothing to do
+                self.store.set(f"done/{self.island}", "1")
         self.first_step = self._share(first_step)
         self._pull()
         self.since_push = 0

@@ -32,7 +32,15 @@ writes its outer state beside it, atomically: the global weights of each fragmen
 them under FSDP2), the outer Nesterov momentum, the outer step count, the fragments' last syncs
 and the ledger. Every island holds the same global weights and momentum (they all apply the
 same mean), so each keeps its own copy and resumes from it, and the islands go on from the same
-step as if never stopped. Only at steps with no exchange in flight (diloco.overlap = 0).
+step as if never stopped.
+
+That state is whole only at a step with no exchange in flight. With overlap > 0 the exchange
+launched at a multiple of H (the last fragment's, whose offset is 0) lands `overlap` steps
+later, so checkpoints are taken then (`checkpoint_offset`): at step kH + overlap the exchange
+launched at kH has just been applied, every earlier one was applied before kH (consecutive
+launches are at least H // P > overlap steps apart) and the next is launched at kH + H // P.
+Nothing is in flight, the outer state is the same kind as with overlap = 0, and the run's
+arithmetic is untouched: no exchange is waited for early or applied at another step.
 """
 
 from __future__ import annotations
@@ -294,12 +302,15 @@ class DilocoSync:
         # is written at the same ones, so a checkpoint has its outer state beside it.
         self.state_dir, self.checkpoint_every = state_dir, checkpoint_every
         self.keep_states = keep_states
-        if checkpoint_every and overlap:
+        if overlap and checkpoint_every % inner_steps:
             raise ValueError(
-                f"diloco.overlap={overlap}: a killed run cannot resume with exchanges in "
-                "flight; checkpoints of islands need diloco.overlap = 0 (or "
-                "pretrain.checkpoint_every = 0)"
+                f"checkpoint_every={checkpoint_every} must be a multiple of inner_steps="
+                f"{inner_steps} with overlap={overlap}: only then is no exchange in flight "
+                "at the steps checkpoints are taken"
             )
+        # The loop checkpoints (and the outer state is written) `overlap` steps past each
+        # multiple of checkpoint_every, once the exchange launched there has been applied.
+        self.checkpoint_offset = overlap
 
     # -------------------------------------------------------------- the loop's hooks
 
@@ -356,6 +367,8 @@ class DilocoSync:
             self.global_log.truncate_after(step)
 
     def _save_state(self, step: int) -> None:
+        if self.in_flight:  # cannot happen at a checkpoint step: see the module's docstring
+            raise RuntimeError(f"island {self.island}: an exchange is in flight at step {step}")
         state = {
             "global_weights": [[w.cpu() for w in frag] for frag in self.global_weights],
             "outer": [outer.state_dict() for outer in self.outer],
@@ -386,8 +399,12 @@ class DilocoSync:
                     self._apply(job)
         if final:
             self.executor.shutdown(wait=True)
-        every = self.checkpoint_every
-        if self.state_dir is not None and every and (step % every == 0 or final):
+        every, offset = self.checkpoint_every, self.checkpoint_offset
+        if (
+            self.state_dir is not None
+            and every
+            and ((step > offset and (step - offset) % every == 0) or final)
+        ):
             self._save_state(step)  # before the loop's checkpoint of the same step
         self.mark = time.perf_counter()
         return {"outer_step": self.outer_steps, **self.ledger.record()}

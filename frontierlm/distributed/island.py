@@ -143,11 +143,11 @@ def island_timeout(cfg: RecipeConfig) -> timedelta:
 
 def checkpoint_every(cfg: RecipeConfig) -> int:
     """Synchronous islands checkpoint (and so resume) at the first multiple of
-    diloco.inner_steps at or past every pretrain.checkpoint_every steps; not at all with
-    exchanges that overlap the inner steps (diloco.overlap > 0), nor in async mode, whose
-    islands rejoin from the coordinator's state instead."""
+    diloco.inner_steps at or past every pretrain.checkpoint_every steps, plus diloco.overlap
+    steps (when the exchange launched at that multiple has landed; see diloco.py); not in async
+    mode, whose islands rejoin from the coordinator's state instead."""
     d, every = cfg.diloco, cfg.pretrain.checkpoint_every
-    if d.mode != "sync" or d.overlap or not every:
+    if d.mode != "sync" or not every:
         return 0
     return -(-every // d.inner_steps) * d.inner_steps
 

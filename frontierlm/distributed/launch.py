@@ -8,8 +8,10 @@ in async mode runs the coordinator that owns the global weights. Synchronous isl
 other: one that fails ends the run; rerun the same command and the islands resume from the last
 step at which all of them checkpointed (island checkpoints and outer states, see diloco.py).
 Asynchronous islands do not: one that dies is dropped and the run goes on; restarted by hand
-(the command is printed), it rejoins. At the end the launcher evaluates the global model on
-the held-out windows and writes it to `model/` like the pretrain stage.
+(the command is printed), it rejoins. A killed asynchronous launcher resumes from the state its
+coordinator saved (`coordinator.pt`, see async_islands.py) when the same command is rerun. At
+the end the launcher evaluates the global model on the held-out windows and writes it to
+`model/` like the pretrain stage.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def resume_step(work_dir: Path, islands: int, processes: int) -> int:
     return step
 
 
+COORDINATOR_STATE = "coordinator.pt"
+
+
 def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     cfg, work_dir = ctx.cfg, ctx.work_dir
     d = cfg.diloco
@@ -104,11 +109,15 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(ctx.path("tokenizer"))
     model = Transformer(cfg.model, tok.get_vocab_size())
-    resumed = resume_step(work_dir, d.islands, d.processes_per_island) if d.mode == "sync" else 0
-    if resumed:
-        console.print(f"[yellow]diloco: resuming every island from step {resumed}")
-    else:  # a rerun starts over: nothing any island wrote counts
-        for name in ("diloco.jsonl", "events.jsonl"):
+    state = work_dir / COORDINATOR_STATE
+    if d.mode == "sync":
+        resumed = resume_step(work_dir, d.islands, d.processes_per_island)
+        if resumed:
+            console.print(f"[yellow]diloco: resuming every island from step {resumed}")
+    else:
+        resumed = state.is_file()
+    if not resumed:  # a rerun starts over: nothing any island wrote counts
+        for name in ("diloco.jsonl", "events.jsonl", COORDINATOR_STATE):
             (work_dir / name).unlink(missing_ok=True)
         for i in range(d.islands):
             for part in ("checkpoints", "outer"):
@@ -126,7 +135,15 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
             timeout_s=d.timeout_s,
             rejoin_wait_s=d.rejoin_wait_s,
             events=MetricsLog(work_dir / "events.jsonl"),
+            state_path=state,
+            checkpoint_every=cfg.pretrain.checkpoint_every,
         )
+        if resumed:
+            coordinator.load_state()
+            console.print(
+                f"[yellow]diloco: resuming the coordinator from version {coordinator.version}, "
+                f"islands at steps {list(coordinator.positions.values())}"
+            )
         thread = threading.Thread(target=coordinator.run, name="diloco-coordinator", daemon=True)
         thread.start()
     processes: dict[int, list[subprocess.Popen]] = {}
@@ -137,6 +154,8 @@ def run_diloco_stage(ctx: StageContext) -> dict[str, float]:
             (island_dir / "metrics.jsonl").unlink(missing_ok=True)
             (island_dir / "events.jsonl").unlink(missing_ok=True)
         processes[i] = []
+        if coordinator is not None and i in coordinator.finished:
+            continue  # finished before the launcher was killed
         for rank in range(d.processes_per_island):
             # A resumed island's log goes on; a fresh run's starts empty.
             name = "log.txt" if rank == 0 else f"log.{rank}.txt"

@@ -76,7 +76,11 @@ class OuterSync(Protocol):
     """An outer loop around the inner steps (DiLoCo islands, frontierlm/distributed/): `start`
     adopts the shared starting point and returns the step to start from (an island that joins
     late starts at the data position it owns); `after_step` runs after every optimizer step,
-    before that step's evaluation, and returns numbers for its metrics record."""
+    before that step's evaluation, and returns numbers for its metrics record. The loop
+    checkpoints `checkpoint_offset` steps past each multiple of checkpoint_every: the steps at
+    which the outer loop's own state is whole (no exchange in flight)."""
+
+    checkpoint_offset: int
 
     def start(self, model: nn.Module, step: int) -> int: ...
 
@@ -296,7 +300,8 @@ def train(
                 speed += f" MFU {record['mfu']:.1%}"
             bar.update(job, completed=done, info=f"loss {totals['loss']:.4f} {speed}")
             every = cfg.checkpoint_every
-            if every and (done % every == 0 or done == cfg.steps):
+            offset = outer.checkpoint_offset if outer is not None else 0
+            if every and ((done > offset and (done - offset) % every == 0) or done == cfg.steps):
                 extra = {"task": task.name, "data_offset": data_offset}
                 # With offload, local pruning waits for each upload (the offloader prunes).
                 keep = cfg.keep_checkpoints if offloader is None else 1 << 30

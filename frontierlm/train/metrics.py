@@ -15,11 +15,12 @@ class MetricsLog:
         self.path = path
         self.writer = writer
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, forget records from steps the checkpoint does not contain."""
+    def truncate_after(self, step: int, key: str = "step") -> None:
+        """On resume, forget records from steps the checkpoint does not contain (records
+        counted by another `key`, such as an outer version, likewise; those without it stay)."""
         if not self.writer or not self.path.exists():
             return
-        kept = [line for line in self.read() if line.get("step", -1) <= step]
+        kept = [line for line in self.read() if line.get(key, -1) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)

@@ -18,7 +18,12 @@ import torch.multiprocessing as mp
 from torch.distributed import PrefixStore, TCPStore
 
 from frontierlm.config import PretrainConfig, RunConfig
-from frontierlm.distributed.async_islands import Coordinator, put_bytes, staleness_weight
+from frontierlm.distributed.async_islands import (
+    Coordinator,
+    get_bytes,
+    put_bytes,
+    staleness_weight,
+)
 from frontierlm.distributed.diloco import DilocoSync, fragment_offsets, split_fragments
 from frontierlm.distributed.quantize import CODECS, Codec
 from frontierlm.distributed.wan import Link, Wan
@@ -213,23 +218,29 @@ def test_islands_train_the_real_loop_and_end_identical(
 # ----------------------------------------------------------------------------- resume
 
 
-def _resume_job(island: int, group, out: Path, kill_at: int | None) -> None:
-    """As island.py runs a synchronous island: checkpoints every 2 steps (H = 2) with the
-    outer state beside them; SIGKILLed at step `kill_at`, as a crashed machine."""
+def _resume_job(
+    island: int, group, out: Path, kill_at: int | None, streaming: tuple[int, int] = (1, 0)
+) -> None:
+    """As island.py runs a synchronous island: checkpoints every H steps (`overlap` past each
+    multiple of H) with the outer state beside them; SIGKILLed at step `kill_at`, as a crashed
+    machine. DiLoCo: 8 steps, H = 2; Streaming (fragments, overlap): 12 steps, H = 4."""
     import os
     import signal
 
     from frontierlm.train.loop import TrainTask, train
 
-    loop = PretrainConfig(steps=8, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
-    loop = loop.model_copy(update={"eval_every": 8, "checkpoint_every": 2})
+    fragments, overlap = streaming
+    steps, h = (12, 4) if fragments > 1 else (8, 2)
+    loop = PretrainConfig(steps=steps, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1)
+    loop = loop.model_copy(update={"eval_every": steps, "checkpoint_every": h})
     model = new_model()
     base = make_task(loop)
     task = TrainTask("island", lambda i: base.batch(2 * i + island), base.loss, base.evaluate)
     island_dir = out / "islands" / str(island)
-    sync = DilocoSync(group, island, NO_WAN, inner_steps=2, total_steps=8,
+    sync = DilocoSync(group, island, NO_WAN, inner_steps=h, total_steps=steps,
+                      fragments=fragments, overlap=overlap,
                       global_log=MetricsLog(out / "diloco.jsonl") if island == 0 else None,
-                      state_dir=island_dir / "outer", checkpoint_every=2)  # fmt: skip
+                      state_dir=island_dir / "outer", checkpoint_every=h)  # fmt: skip
     after_step = sync.after_step
 
     def dying_after_step(step: int, model) -> dict[str, float]:
@@ -257,17 +268,30 @@ def spawn_killed(job, *args) -> list[int]:
     return [p.exitcode for p in context.processes]
 
 
+@pytest.mark.parametrize(
+    ("streaming", "kill_at", "resumed", "exchanges"),
+    [
+        # DiLoCo (H = 2): killed at step 5, after its 2nd outer sync (steps 2 and 4) and the
+        # checkpoint of step 4.
+        ((1, 0), 5, 4, 4),
+        # Streaming DiLoCo, 2 fragments synced at steps 2 mod 4 and 0 mod 4, each exchange
+        # applied a step later: the checkpoint comes at step 5, once the exchange launched at 4
+        # has landed; killed at step 7 with the exchange launched at 6 in flight. 7 exchanges:
+        # at 2, 4, 6, 8, 10, 12 and the final flush of fragment 0's steps 11-12.
+        ((2, 1), 7, 5, 7),
+    ],
+)
 def test_killed_sync_run_resumes_at_its_last_outer_step_and_ends_as_uninterrupted(
-    tmp_path: Path,
+    tmp_path: Path, streaming: tuple[int, int], kill_at: int, resumed: int, exchanges: int
 ) -> None:
     from frontierlm.distributed.launch import resume_step
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    spawn(_resume_job, whole, None)
-    # Killed at step 5: after its 2nd outer sync (steps 2 and 4) and the checkpoint of step 4.
-    assert spawn_killed(_resume_job, killed, 5) == [-9, -9]
-    assert resume_step(killed, ISLANDS, 1) == 4  # what the launcher finds on the rerun
-    spawn(_resume_job, killed, None)
+    spawn(_resume_job, whole, None, streaming)
+    assert spawn_killed(_resume_job, killed, kill_at, streaming) == [-9, -9]
+    assert resume_step(killed, ISLANDS, 1) == resumed  # what the launcher finds on the rerun
+    spawn(_resume_job, killed, None, streaming)
+    steps = 12 if streaming[0] > 1 else 8
     for i in range(ISLANDS):
         a, b = (torch.load(run / f"weights{i}.pt") for run in (whole, killed))
         # The same data, inner and outer state: fp32 on CPU, bit for bit.
@@ -275,13 +299,15 @@ def test_killed_sync_run_resumes_at_its_last_outer_step_and_ends_as_uninterrupte
         assert all(torch.equal(a[k], b[k]) for k in a)
         records = [MetricsLog(run / "islands" / str(i) / "metrics.jsonl").read()
                    for run in (whole, killed)]  # fmt: skip
-        assert [r["step"] for r in records[1]] == list(range(1, 9))  # cut at 4, then 5-8
+        # Cut at the resumed step, then on to the end: each step once.
+        assert [r["step"] for r in records[1]] == list(range(1, steps + 1))
         assert [r["loss"] for r in records[0]] == [r["loss"] for r in records[1]]
         # The ledger goes on from the checkpoint: the same exchanges and bytes in all.
-        assert records[1][-1]["exchanges"] == records[0][-1]["exchanges"] == 4
+        assert records[1][-1]["exchanges"] == records[0][-1]["exchanges"] == exchanges
         assert records[1][-1]["bytes_sent"] == records[0][-1]["bytes_sent"]
     outer_steps = [r["outer_step"] for r in MetricsLog(killed / "diloco.jsonl").read()]
-    assert outer_steps == [1, 2, 3, 4]  # the log cut at step 4 too, no outer step twice
+    # The log cut at the resumed step too, no outer step twice.
+    assert outer_steps == list(range(1, exchanges + 1))
 
 
 def test_resume_step_is_the_last_one_every_island_holds_whole(tmp_path: Path) -> None:
@@ -401,6 +427,79 @@ def test_a_silent_island_is_dropped_and_a_returning_one_rejoins(tmp_path: Path) 
     ]
 
 
+def _coordinate(store, coordinator: Coordinator, pushes: list[tuple], upto: int) -> None:
+    """Hand `coordinator` pushes[:upto] one poll at a time, as islands taking turns would."""
+    for i in range(2):
+        store.set(f"hb/{i}", str(time.time()))
+    for island, seq, base, delta, position in pushes[:upto]:
+        _push(store, island, seq, base, delta, position)
+        coordinator.poll()
+
+
+def test_a_killed_coordinator_resumes_from_its_saved_state(tmp_path: Path) -> None:
+    """A killed launcher's rerun: the coordinator saved its state once an island passed a
+    multiple of checkpoint_every; a new one in a new store loads it, the islands push again
+    from their saved positions, and the run ends bit for bit as if never stopped."""
+    torch.manual_seed(0)
+    # Two islands taking turns, pushing every 2 and 3 steps; island 1 a version behind (its
+    # bases lag), so staleness weights differ from 1.
+    pushes, version = [], 0
+    for seq in range(1, 5):
+        for island in (0, 1):
+            base = max(0, version - island)
+            pushes.append((island, seq, base, torch.randn(10), (2 + island) * seq))
+            version += 1
+
+    def coordinator(store, run: str) -> Coordinator:
+        return Coordinator(store, torch.zeros(10), 2, Codec(), staleness_power=0.5,
+                           events=MetricsLog(tmp_path / run / "events.jsonl"),
+                           state_path=tmp_path / run / "coordinator.pt",
+                           checkpoint_every=5)  # fmt: skip
+
+    def finish(store, c: Coordinator) -> None:
+        store.set("done/0", "1")
+        store.set("done/1", "1")
+        c.run(poll_s=0.0)
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "killed").mkdir()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    whole = coordinator(store, "whole")
+    _coordinate(store, whole, pushes, len(pushes))
+    finish(store, whole)
+    # Killed after 6 contributions: the state saved when island 0 passed step 5 (version 5,
+    # halfway through a round of momentum) holds the first 5; island 1's push from step 9 is
+    # lost with the launcher.
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    killed = coordinator(store, "killed")
+    _coordinate(store, killed, pushes, 6)
+    assert killed.version == 6
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rerun = coordinator(store, "killed")
+    rerun.load_state()
+    assert rerun.version == 5 and rerun.positions == {0: 6, 1: 6} and rerun.round_count == 1
+    assert store.get("g/version") == b"5" and store.get("pos/1") == b"6"
+    global_weights = torch.frombuffer(bytearray(get_bytes(store, "g/w/5")), dtype=torch.float32)
+    assert torch.equal(global_weights, rerun.weights)  # what a rejoining island pulls
+    assert store.add("pushed/1", 0) == 2  # island 1's next push is its 3rd
+    _coordinate(store, rerun, pushes[5:], len(pushes) - 5)  # from step 6 on, again
+    finish(store, rerun)
+    assert torch.equal(rerun.weights, whole.weights)
+    assert torch.equal(rerun.momentum, whole.momentum)
+    assert (rerun.version, rerun.tokens, rerun.contributions, rerun.positions) == (
+        whole.version, whole.tokens, whole.contributions, whole.positions
+    )  # fmt: skip
+    # The events cut at version 5: every outer step once, then the rerun's "resumed".
+    events = [MetricsLog(tmp_path / run / "events.jsonl").read() for run in ("whole", "killed")]
+    versions = [[e["version"] for e in log if e["event"] == "outer_step"] for log in events]
+    assert versions[0] == versions[1] == list(range(1, 9))
+    assert [e["version"] for e in events[1] if e["event"] == "resumed"] == [5]
+    # The saved state at the end holds the finished run: a rerun would find nothing to do.
+    done = coordinator(TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False), "whole")
+    done.load_state()
+    assert done.finished == {0, 1} and torch.equal(done.weights, whole.weights)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -443,10 +542,18 @@ def test_loss_vs_bytes_points_and_plot(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("streaming", "checkpoint"),
+    # Streaming DiLoCo (2 fragments, overlap 1) checkpoints a step past each multiple of 10.
+    [([], 20), (["--diloco.fragments=2", "--diloco.overlap=1", "--diloco.codec=int8"], 21)],
+)
+def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(
+    tmp_path: Path, streaming: list[str], checkpoint: int
+) -> None:
     """The launcher's path: `frontierlm diloco` on the micro recipe (2 islands, H = 5, 40 steps,
-    checkpoints every 10), an island SIGKILLed once both have checkpointed step 20; the rerun of
-    the same command resumes there and writes the model of an uninterrupted run."""
+    checkpoints every 10), an island SIGKILLed once both have checkpointed step 20 (21 with
+    Streaming DiLoCo); the rerun of the same command resumes there and writes the model of an
+    uninterrupted run."""
     import os
     import shutil
     import signal
@@ -458,7 +565,7 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path:
     recipe = str(root / "recipes" / "micro.toml")
     args = [f"--run.out_dir={tmp_path}", "--diloco.islands=2", "--diloco.inner_steps=5",
             "--pretrain.steps=40", "--pretrain.checkpoint_every=10",
-            "--run.device=cpu"]  # fmt: skip
+            "--run.device=cpu", *streaming]  # fmt: skip
 
     def cli(*extra: str) -> list[str]:
         return [sys.executable, "-m", "frontierlm.cli", *extra, recipe, *args]
@@ -473,10 +580,11 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path:
     work = tmp_path / "killed" / "diloco.partial"
     launcher = subprocess.Popen(cli("diloco", "--run.name=killed"), cwd=root,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoints = [work / "islands" / str(i) / "checkpoints" / "step_0000020" for i in (0, 1)]
+    checkpoints = [work / "islands" / str(i) / "checkpoints" / f"step_{checkpoint:07d}"
+                   for i in (0, 1)]  # fmt: skip
     deadline = time.monotonic() + 300
     while not all(c.is_dir() for c in checkpoints):
-        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint at 20"
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint yet"
         time.sleep(0.05)
     os.kill(int((work / "islands" / "1" / "pid").read_text()), signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0  # synchronous islands stop together
@@ -492,3 +600,68 @@ def test_frontierlm_diloco_killed_then_rerun_resumes_to_the_same_model(tmp_path:
                for n in ("whole", "killed")]  # fmt: skip
     assert metrics[0]["val_bpb"] == pytest.approx(metrics[1]["val_bpb"], abs=1e-6)
     assert metrics[0]["bytes_sent"] == metrics[1]["bytes_sent"]  # the ledgers resumed too
+
+
+@pytest.mark.slow
+def test_frontierlm_diloco_async_launcher_killed_then_rerun_resumes(tmp_path: Path) -> None:
+    """A killed asynchronous launcher (coordinator and islands SIGKILLed together, as a lost
+    machine) on the micro recipe (2 islands, H = 5, 40 steps each, coordinator state saved as
+    islands pass multiples of 10): the rerun of the same command resumes from the saved
+    version, each island from its saved position, and each step's tokens count once."""
+    import os
+    import signal
+    import subprocess
+
+    from frontierlm.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = root / "recipes" / "micro.toml"
+    args = [f"--run.out_dir={tmp_path}", "--diloco.islands=2", "--diloco.inner_steps=5",
+            "--pretrain.steps=40", "--pretrain.checkpoint_every=10", "--diloco.mode=async",
+            "--run.device=cpu"]  # fmt: skip
+
+    def cli(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "frontierlm.cli", *extra, str(recipe), *args]
+
+    for stage in ("data", "tokenizer", "tokenize"):
+        subprocess.run(cli(stage), cwd=root, check=True, capture_output=True, timeout=300)
+    work = tmp_path / "micro" / "diloco.partial"
+    launcher = subprocess.Popen(cli("diloco"), cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+    state, saved = work / "coordinator.pt", None
+    deadline = time.monotonic() + 300
+    while saved is None or min(saved["positions"].values()) < 20:
+        assert launcher.poll() is None and time.monotonic() < deadline, "no state at step 20"
+        time.sleep(0.05)
+        if state.is_file():
+            saved = torch.load(state, weights_only=True)
+    for pid in [launcher.pid] + [
+        int((work / "islands" / str(i) / "pid").read_text()) for i in (0, 1)
+    ]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    again = subprocess.run(cli("diloco"), cwd=root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the coordinator from version" in again.stdout + again.stderr
+    final = tmp_path / "micro" / "diloco"
+    events = MetricsLog(final / "events.jsonl").read()
+    resumed = [e["version"] for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0] >= saved["version"]
+    # Every outer step once: those up to the saved state, then the rerun's.
+    versions = [e["version"] for e in events if e["event"] == "outer_step"]
+    assert versions == list(range(1, len(versions) + 1))
+    positions = next(e for e in events if e["event"] == "resumed")["positions"]
+    for i in (0, 1):  # each island's log cut at its resumed position: every step once
+        log = MetricsLog(final / "islands" / str(i) / "metrics.jsonl").read()
+        steps = [r["step"] for r in log]
+        assert steps == sorted(set(steps))
+        # Only the record of the step whose contribution was saved can be missing: the kill
+        # may fall between the push and the loop's record of it, never trained twice.
+        assert set(range(1, 41)) - set(steps) <= {positions[str(i)]}, (steps, positions)
+    metrics = json.loads((final / "stage.json").read_text())["metrics"]
+    loop = load_config(recipe, args).pretrain
+    # The lost contributions' steps were trained again and counted once.
+    assert metrics["contributed_tokens"] == 40 * loop.batch_size * loop.seq_len * loop.grad_accum
+    # Each island's 8 contributions (one per H = 5 steps) applied once: 16 outer steps, the
+    # last round whole (no partial round's momentum step at the end).
+    assert metrics["outer_steps"] == 16
