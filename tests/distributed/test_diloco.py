@@ -30,7 +30,7 @@ from frontierlm.distributed.wan import Link, Wan
 from frontierlm.train.metrics import MetricsLog
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
-from loop_tasks import make_task, new_model
+from loop_tasks import fake_upstream, join_within, make_task, new_model
 
 ISLANDS = 2
 TIMEOUT_S = 120
@@ -53,12 +53,7 @@ def spawn(job, *args) -> None:
     context = mp.start_processes(
         _worker, args=(store.port, job, args), nprocs=ISLANDS, join=False, start_method="forkserver"
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {ISLANDS} islands did not finish within {TIMEOUT_S} s (a hang?)")
+    join_within(context, TIMEOUT_S, f"the {ISLANDS} islands")
 
 
 NO_WAN = Wan((Link(), Link()), (1.0, 1.0))
@@ -513,9 +508,7 @@ def test_diloco_config_errors_name_the_key_and_fingerprints(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"diloco\.overlap=25 must be below"):
         load_config(recipe, ["--diloco.fragments=2", "--diloco.overlap=25"])
     assert '"mode"' not in load_config(recipe).section_json("pretrain")  # old hashes stay
-    for dep in ("tokenizer", "tokenize"):
-        (tmp_path / "quickstart" / dep).mkdir(parents=True)
-        (tmp_path / "quickstart" / dep / "stage.json").write_text('{"fingerprint": "x"}')
+    fake_upstream(tmp_path / "quickstart")
 
     def pretrain_fingerprint(*overrides: str) -> str:
         cfg = load_config(recipe, [f"--run.out_dir={tmp_path}", *overrides])

@@ -24,7 +24,7 @@ from frontierlm.distributed.wan import Link, Wan
 from frontierlm.train.metrics import MetricsLog
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "train"))
-from loop_tasks import make_task, new_model
+from loop_tasks import fake_upstream, join_within, make_task, new_model
 
 ISLANDS = 2
 TIMEOUT_S = 180
@@ -56,12 +56,7 @@ def spawn(k: int, job, *args) -> None:
         join=False,
         start_method="forkserver",
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{ISLANDS} x {k} processes did not finish within {TIMEOUT_S} s")
+    join_within(context, TIMEOUT_S, f"{ISLANDS} x {k} processes")
 
 
 def full_state(model) -> dict:
@@ -244,9 +239,7 @@ def test_islands_are_started_by_the_launcher_not_torchrun_and_fingerprint(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"not under torchrun.*diloco\.processes_per_island"):
         _check(load_config(recipe))
-    for dep in ("tokenizer", "tokenize"):
-        (tmp_path / "quickstart" / dep).mkdir(parents=True)
-        (tmp_path / "quickstart" / dep / "stage.json").write_text('{"fingerprint": "x"}')
+    fake_upstream(tmp_path / "quickstart")
 
     def diloco_fingerprint(*overrides: str) -> str:
         cfg = load_config(recipe, [f"--run.out_dir={tmp_path}", *overrides])

@@ -11,14 +11,13 @@ import json
 import multiprocessing
 import os
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from loop_tasks import Crash, make_task, new_model
+from loop_tasks import Crash, join_within, make_task, new_model
 
 from frontierlm.config import PretrainConfig, RunConfig
 from frontierlm.train.checkpoint import is_sharded, list_checkpoints, load_model_dir
@@ -97,13 +96,7 @@ def spawn(job, *args) -> None:
     context = mp.start_processes(
         _worker, args=(port, job, args), nprocs=WORLD, join=False, start_method="forkserver"
     )
-    # A process waiting in a collective call that its peer never makes would hang the suite.
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} processes did not finish within {TIMEOUT_S} s (a hang?)")
+    join_within(context, TIMEOUT_S, f"the {WORLD} processes")
 
 
 def train_job(
